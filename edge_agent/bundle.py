@@ -1,0 +1,279 @@
+"""The engine bundle: the one thing the export stage and the daemon share.
+
+A bundle is a folder holding ``manifest.json`` and the files it names. The manifest records
+the sha256 of every file; :func:`load_bundle` refuses a bundle whose files do not match,
+naming the file. ``edge-export`` writes bundles with :func:`write_manifest`; nothing else
+writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import BundleError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "edge-triage-bundle/1"
+MANIFEST = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInfo(_Strict):
+    name: str = Field(description="Model name, e.g. 'medsiglip-448'.")
+    version: str = Field(description="Bundle version chosen by whoever exported it.")
+    source: str = Field(description="Where the weights came from (checkpoint folder name, hash).")
+    demo: bool = Field(description="True for a model that is not for clinical use.")
+    notice: str | None = Field(
+        default=None, description="Licence NOTICE file in the bundle, if the weights need one."
+    )
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Preprocessing(_Strict):
+    input_size: int = Field(gt=0, description="Square side in pixels the encoder takes.")
+    mean: tuple[float, float, float] = Field(description="Per-channel mean after scaling to [0,1].")
+    std: tuple[float, float, float] = Field(description="Per-channel std after scaling to [0,1].")
+    pad_to_square: bool = Field(default=True, description="Zero-pad to square before resizing.")
+
+
+class Encoder(_Strict):
+    file: str = Field(description="ONNX file: image batch -> L2-normalised embedding batch.")
+    input_name: str = "pixel_values"
+    output_name: str = "image_embeds"
+    embedding_dim: int = Field(gt=0)
+    preprocessing: Preprocessing
+
+
+class ZeroShotHead(_Strict):
+    """score = sigmoid(cos(image, text_f) * exp(logit_scale) + logit_bias)."""
+
+    kind: Literal["zero_shot"] = "zero_shot"
+    logit_scale: float = Field(description="Log of the temperature, as stored by SigLIP.")
+    logit_bias: float
+    text_embeddings: dict[str, list[float]] = Field(
+        description="Per finding code: the normalised mean of its present-prompt embeddings."
+    )
+
+
+class LinearProbeHead(_Strict):
+    """score = sigmoid(w_f . embedding + b_f), one logistic regression per finding."""
+
+    kind: Literal["linear_probe"] = "linear_probe"
+    weights: dict[str, list[float]]
+    biases: dict[str, float]
+
+
+Head = Annotated[ZeroShotHead | LinearProbeHead, Field(discriminator="kind")]
+
+
+class Prompts(_Strict):
+    present: list[str] = Field(default_factory=list)
+    absent: list[str] = Field(default_factory=list)
+
+
+class Finding(_Strict):
+    code: str = Field(pattern=r"^[a-z0-9_]+$")
+    label: str
+    prompts: Prompts = Field(default_factory=Prompts)
+    review_threshold: float = Field(ge=0.0, le=1.0)
+    urgent_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="None: this finding never makes a study urgent."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Finding:
+        if self.urgent_threshold is not None and self.urgent_threshold < self.review_threshold:
+            raise ValueError(
+                f"finding {self.code}: urgent_threshold must be >= review_threshold"
+            )
+        return self
+
+
+class Manifest(_Strict):
+    format: Literal["edge-triage-bundle/1"] = FORMAT
+    model: ModelInfo
+    created_at: str
+    created_by: str = Field(description="Tool and version that wrote the bundle.")
+    precision: Literal["fp32", "fp16", "int8"]
+    encoder: Encoder
+    head: Head
+    findings: list[Finding] = Field(min_length=1)
+    parity: dict[str, float | int | str | bool] | None = Field(
+        default=None, description="Figures measured at export against the fp32 reference."
+    )
+    metrics: dict[str, float | int | str] | None = Field(
+        default=None, description="Quality figures measured at export (e.g. demo AUROC)."
+    )
+    files: dict[str, FileEntry]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        codes = [f.code for f in self.findings]
+        if len(set(codes)) != len(codes):
+            raise ValueError("finding codes must be unique")
+        head_codes = set(
+            self.head.text_embeddings
+            if isinstance(self.head, ZeroShotHead)
+            else self.head.weights
+        )
+        if head_codes != set(codes):
+            raise ValueError(f"head covers {sorted(head_codes)} but findings are {sorted(codes)}")
+        if isinstance(self.head, LinearProbeHead) and set(self.head.biases) != set(codes):
+            raise ValueError("linear probe biases must cover every finding")
+        vectors = (
+            self.head.text_embeddings.values()
+            if isinstance(self.head, ZeroShotHead)
+            else self.head.weights.values()
+        )
+        for v in vectors:
+            if len(v) != self.encoder.embedding_dim:
+                raise ValueError(
+                    f"head vectors must have embedding_dim={self.encoder.embedding_dim} values"
+                )
+            if not all(math.isfinite(x) for x in v):
+                raise ValueError("head vectors must be finite")
+        if self.encoder.file not in self.files:
+            raise ValueError(f"encoder file {self.encoder.file} is not listed in files")
+        return self
+
+    def model_sha256(self) -> str:
+        """Identity of what decides the scores: encoder weights, preprocessing, head, thresholds.
+
+        Adding a device engine or re-measuring parity leaves it unchanged, so alert ids stay
+        stable across such bundle revisions.
+        """
+        identity = {
+            "encoder": self.encoder.model_dump(mode="json"),
+            "encoder_sha256": self.files[self.encoder.file].sha256,
+            "head": self.head.model_dump(mode="json"),
+            "findings": [f.model_dump(mode="json") for f in self.findings],
+        }
+        blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(root: Path, names: Iterable[str]) -> dict[str, FileEntry]:
+    """Hash the named files (relative to ``root``) for a manifest."""
+    return {
+        name: FileEntry(sha256=sha256_file(root / name), size=(root / name).stat().st_size)
+        for name in sorted(names)
+    }
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically after checking every listed file's hash."""
+    verify_files(root, manifest)
+    target = root / MANIFEST
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    tmp.replace(target)
+    return target
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    for name, entry in manifest.files.items():
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BundleError(f"bundle {root}: file name {name!r} leaves the bundle folder")
+        if not path.is_file():
+            raise BundleError(f"bundle {root}: {name} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(
+                f"bundle {root}: {name} is {size} bytes, the manifest says {entry.size}"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"bundle {root}: sha256 of {name} does not match the manifest")
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle {root} does not exist or is not a folder")
+    if not path.is_file():
+        raise BundleError(f"bundle {root}: {MANIFEST} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST} is not readable JSON: {exc}") from exc
+    if isinstance(raw, dict) and raw.get("format") != FORMAT:
+        raise BundleError(
+            f"bundle {root}: format {raw.get('format')!r} is not supported (expected {FORMAT})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(manifest)"
+        raise BundleError(f"bundle {root}: {MANIFEST} {where}: {first['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its folder, manifest and the head as arrays ready to apply."""
+
+    root: Path
+    manifest: Manifest
+    sha256: str
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.root / self.manifest.encoder.file
+
+    @property
+    def finding_codes(self) -> list[str]:
+        return [f.code for f in self.manifest.findings]
+
+    def head_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) such that scores = sigmoid(embeddings @ W.T + b), one row per finding."""
+        head = self.manifest.head
+        codes = self.finding_codes
+        if isinstance(head, ZeroShotHead):
+            text = np.asarray([head.text_embeddings[c] for c in codes], dtype=np.float32)
+            text /= np.linalg.norm(text, axis=1, keepdims=True)
+            scale = np.float32(math.exp(head.logit_scale))
+            return text * scale, np.full(len(codes), head.logit_bias, dtype=np.float32)
+        weights = np.asarray([head.weights[c] for c in codes], dtype=np.float32)
+        biases = np.asarray([head.biases[c] for c in codes], dtype=np.float32)
+        return weights, biases
+
+
+def load_bundle(root: Path | str) -> Bundle:
+    """Read and verify a bundle. Raises :class:`BundleError` naming the file at fault."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    extra = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() not in manifest.files
+    )
+    if extra:
+        logger.warning("bundle %s holds files the manifest does not name: %s", root, extra)
+    return Bundle(root=root, manifest=manifest, sha256=manifest.model_sha256())

@@ -1,0 +1,250 @@
+"""One configuration tree for the agent.
+
+Sources, lowest to highest priority: defaults, a TOML file (``--config FILE`` or
+``EDGE_AGENT_CONFIG``), environment variables ``EDGE_AGENT_*`` with ``__`` between nested
+keys. Unknown keys are an error in every source, and every error names its key path.
+Secrets are never values here: ``mqtt.password_file`` names a file, resolved against
+``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``) when it is a bare name.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+ENV_CONFIG_FILE = "EDGE_AGENT_CONFIG"
+SEGMENT = r"^[A-Za-z0-9_-]+$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
+    host: str = Field(default="localhost", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    username: str | None = Field(default=None, description="User name for the broker, if any.")
+    password_file: Path | None = Field(
+        default=None,
+        description=(
+            "File holding the broker password (first line). A bare name is looked up in "
+            "$CREDENTIALS_DIRECTORY, where systemd's LoadCredential= puts it."
+        ),
+    )
+    tls_ca: Path | None = Field(
+        default=None, description="CA certificate (PEM); when set, plain TCP is refused."
+    )
+    tls_cert: Path | None = Field(default=None, description="Client certificate (PEM), optional.")
+    tls_key: Path | None = Field(default=None, description="Client private key (PEM), optional.")
+    topic_prefix: str = Field(
+        default="edge-triage/v1", description="First topic levels, before site and device_id."
+    )
+    client_id: str | None = Field(
+        default=None, description="MQTT client id; default edge-agent-{site}-{device_id}."
+    )
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
+    status_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often the retained status message is refreshed."
+    )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+\0") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be topic levels without wildcards or leading/trailing '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MqttSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    def password(self) -> str | None:
+        """Read the password from ``password_file`` (never stored in the config)."""
+        if self.password_file is None:
+            return None
+        path = self.password_file
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and not path.is_absolute() and len(path.parts) == 1:
+            path = Path(creds) / path
+        try:
+            return path.read_text().splitlines()[0] if path.stat().st_size else ""
+        except OSError as exc:
+            raise ConfigError("mqtt.password_file", f"cannot read {path}: {exc.strerror}") from exc
+
+
+class IntakeSettings(_Section):
+    poll_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often the watch folder is scanned."
+    )
+    file_stable_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A file is read once its size and mtime have not changed for this long.",
+    )
+    ignore_suffixes: list[str] = Field(
+        default=[".part", ".tmp", ".partial", ".filepart", ".crdownload", "~"],
+        description="Names ending so are still being written and are never read.",
+    )
+
+
+class PhiSettings(_Section):
+    publish_accession_number: bool = Field(
+        default=False,
+        description="Put AccessionNumber in results (needed by some worklists). Off by default.",
+    )
+
+
+class Settings(BaseSettings):
+    """The agent's configuration (see README 'Configuration')."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    watch_dir: Path = Field(
+        default=Path("/var/lib/edge-agent/incoming"),
+        description="The folder the modality writes DICOM into; the agent only reads it.",
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/edge-agent/state"),
+        description="Durable state: SQLite database, outbox, engine caches.",
+    )
+    bundle: Path | None = Field(
+        default=None,
+        description="Engine bundle folder. Unset: the demo bundle shipped in the package.",
+    )
+    profile: str = Field(
+        default="auto",
+        description="Device profile: a name in firmware_configs/, a file path, or 'auto'.",
+    )
+    site: str = Field(default="site", pattern=SEGMENT, description="Topic segment for the site.")
+    device_id: str = Field(
+        default="box", pattern=SEGMENT, description="Topic segment for this device."
+    )
+    study_quiet_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A study is complete once no new instance has arrived for this long.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level."
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    phi: PhiSettings = Field(default_factory=PhiSettings)
+
+    _toml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls, cls._toml_file))
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.site}/{self.device_id}"
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file; a syntax error names the file and line."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with path.open("rb") as f:
+                    self.data = tomllib.load(f)
+            except OSError as exc:
+                raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def _unknown_env_keys(environ: Mapping[str, str]) -> list[str]:
+    """EDGE_AGENT_* variables that name no setting (a typo would otherwise be ignored)."""
+    known_top = {name.upper() for name in Settings.model_fields}
+    sections: dict[str, type[BaseModel]] = {
+        "MQTT": MqttSettings,
+        "INTAKE": IntakeSettings,
+        "PHI": PhiSettings,
+    }
+    bad = []
+    for key in environ:
+        if not key.startswith(ENV_PREFIX) or key == ENV_CONFIG_FILE:
+            continue
+        rest = key[len(ENV_PREFIX) :]
+        top, _, sub = rest.partition("__")
+        if top not in known_top:
+            bad.append(key)
+        elif sub:
+            section = sections.get(top)
+            if section is None or sub.lower() not in section.model_fields:
+                bad.append(key)
+    return bad
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from file, environment and overrides; raise ConfigError naming the key."""
+    path = config_file if config_file is not None else os.environ.get(ENV_CONFIG_FILE)
+    bad = _unknown_env_keys(os.environ)
+    if bad:
+        raise ConfigError(bad[0], "unknown setting in the environment")
+    Settings._toml_file = Path(path) if path else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise config_error_from(exc) from exc
+    finally:
+        Settings._toml_file = None
+
+
+def config_errors(exc: ValidationError) -> list[ConfigError]:
+    """One ConfigError per problem, each with its dotted key path."""
+    out = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        out.append(ConfigError(key, msg))
+    return out
+
+
+def config_error_from(exc: ValidationError) -> ConfigError:
+    errors = config_errors(exc)
+    first = errors[0]
+    if len(errors) > 1:
+        rest = "; ".join(str(e) for e in errors[1:])
+        return ConfigError(first.key, f"{first.message} (also: {rest})")
+    return first

@@ -1,0 +1,77 @@
+"""Every error the agent raises on purpose, in one place.
+
+    EdgeTriageError                 base; carries ``exit_code`` for the CLI
+    ├── ConfigError                 a setting is wrong (exit 2); names the key path
+    ├── ResourceMissing             something needed is absent (exit 3)
+    │   ├── BundleError             bundle missing, malformed or hashes do not match
+    │   ├── ProviderUnavailable     no usable ONNX Runtime execution provider / runtime
+    │   ├── BrokerUnreachable       the MQTT broker cannot be reached
+    │   └── ExtraMissing            an optional dependency (an ``[extra]``) is not installed
+    ├── InputRejected               one input file cannot be used; ``reason`` says why
+    │   └── ImageRejected           pixel data decodes to something unusable
+    └── InferenceError              the runner failed on one study
+
+Third-party exceptions (pydicom, onnxruntime, paho) are translated at the boundary with
+``raise ... from exc`` so callers only need to know this hierarchy.
+"""
+
+from __future__ import annotations
+
+
+class EdgeTriageError(Exception):
+    """Base of all intended errors. ``exit_code`` follows the CLI contract."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgeTriageError):
+    """A configuration value is invalid. ``key`` is the dotted key path (``mqtt.port``)."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+class ResourceMissing(EdgeTriageError):
+    exit_code = 3
+
+
+class BundleError(ResourceMissing):
+    """The engine bundle cannot be used; the message names the file at fault."""
+
+
+class ProviderUnavailable(ResourceMissing):
+    pass
+
+
+class BrokerUnreachable(ResourceMissing):
+    pass
+
+
+class ExtraMissing(ResourceMissing):
+    """An optional dependency is missing; the message says what to install."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"Python module {module!r} is missing: install it with "
+            f"pip install 'edge-triage[{extra}]'"
+        )
+
+
+class InputRejected(EdgeTriageError):
+    """One input cannot be used. ``reason`` is short, human-readable and free of PHI."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ImageRejected(InputRejected):
+    pass
+
+
+class InferenceError(EdgeTriageError):
+    pass
