@@ -101,9 +101,7 @@ class Finding(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Finding:
         if self.urgent_threshold is not None and self.urgent_threshold < self.review_threshold:
-            raise ValueError(
-                f"finding {self.code}: urgent_threshold must be >= review_threshold"
-            )
+            raise ValueError(f"finding {self.code}: urgent_threshold must be >= review_threshold")
         return self
 
 
@@ -130,9 +128,7 @@ class Manifest(_Strict):
         if len(set(codes)) != len(codes):
             raise ValueError("finding codes must be unique")
         head_codes = set(
-            self.head.text_embeddings
-            if isinstance(self.head, ZeroShotHead)
-            else self.head.weights
+            self.head.text_embeddings if isinstance(self.head, ZeroShotHead) else self.head.weights
         )
         if head_codes != set(codes):
             raise ValueError(f"head covers {sorted(head_codes)} but findings are {sorted(codes)}")
@@ -272,7 +268,9 @@ def load_bundle(root: Path | str) -> Bundle:
     extra = sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() not in manifest.files
+        if p.is_file()
+        and p.name != MANIFEST
+        and p.relative_to(root).as_posix() not in manifest.files
     )
     if extra:
         logger.warning("bundle %s holds files the manifest does not name: %s", root, extra)

@@ -1,0 +1,110 @@
+"""``edge-agent check``: everything the agent needs, checked the way ``run`` would use it.
+
+Each problem is printed with the config key it comes from. Exit 0 only when the agent could
+start; 2 when the configuration is wrong; 3 when a resource (bundle, provider, broker) is
+missing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import ConfigError, EdgeTriageError, ResourceMissing
+
+
+def _line(ok: bool, what: str, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {what:<10} {detail}")
+
+
+def run_check(config_file: Path | None) -> int:
+    from .bundle import load_bundle
+    from .config import Settings, config_errors, load_settings
+    from .mqtt import check_broker
+    from .profiles import resolve_profile
+    from .runners.onnxruntime import available_providers, choose_providers
+    from .service import bundle_path
+
+    config_problems: list[ConfigError] = []
+    resource_problems: list[EdgeTriageError] = []
+    try:
+        settings: Settings | None = load_settings(config_file)
+    except ConfigError as exc:
+        cause = exc.__cause__
+        errors = config_errors(cause) if isinstance(cause, ValidationError) else [exc]
+        for err in errors:
+            _line(False, "config", str(err))
+        return 2
+    assert settings is not None
+    source = config_file or os.environ.get("EDGE_AGENT_CONFIG") or "defaults and environment"
+    _line(True, "config", f"{source}")
+
+    try:
+        profile, why = resolve_profile(settings.profile)
+        _line(True, "profile", f"{profile.name} ({why}) from {profile.source}")
+    except ConfigError as exc:
+        _line(False, "profile", str(exc))
+        config_problems.append(exc)
+        profile = None
+
+    if settings.watch_dir.is_dir() and os.access(settings.watch_dir, os.R_OK | os.X_OK):
+        _line(True, "watch_dir", str(settings.watch_dir))
+    else:
+        err = ConfigError("watch_dir", f"{settings.watch_dir} is not a readable folder")
+        _line(False, "watch_dir", str(err))
+        config_problems.append(err)
+
+    state = settings.state_dir
+    parent = state if state.exists() else state.parent
+    if os.access(parent, os.W_OK):
+        _line(True, "state_dir", str(state))
+    else:
+        err = ConfigError("state_dir", f"{state} is not writable by this user")
+        _line(False, "state_dir", str(err))
+        config_problems.append(err)
+
+    try:
+        bundle = load_bundle(bundle_path(settings))
+        model = bundle.manifest.model
+        _line(
+            True,
+            "bundle",
+            f"{bundle.root}: {model.name} {model.version} {bundle.manifest.precision}"
+            f"{' DEMO MODEL, not for clinical use' if model.demo else ''}; hashes verified",
+        )
+    except ResourceMissing as exc:
+        _line(False, "bundle", f"bundle: {exc}")
+        resource_problems.append(exc)
+
+    if profile is not None:
+        try:
+            available = available_providers()
+            usable, skipped = choose_providers(profile, available)
+            note = f"; not available here: {', '.join(skipped)}" if skipped else ""
+            _line(True, "providers", f"{' > '.join(usable)} (profile order){note}")
+        except ResourceMissing as exc:
+            _line(False, "providers", str(exc))
+            resource_problems.append(exc)
+
+    try:
+        settings.mqtt.password()
+        check_broker(settings, timeout=5.0)
+        _line(True, "broker", f"{settings.mqtt.host}:{settings.mqtt.port} reachable")
+    except ConfigError as exc:
+        _line(False, "broker", str(exc))
+        config_problems.append(exc)
+    except ResourceMissing as exc:
+        _line(False, "broker", f"mqtt.host/mqtt.port: {exc}")
+        resource_problems.append(exc)
+
+    if config_problems:
+        print(f"{len(config_problems) + len(resource_problems)} problem(s)", file=sys.stderr)
+        return 2
+    if resource_problems:
+        print(f"{len(resource_problems)} problem(s)", file=sys.stderr)
+        return 3
+    print("the agent can start")
+    return 0

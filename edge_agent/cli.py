@@ -1,0 +1,188 @@
+"""``edge-agent``: thin command line over the public API.
+
+Exit codes (CONTRACT): 0 ok, 2 usage or config error, 3 a needed resource is missing,
+1 anything else. Errors are one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from . import __version__
+from .errors import ConfigError, EdgeTriageError
+
+logger = logging.getLogger("edge_agent")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"  # journald adds its own timestamps
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pydicom's warnings about non-conforming files can quote element values, which may be
+    # patient data: keep them out of the log (our own reject reasons say what went wrong).
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_settings
+
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    setup_logging(settings.log_level if not args.debug else "DEBUG")
+    from .service import Agent
+
+    agent = Agent(settings)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.run()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    return run_check(args.config)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate, truth_line
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for study in simulate(
+        args.out,
+        studies=args.studies,
+        modality=args.modality,
+        abnormal=args.abnormal,
+        seed=args.seed,
+        interval_seconds=args.interval,
+        **({"rows": args.matrix[0], "cols": args.matrix[1]} if args.matrix else {}),
+    ):
+        print(truth_line(study), flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    setup_logging("DEBUG" if args.debug else "WARNING")
+    return run_demo(studies=args.studies, broker=args.broker, seed=args.seed, keep=args.keep)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .results import json_schema_text
+
+    text = json_schema_text()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _matrix(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("expected ROWSxCOLS, e.g. 2048x1664") from exc
+    if not (16 <= rows <= 8192 and 16 <= cols <= 8192):
+        raise argparse.ArgumentTypeError("rows and columns must be within 16..8192")
+    return rows, cols
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be within 0..1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    p.add_argument("--config", type=Path, help="TOML file (default: $EDGE_AGENT_CONFIG)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate config, bundle, providers and broker")
+    p.add_argument("--config", type=Path, help="TOML file (default: $EDGE_AGENT_CONFIG)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("simulate", help="write simulated studies the way a modality does")
+    p.add_argument("--out", type=Path, required=True, help="folder to write into")
+    p.add_argument("--studies", type=int, default=5, help="number of studies (default 5)")
+    p.add_argument("--modality", choices=["CR", "DX", "CT"], default="CR")
+    p.add_argument("--abnormal", type=_fraction, default=0.3, help="fraction with a finding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matrix", type=_matrix, help="image size ROWSxCOLS (default realistic)")
+    p.add_argument("--interval", type=float, default=0.0, help="seconds between studies")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="end-to-end demo on this machine (demo model)")
+    p.add_argument("--studies", type=int, default=6)
+    p.add_argument("--broker", help="HOST:PORT of a broker to use instead of a private one")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--keep", type=Path, help="keep the demo's folders here")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("schema", help="print the study-result JSON Schema")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        if args.debug:
+            raise
+        print(f"edge-agent: config error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except EdgeTriageError as exc:
+        if args.debug:
+            raise
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"edge-agent: unexpected error: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

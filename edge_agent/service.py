@@ -1,0 +1,293 @@
+"""The composition root: builds the road and owns its threads.
+
+    watch folder ─▶ intake thread ─▶ store (instances, studies) ─▶ quiet timer
+        ─▶ scoring thread (imaging, runner, triage) ─▶ store (result + outbox)
+        ─▶ publisher (paho) ─▶ broker ─▶ PUBACK ─▶ outbox row deleted
+
+Each arrow that crosses a thread goes through the SQLite store, so a crash at any point
+resumes where it stopped: complete studies are scored again, unacknowledged messages are
+published again with the same content.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .bundle import Bundle, load_bundle
+from .config import Settings
+from .errors import ConfigError, EdgeTriageError, InputRejected
+from .intake.header import Skipped, read_header
+from .intake.watcher import FolderWatcher, ReadyFile
+from .mqtt import Publisher
+from .notify import Notifier
+from .profiles import Profile, resolve_profile
+from .results import RejectedFile
+from .runners import Runner, open_runner
+from .scoring import Scorer
+from .store import Message, Store
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 10.0
+
+
+def demo_bundle_path() -> Path:
+    return Path(str(resources.files("edge_agent") / "data" / "demo-bundle"))
+
+
+def bundle_path(settings: Settings) -> Path:
+    return settings.bundle if settings.bundle is not None else demo_bundle_path()
+
+
+@dataclass
+class Components:
+    """What :func:`prepare` resolved; ``edge-agent check`` reports the same things."""
+
+    settings: Settings
+    profile: Profile
+    profile_reason: str
+    bundle: Bundle
+
+
+def prepare(settings: Settings) -> Components:
+    profile, why = resolve_profile(settings.profile)
+    if not settings.watch_dir.is_dir():
+        raise ConfigError("watch_dir", f"{settings.watch_dir} is not a folder")
+    bundle = load_bundle(bundle_path(settings))
+    return Components(settings, profile, why, bundle)
+
+
+class Agent:
+    """The daemon. ``run()`` blocks until ``stop()`` (or a signal handler calling it)."""
+
+    def __init__(self, settings: Settings, components: Components | None = None) -> None:
+        self.settings = settings
+        self.components = components or prepare(settings)
+        self.bundle = self.components.bundle
+        self.profile = self.components.profile
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.state_dir / "state.sqlite3")
+        self.runner: Runner = open_runner(self.bundle, self.profile)
+        self._stop = threading.Event()
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()
+        self.scorer = Scorer(
+            self.bundle,
+            self.runner,
+            settings.watch_dir,
+            batch_size=self.profile.runtime.batch_size,
+            publish_accession=settings.phi.publish_accession_number,
+            should_stop=self._stop.is_set,
+        )
+        self.watcher = FolderWatcher(
+            settings.watch_dir,
+            stable_seconds=settings.intake.file_stable_seconds,
+            ignore_suffixes=settings.intake.ignore_suffixes,
+            handled=self.store.file_signatures(),
+        )
+        self.publisher = Publisher(
+            settings, self.store, status=self.status_fields, on_ack=self._on_ack
+        )
+        self.notifier = Notifier()
+        self.last_error: str | None = None
+        self._threads: list[threading.Thread] = []
+        self.started = threading.Event()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = dict(self.store.counters())
+        fields.update(
+            model=self.bundle.manifest.model.name,
+            model_version=self.bundle.manifest.model.version,
+            demo=self.bundle.manifest.model.demo,
+            provider=self.runner.provider,
+            profile=self.profile.name,
+            agent_version=__version__,
+            last_error=self.last_error,
+        )
+        return fields
+
+    def _on_ack(self, study_instance_uid: str, ack: dict[str, Any]) -> None:
+        logger.info("acknowledged: study %s alert %s", study_instance_uid, ack.get("alert_id"))
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def _topic(self, leaf: str) -> str:
+        return f"{self.settings.topic_base}/{leaf}"
+
+    def _reject_message(self, relpath: str, reason: str, sop_uid: str | None) -> Message:
+        payload = RejectedFile(path=relpath, sop_instance_uid=sop_uid, reason=reason)
+        return Message("rejected", self._topic("rejected"), payload.to_json_bytes())
+
+    def _handle_file(self, f: ReadyFile) -> None:
+        now = time.time()
+        try:
+            record = read_header(f.path)
+        except Skipped as exc:
+            logger.info("skipped %s: %s", f.relpath, exc.reason)
+            self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
+        except InputRejected as exc:
+            if not self.watcher.still_same(f):
+                logger.info("%s changed while it was read; will read it again", f.relpath)
+                return
+            logger.warning("rejected %s: %s", f.relpath, exc.reason)
+            self.store.record_file(
+                f.relpath,
+                f.size,
+                f.mtime_ns,
+                "rejected",
+                exc.reason,
+                now,
+                message=self._reject_message(f.relpath, exc.reason, None),
+            )
+            self.publisher.wake()
+        else:
+            status = self.store.add_instance(f.relpath, f.size, f.mtime_ns, record, now)
+            logger.info(
+                "instance %s of study %s (%s, %s): %s",
+                record.sop_instance_uid,
+                record.study_instance_uid,
+                record.modality,
+                record.view,
+                status,
+            )
+        self.watcher.mark_handled(f)
+
+    def _enqueue(self, uid: str) -> None:
+        with self._queued_lock:
+            if uid in self._queued:
+                return
+            self._queued.add(uid)
+        self._queue.put(uid)
+
+    def _intake_loop(self) -> None:
+        interval = self.settings.intake.poll_interval_seconds
+        while not self._stop.is_set():
+            try:
+                for f in self.watcher.scan(time.time()):
+                    if self._stop.is_set():
+                        break
+                    self._handle_file(f)
+                for uid in self.store.complete_quiet_studies(
+                    self.settings.study_quiet_seconds, time.time()
+                ):
+                    logger.info("study %s complete", uid)
+                    self._enqueue(uid)
+            except EdgeTriageError as exc:
+                self.last_error = str(exc)
+                logger.error("intake: %s", exc)
+            except Exception as exc:
+                # A bug must not stop intake for ever; it is logged with its traceback and
+                # the next scan tries again (the state database is unchanged by a failed step).
+                self.last_error = f"intake: {type(exc).__name__}: {exc}"
+                logger.exception("intake step failed")
+            self._stop.wait(interval)
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def _score_one(self, uid: str) -> None:
+        study = self.store.study(uid)
+        if study is None or study.state != "complete":
+            return
+        instances = self.store.instances(uid)
+        scored = self.scorer.score(study, instances, self.store.rejected_count(uid))
+        if scored is None:
+            logger.info("stopping: study %s left complete, scored at next start", uid)
+            return
+        result = scored.result
+        rejects = [
+            self._reject_message(inst.path, reason, inst.sop_instance_uid)
+            for inst, reason in scored.rejected
+        ]
+        message = Message(
+            "result", self._topic(f"study/{uid}"), result.to_json_bytes(), result.alert_id
+        )
+        if self.store.commit_result(
+            study, result.triage, message, scored.instance_states, rejects, time.time()
+        ):
+            top = max(result.findings, key=lambda f: f.score, default=None)
+            logger.info(
+                "study %s revision %d: %s%s (alert %s, %.0f ms)",
+                uid,
+                result.revision,
+                result.triage,
+                f", top {top.code} {top.score:.3f}" if top else f", {result.reason}",
+                result.alert_id,
+                result.timing.inference_ms,
+            )
+            self.publisher.wake()
+        else:
+            logger.info("study %s changed while it was scored; it will be scored again", uid)
+
+    def _scoring_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                uid = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            with self._queued_lock:
+                self._queued.discard(uid)
+            try:
+                self._score_one(uid)
+            except EdgeTriageError as exc:
+                self.last_error = str(exc)
+                logger.error("scoring study %s failed: %s", uid, exc)
+            except Exception as exc:
+                self.last_error = f"scoring: {type(exc).__name__}: {exc}"
+                logger.exception("scoring study %s failed", uid)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return all(t.is_alive() for t in self._threads) and self.publisher.healthy()
+
+    def run(self) -> None:
+        for uid in self.store.studies_in_state("complete"):
+            self._enqueue(uid)  # complete before a restart, not yet scored
+        self.publisher.start()
+        self._threads = [
+            threading.Thread(target=self._intake_loop, name="intake", daemon=True),
+            threading.Thread(target=self._scoring_loop, name="scoring", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        model = self.bundle.manifest.model
+        summary = (
+            f"watching {self.settings.watch_dir}; model {model.name} {model.version}"
+            f"{' (DEMO)' if model.demo else ''} on {self.runner.provider}"
+        )
+        logger.info("edge-agent %s running: %s", __version__, summary)
+        self.notifier.ready(summary)
+        self.started.set()
+        ping = self.notifier.watchdog_interval()
+        while not self._stop.wait(ping or 1.0):
+            if ping and self.healthy():
+                self.notifier.watchdog()
+        self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                logger.warning(
+                    "thread %s still busy at shutdown; its work resumes at next start", t.name
+                )
+        self.publisher.stop("stopped", timeout=max(1.0, deadline - time.monotonic()))
+        self.store.close()
+        self.notifier.close()
+        logger.info("edge-agent stopped")
