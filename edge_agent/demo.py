@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import load_settings
 from .devbroker import Mosquitto
-from .errors import BundleError, ConfigError, ResourceMissing
+from .errors import BundleError, ConfigError
 from .service import Agent, demo_bundle_path
 
 logger = logging.getLogger(__name__)
@@ -94,20 +94,17 @@ def run_demo(
     print(f"edge-agent demo — {BANNER}\n")
     _ensure_demo_bundle()
     with ExitStack() as stack:
-        if broker:
-            host, port = _broker_address(broker)
-        else:
-            try:
-                mosq = stack.enter_context(Mosquitto(persistence=False))
-            except ResourceMissing:
-                raise
-            host, port = mosq.host, mosq.port
-            print(f"private mosquitto on {host}:{port}")
         if keep:
             root = keep
             root.mkdir(parents=True, exist_ok=True)
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-demo-")))
+        if broker:
+            host, port = _broker_address(broker)
+        else:
+            mosq = stack.enter_context(Mosquitto(root / "mosquitto"))
+            host, port = mosq.host, mosq.port
+            print(f"private mosquitto on {host}:{port}")
         watch, state = root / "incoming", root / "state"
         for d in (watch, state):
             shutil.rmtree(d, ignore_errors=True)

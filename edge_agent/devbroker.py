@@ -1,20 +1,27 @@
 """A private Mosquitto broker on a free loopback port, for the demo and the tests.
 
 Never for production: it listens on 127.0.0.1 only and allows anonymous clients.
+``stop()`` then ``start()`` (same port) keeps retained messages and persistent sessions;
+``kill()`` loses what was not yet saved, like a crash. ``pause()``/``resume()``
+(SIGSTOP/SIGCONT) hold the broker's answers (PUBACKs) while TCP stays up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import os
 import shutil
+import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
 from .errors import ResourceMissing
 
+HOST = "127.0.0.1"
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -32,91 +39,130 @@ def find_mosquitto() -> str:
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 class Mosquitto:
-    """``with Mosquitto() as broker:`` starts a broker; ``stop``/``start``/``kill`` for tests."""
-
-    host = "127.0.0.1"
+    """A mosquitto process on ``host:port``; a context manager."""
 
     def __init__(
         self,
-        workdir: Path | None = None,
-        port: int | None = None,
-        extra_config: str = "",
+        workdir: Path,
         *,
-        persistence: bool = True,
+        port: int | None = None,
+        acl: str | None = None,
+        extra_config: str = "",
     ) -> None:
         self.binary = find_mosquitto()
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edge-mosquitto-")
-        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.log_path = self.workdir / "mosquitto.log"
-        self.conf_path = self.workdir / "mosquitto.conf"
+        self.host = HOST
+        self.port = port if port is not None else free_port()
+        self.log_file = self.workdir / "mosquitto.log"
+        self.conf_file = self.workdir / "mosquitto.conf"
+        self.acl_file = self.workdir / "acl"
         lines = [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
-            f"log_dest file {self.log_path}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
+            "persistence true",
+            f"persistence_location {self.workdir}/",
+            f"log_dest file {self.log_file}",
+            "log_type all",
         ]
-        if persistence:
-            lines += ["persistence true", f"persistence_location {self.workdir}/"]
-        self.conf_path.write_text("\n".join(lines) + "\n" + extra_config)
-        self.proc: subprocess.Popen[bytes] | None = None
+        if os.geteuid() == 0:  # else it drops to user "mosquitto" and cannot write here
+            lines.append(f"user {getpass.getuser()}")
+        if acl is not None:
+            self.acl_file.write_text(acl)
+            lines.append(f"acl_file {self.acl_file}")
+        self.conf_file.write_text("\n".join(lines) + "\n" + extra_config)
+        self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> Mosquitto:
-        if self.proc is not None and self.proc.poll() is None:
-            return self
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf_path)],
+    def start(self, timeout: float = 5.0) -> Mosquitto:
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError("mosquitto is already running")
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf_file)],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        if not wait_port(self.host, self.port, timeout):
-            self.kill()
-            log = self.log_path.read_text() if self.log_path.exists() else ""
-            raise ResourceMissing(f"mosquitto did not start on port {self.port}: {log[-500:]}")
+        deadline = time.monotonic() + timeout
+        while not port_open(self.host, self.port):
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                raise ResourceMissing(
+                    f"mosquitto exited at start: {err.strip()}\n{self.log_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ResourceMissing(f"mosquitto did not listen on {self.host}:{self.port}")
+            time.sleep(0.02)
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM: mosquitto saves its database and exits."""
+        self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; what was not saved is lost."""
+        self._end(signal.SIGKILL, 5.0)
+
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a paused broker cannot handle SIGTERM
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def restart(self) -> None:
+        """Stop (saving state) and start again on the same port."""
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing is answered."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
+    def reload(self, acl: str | None = None) -> None:
+        """Rewrite the ACL file (if given) and SIGHUP: mosquitto re-reads it."""
+        assert self._proc is not None
+        if acl is not None:
+            self.acl_file.write_text(acl)
+        self._proc.send_signal(signal.SIGHUP)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def __enter__(self) -> Mosquitto:
         return self.start()
@@ -128,5 +174,6 @@ class Mosquitto:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
+
+    def __repr__(self) -> str:
+        return f"Mosquitto({self.host}:{self.port}, running={self.running})"

@@ -1,0 +1,522 @@
+"""edge_agent.mqtt against a real Mosquitto (tests/brokers.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import Mosquitto, Subscriber, free_port
+
+from edge_agent.config import Settings
+from edge_agent.errors import BrokerUnreachable, ConfigError
+from edge_agent.mqtt import MAX_IN_FLIGHT, OutboxMessage, Publisher, check_broker
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE, DEVICE = "site1", "box7"
+P = f"edge-triage/v1/{SITE}/{DEVICE}"
+SECRET = "DO-NOT-LOG-ME"  # put into every payload; must never reach a log record
+
+
+class SqliteOutbox:
+    """A tiny thread-safe outbox with the store's interface, plus test hooks."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        self._db.execute(
+            "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
+            " payload BLOB NOT NULL, qos INTEGER NOT NULL)"
+        )
+        self._lock = threading.Lock()
+        self.deleted: list[int] = []
+        self.limits: list[int] = []
+        self.fail_deletes = 0  # the next n outbox_delete calls raise
+
+    def add(self, uid: str, alert_id: str | None = None, kind: str = "study") -> int:
+        topic = f"{P}/study/{uid}" if kind == "study" else f"{P}/{kind}"
+        body = {"alert_id": alert_id or f"alert-{uid}", "study_instance_uid": uid, "note": SECRET}
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO outbox (topic, payload, qos) VALUES (?, ?, 1)",
+                (topic, json.dumps(body).encode()),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
+        with self._lock:
+            self.limits.append(limit)
+            rows = self._db.execute("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+            out = [OutboxMessage(*r) for r in rows if r[0] not in exclude]
+            return out[:limit]
+
+    def outbox_delete(self, message_id: int) -> None:
+        with self._lock:
+            if self.fail_deletes:
+                self.fail_deletes -= 1
+                raise sqlite3.OperationalError("database is locked (simulated)")
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+            self.deleted.append(message_id)
+
+    def outbox_depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def settings_for(host: str, port: int, **mqtt: Any) -> Settings:
+    return Settings(site=SITE, device_id=DEVICE, mqtt={"host": host, "port": port, **mqtt})
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def is_state(state: str) -> Callable[[Any], bool]:
+    return lambda m: m.topic == f"{P}/status" and m.json()["state"] == state
+
+
+@pytest.fixture
+def outbox() -> Iterator[SqliteOutbox]:
+    box = SqliteOutbox()
+    yield box
+    box.close()
+
+
+@pytest.fixture
+def make_publisher(
+    mosquitto: Mosquitto, outbox: SqliteOutbox
+) -> Iterator[Callable[..., Publisher]]:
+    """Build and start a Publisher on the test broker; stopped after the test."""
+    made: list[Publisher] = []
+
+    def make(
+        *,
+        broker: Mosquitto | None = None,
+        port: int | None = None,
+        connect: bool = True,
+        mqtt: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Publisher:
+        b = broker or mosquitto
+        settings = settings_for(b.host, port or b.port, **(mqtt or {}))
+        kwargs.setdefault("status", lambda: {"studies": 3, "outbox": outbox.outbox_depth()})
+        pub = Publisher(settings, kwargs.pop("outbox", outbox), **kwargs)
+        made.append(pub)
+        pub.start()
+        if connect:
+            assert pub.wait_connected(5), "publisher did not connect"
+        return pub
+
+    yield make
+    for pub in made:
+        pub.stop(timeout=1.0)
+
+
+# -- status and Will -----------------------------------------------------------------------
+
+
+def test_online_status_retained_on_connect(make_publisher, subscriber) -> None:
+    pub = make_publisher()
+    assert pub.connected and pub.healthy()
+    subscriber(f"{P}/status").wait_for(is_state("online"))  # live or retained
+    # Subscribing after the broker has it: only a retained message can arrive.
+    (status,) = subscriber(f"{P}/status").wait_for(is_state("online"))
+    assert status.retain
+    assert status.content_type == "application/json"
+    body = status.json()
+    assert body["studies"] == 3 and body["outbox"] == 0
+    assert body["at"].endswith("+00:00")
+    sub = subscriber(f"{P}/#")
+    sub.wait_for(is_state("online"))  # the retained one
+    pub.publish_status()
+    sub.wait_for(lambda m: is_state("online")(m) and not m.retain)
+
+
+def test_status_refreshed_every_interval(make_publisher, subscriber) -> None:
+    sub = subscriber(f"{P}/status")
+    make_publisher(mqtt={"status_interval_seconds": 0.2})
+    messages = sub.wait_for(is_state("online"), count=3, timeout=4)
+    assert len({m.json()["at"] for m in messages}) == len(messages)
+
+
+def test_will_offline_when_process_is_killed(mosquitto, subscriber) -> None:
+    """The honest way to kill the socket: SIGKILL a process running the publisher."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from edge_agent.config import Settings
+        from edge_agent.mqtt import Publisher
+
+        class Empty:
+            def outbox_pending(self, limit, exclude): return []
+            def outbox_delete(self, message_id): pass
+            def outbox_depth(self): return 0
+
+        settings = Settings(site={SITE!r}, device_id={DEVICE!r},
+                            mqtt={{"host": {mosquitto.host!r}, "port": {mosquitto.port}}})
+        pub = Publisher(settings, Empty(), status=lambda: {{}})
+        pub.start()
+        if not pub.wait_connected(5):
+            sys.exit(3)
+        print("connected", flush=True)
+        time.sleep(60)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env["PYTHONPATH"] = str(ROOT)
+    sub = subscriber(f"{P}/status")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "connected"
+        sub.wait_for(is_state("online"))
+        proc.kill()
+        proc.wait(5)
+        (offline,) = sub.wait_for(is_state("offline"), timeout=5)
+        assert offline.content_type == "application/json"
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    # and it is the retained state for whoever looks later
+    (later,) = subscriber(f"{P}/status").wait_for(is_state("offline"))
+    assert later.retain
+
+
+def test_stop_publishes_stopped_retained_and_no_will(make_publisher, subscriber) -> None:
+    sub = subscriber(f"{P}/status")
+    pub = make_publisher()
+    sub.wait_for(is_state("online"))
+    started = time.monotonic()
+    pub.stop(timeout=2.0)
+    assert time.monotonic() - started < 1.0
+    assert not pub.connected and not pub.healthy()
+    sub.wait_for(is_state("stopped"))
+    time.sleep(0.3)  # a Will would follow the disconnect at once
+    assert [m.json()["state"] for m in sub.messages] == ["online", "stopped"]
+    (retained,) = subscriber(f"{P}/status").wait_for(is_state("stopped"))
+    assert retained.retain
+
+
+# -- outbox delivery -----------------------------------------------------------------------
+
+
+def test_outbox_rows_delivered_once_each_with_json_content_type(
+    make_publisher, subscriber, outbox
+) -> None:
+    sub = subscriber(f"{P}/study/+")
+    before = [outbox.add(f"1.2.{i}") for i in range(5)]
+    pub = make_publisher()
+    after = [outbox.add(f"1.3.{i}") for i in range(3)]
+    pub.wake()
+    got = sub.wait_for(count=8)
+    wait_until(lambda: outbox.outbox_depth() == 0, what="outbox drained")
+    time.sleep(0.2)  # nothing more arrives
+    got = sub.messages
+    assert sorted(m.json()["alert_id"] for m in got) == sorted(
+        [f"alert-1.2.{i}" for i in range(5)] + [f"alert-1.3.{i}" for i in range(3)]
+    )
+    assert all(m.content_type == "application/json" and not m.retain for m in got)
+    assert [m.topic for m in got[:5]] == [f"{P}/study/1.2.{i}" for i in range(5)]  # oldest first
+    assert sorted(outbox.deleted) == before + after
+    assert pub.in_flight == 0
+
+
+def test_rows_deleted_only_after_puback(make_publisher, subscriber, outbox, mosquitto) -> None:
+    sub = subscriber(f"{P}/study/+")
+    pub = make_publisher()
+    mosquitto.pause()  # TCP stays up, no PUBACK comes back
+    try:
+        ids = [outbox.add(f"1.4.{i}") for i in range(3)]
+        pub.wake()
+        wait_until(lambda: pub.in_flight == 3, what="3 rows handed to the broker")
+        time.sleep(0.3)
+        assert outbox.deleted == [] and outbox.outbox_depth() == 3
+    finally:
+        mosquitto.resume()
+    sub.wait_for(count=3)
+    wait_until(lambda: outbox.outbox_depth() == 0, what="rows deleted after PUBACK")
+    assert sorted(outbox.deleted) == ids
+
+
+def test_rows_added_while_broker_down_delivered_after_restart(
+    make_publisher, subscriber, outbox, mosquitto
+) -> None:
+    sub = subscriber(f"{P}/study/+", persistent=True)
+    pub = make_publisher()
+    mosquitto.stop()
+    wait_until(lambda: not pub.connected, what="publisher notices the broker is gone")
+    ids = [outbox.add(f"1.5.{i}") for i in range(4)]
+    pub.wake()
+    time.sleep(0.3)
+    assert outbox.outbox_depth() == 4 and outbox.deleted == []
+    assert pub.healthy()
+    mosquitto.start()  # same port, same persistence folder
+    assert pub.wait_connected(8)
+    got = sub.wait_for(count=4, timeout=8)
+    assert sorted(m.json()["alert_id"] for m in got) == [f"alert-1.5.{i}" for i in range(4)]
+    wait_until(lambda: outbox.outbox_depth() == 0, what="rows deleted after restart")
+    assert sorted(outbox.deleted) == ids
+
+
+def test_overdue_puback_is_published_again_and_deleted_once(
+    make_publisher, subscriber, outbox, mosquitto
+) -> None:
+    sub = subscriber(f"{P}/study/+")
+    pub = make_publisher(resend_after_seconds=0.3)
+    mosquitto.pause()
+    try:
+        (row,) = [outbox.add("1.6.1")]
+        pub.wake()
+        time.sleep(1.0)  # ≥ 2 resends while no PUBACK comes back
+    finally:
+        mosquitto.resume()
+    got = sub.wait_for(count=2)  # at least once: receivers dedup on alert_id
+    assert {m.json()["alert_id"] for m in got} == {"alert-1.6.1"}
+    wait_until(lambda: outbox.outbox_depth() == 0)
+    time.sleep(0.3)  # late PUBACKs of the other copies are ignored
+    assert outbox.deleted == [row]
+    assert pub.in_flight == 0 and pub.healthy()
+
+
+def test_batches_never_exceed_the_in_flight_cap(make_publisher, subscriber, outbox) -> None:
+    sub = subscriber(f"{P}/study/+")
+    for i in range(150):
+        outbox.add(f"1.7.{i}")
+    make_publisher()
+    sub.wait_for(count=150, timeout=10)
+    wait_until(lambda: outbox.outbox_depth() == 0)
+    assert outbox.limits and max(outbox.limits) < MAX_IN_FLIGHT
+    assert len(outbox.deleted) == 150
+
+
+def test_broker_receive_maximum_is_respected(tmp_path, make_publisher, subscriber, outbox) -> None:
+    """paho ignores the CONNACK's Receive Maximum; the publisher caps its batches by it."""
+    with Mosquitto(tmp_path / "rm5", extra_config="max_inflight_messages 5\n") as broker:
+        sub = subscriber(f"{P}/study/+", broker=broker)
+        for i in range(40):
+            outbox.add(f"1.14.{i}")
+        pub = make_publisher(broker=broker)
+        sub.wait_for(count=40, timeout=10)
+        wait_until(lambda: outbox.outbox_depth() == 0)
+        assert max(outbox.limits) <= 4  # one slot left for the status message
+        pub.stop(timeout=1.0)
+
+
+def test_refused_publish_kept_logged_once_and_retried(
+    tmp_path, make_publisher, subscriber, outbox, caplog
+) -> None:
+    """PUBACK 0x87 (not authorized, from the broker's ACL) keeps the row; retried later."""
+    deny = f"topic readwrite {P}/status\ntopic read {P}/ack/#\n"
+    allow = f"topic readwrite {P}/#\n"
+    with Mosquitto(tmp_path / "acl-broker", acl=deny) as broker:
+        caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt")
+        pub = make_publisher(broker=broker, resend_after_seconds=0.2)
+        row = outbox.add("1.8.1")
+        pub.wake()
+        time.sleep(1.0)  # refused at 0 s, retried after 0.2 s and 0.6 s
+        assert outbox.outbox_depth() == 1 and outbox.deleted == []
+        assert pub.healthy() and pub.in_flight == 0
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "Not authorized" in errors[0].getMessage()
+        assert "1.8.1" in errors[0].getMessage() and "alert-1.8.1" in errors[0].getMessage()
+        assert broker.log_text().count("Denied PUBLISH") >= 2
+
+        sub = subscriber(f"{P}/study/+", broker=broker)
+        broker.reload(acl=allow)
+        sub.wait_for(timeout=5)  # next retry after 0.8 s back-off
+        wait_until(lambda: outbox.deleted == [row])
+        pub.stop(timeout=1.0)
+
+
+# -- acks ----------------------------------------------------------------------------------
+
+
+def test_ack_reaches_on_ack(make_publisher, subscriber) -> None:
+    acks: list[tuple[str, dict[str, Any]]] = []
+    make_publisher(on_ack=lambda uid, ack: acks.append((uid, ack)))
+    dashboard = subscriber(f"{P}/#")
+    ack = {"alert_id": "a-1", "by": "dashboard-3", "at": "2025-01-01T00:00:00Z"}
+    dashboard.publish(f"{P}/ack/1.2.840.99", json.dumps(ack))
+    wait_until(lambda: len(acks) == 1, what="on_ack")
+    assert acks == [("1.2.840.99", ack)]
+
+
+def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
+    make_publisher, subscriber, outbox, caplog
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt")
+    acks: list[str] = []
+
+    def on_ack(uid: str, ack: dict[str, Any]) -> None:
+        acks.append(ack["alert_id"])
+        if ack["alert_id"] == "boom":
+            raise RuntimeError("on_ack broke")
+
+    pub = make_publisher(on_ack=on_ack)
+    dashboard = subscriber(f"{P}/study/+")
+    for bad in (b"{not json " + SECRET.encode(), b"\xff\xfe", b'["a"]', b'{"by": "x"}', b""):
+        dashboard.publish(f"{P}/ack/1.9.1", bad)
+    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": "boom"}))
+    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": "good"}))
+    wait_until(lambda: acks == ["boom", "good"], what="the two good acks")
+    assert pub.healthy()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("malformed ack for study 1.9.1" in w for w in warnings) == 4
+    assert any(r.exc_info for r in caplog.records if "1.9.1" in r.getMessage())
+    # still delivering
+    outbox.add("1.9.2")
+    pub.wake()
+    dashboard.wait_for()
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
+
+
+# -- failures inside our code and the store ------------------------------------------------
+
+
+def test_exception_in_outbox_delete_does_not_kill_the_loop(
+    make_publisher, subscriber, outbox, caplog
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    sub = subscriber(f"{P}/study/+")
+    outbox.fail_deletes = 1
+    pub = make_publisher()
+    first = outbox.add("1.10.1")
+    pub.wake()
+    sub.wait_for(lambda m: m.json()["alert_id"] == "alert-1.10.1")
+    wait_until(lambda: outbox.deleted == [first], what="the row sent again and deleted")
+    assert pub.healthy()
+    second = outbox.add("1.10.2")
+    pub.wake()
+    sub.wait_for(lambda m: m.json()["alert_id"] == "alert-1.10.2")
+    wait_until(lambda: outbox.deleted == [first, second])
+    assert pub.healthy()
+    (failure,) = [r for r in caplog.records if r.exc_info]
+    assert "could not delete delivered study result 1.10.1" in failure.getMessage()
+    assert all(SECRET not in r.getMessage() for r in caplog.records)  # paho's debug log too
+
+
+def test_healthy_is_false_when_the_loop_thread_dies(make_publisher) -> None:
+    pub = make_publisher()
+    assert pub.healthy()
+    pub._client.loop_stop()  # what an uncaught exception inside paho would leave behind
+    assert not pub.healthy()
+
+
+# -- broker down ---------------------------------------------------------------------------
+
+
+def test_start_does_not_block_and_connects_when_the_broker_appears(
+    tmp_path, make_publisher, subscriber, outbox
+) -> None:
+    port = free_port()
+    outbox.add("1.11.1")
+    started = time.monotonic()
+    pub = make_publisher(port=port, connect=False)
+    assert time.monotonic() - started < 0.5
+    assert not pub.wait_connected(0.5) and pub.healthy()
+    with Mosquitto(tmp_path / "late", port=port) as broker:
+        assert pub.wait_connected(5)  # first retry after 1 s, then 2 s
+        sub = subscriber(f"{P}/status", broker=broker)
+        sub.wait_for(is_state("online"))
+        wait_until(lambda: outbox.outbox_depth() == 0)
+        pub.stop(timeout=1.0)
+
+
+def test_stop_returns_within_timeout_when_broker_is_down(make_publisher, outbox, mosquitto) -> None:
+    pub = make_publisher()
+    mosquitto.stop()
+    wait_until(lambda: not pub.connected)
+    outbox.add("1.12.1")
+    pub.wake()
+    started = time.monotonic()
+    pub.stop(timeout=1.0)
+    assert time.monotonic() - started < 2.0
+    assert outbox.outbox_depth() == 1  # kept for the next run
+
+
+def test_stop_returns_within_timeout_when_never_connected(make_publisher, outbox) -> None:
+    pub = make_publisher(port=free_port(), connect=False)
+    time.sleep(0.2)
+    started = time.monotonic()
+    pub.stop(timeout=1.0)
+    assert time.monotonic() - started < 2.0
+
+
+def test_stop_waits_for_in_flight_pubacks(make_publisher, subscriber, outbox, mosquitto) -> None:
+    pub = make_publisher()
+    mosquitto.pause()
+    outbox.add("1.13.1")
+    pub.wake()
+    wait_until(lambda: pub.in_flight == 1)
+    threading.Timer(0.3, mosquitto.resume).start()
+    pub.stop(timeout=3.0)
+    assert outbox.outbox_depth() == 0  # acknowledged during stop, not left for the next run
+
+
+# -- check_broker --------------------------------------------------------------------------
+
+
+def test_check_broker_ok(mosquitto) -> None:
+    check_broker(settings_for(mosquitto.host, mosquitto.port), timeout=2.0)
+
+
+def test_check_broker_closed_port_raises_broker_unreachable() -> None:
+    port = free_port()
+    with pytest.raises(BrokerUnreachable, match=rf"127\.0\.0\.1:{port}.*[Rr]efused") as info:
+        check_broker(settings_for("127.0.0.1", port), timeout=1.0)
+    assert info.value.exit_code == 3
+
+
+def test_check_broker_refused_connect_names_the_reason(tmp_path) -> None:
+    with Mosquitto(tmp_path / "auth", extra_config="") as broker:
+        broker.stop()
+        conf = broker.conf_file.read_text().replace("allow_anonymous true", "allow_anonymous false")
+        broker.conf_file.write_text(conf)
+        broker.start()
+        with pytest.raises(BrokerUnreachable, match=r"refused the connection: Not authorized"):
+            check_broker(settings_for(broker.host, broker.port), timeout=2.0)
+
+
+def test_tls_files_that_cannot_be_read_name_their_key(tmp_path) -> None:
+    settings = settings_for("127.0.0.1", 8883, tls_ca=tmp_path / "missing-ca.pem")
+    with pytest.raises(ConfigError) as info:
+        Publisher(settings, SqliteOutbox(), status=dict)
+    assert info.value.key == "mqtt.tls_ca"
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    settings = settings_for("127.0.0.1", 8883, tls_ca=tmp_path / "ca.pem")
+    with pytest.raises(ConfigError) as info:
+        check_broker(settings)
+    assert info.value.key == "mqtt.tls_ca"
+
+
+def test_subscriber_helper_is_a_real_peer(subscriber) -> None:
+    """Guard for the helper itself: it sees what another client publishes."""
+    sub = subscriber("t/#")
+    other: Subscriber = subscriber("unused/#")
+    other.publish("t/x", b"1")
+    (msg,) = sub.wait_for()
+    assert (msg.topic, msg.payload, msg.retain) == ("t/x", b"1", False)
