@@ -82,7 +82,9 @@ def test_password_from_credentials_directory(
 ) -> None:
     (tmp_path / "mqtt_password").write_text("s3cret\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    s = load_settings(write(tmp_path, '[mqtt]\nusername = "box"\npassword_file = "mqtt_password"\n'))
+    s = load_settings(
+        write(tmp_path, '[mqtt]\nusername = "box"\npassword_file = "mqtt_password"\n')
+    )
     assert s.mqtt.password() == "s3cret"
 
 
@@ -99,7 +101,9 @@ def test_tls_cert_needs_key(tmp_path: Path) -> None:
     assert info.value.key == "mqtt"
 
 
-def test_cli_config_error_exit_2_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_config_error_exit_2_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["run", "--config", str(write(tmp_path, "[mqtt]\nport = 'x'\n"))])
     err = capsys.readouterr().err
     assert code == 2

@@ -48,7 +48,9 @@ def test_result_commit_is_atomic_with_outbox(store: Store) -> None:
     store.complete_quiet_studies(1.0, now=200.0)
     study = store.study("1.2.3")
     assert study is not None
-    ok = store.commit_result(study, "urgent", result_msg("A1"), {"1.1": ("scored", None)}, [], 201.0)
+    ok = store.commit_result(
+        study, "urgent", result_msg("A1"), {"1.1": ("scored", None)}, [], 201.0
+    )
     assert ok
     assert store.study("1.2.3").state == "scored"  # type: ignore[union-attr]
     pending = store.outbox_pending(10, ())
@@ -78,8 +80,15 @@ def test_late_instance_after_scoring_opens_next_revision(store: Store) -> None:
 
 
 def test_outbox_leaves_only_on_delete_and_counts(store: Store) -> None:
-    store.record_file("bad.dcm", 3, 1, "rejected", "not DICOM", 1.0,
-                      message=Message("rejected", "p/rejected", b"{}"))
+    store.record_file(
+        "bad.dcm",
+        3,
+        1,
+        "rejected",
+        "not DICOM",
+        1.0,
+        message=Message("rejected", "p/rejected", b"{}"),
+    )
     store.add_instance("a.dcm", 10, 1, inst("1.1"), now=100.0)
     store.complete_quiet_studies(1.0, now=200.0)
     store.commit_result(store.study("1.2.3"), "routine", result_msg("A1"), {}, [], 201.0)  # type: ignore[arg-type]

@@ -59,8 +59,18 @@ def test_shipped_schema_matches_the_model() -> None:
     schema = json.loads(SCHEMA_FILE.read_text())
     assert schema["$id"] == "edge-triage.study-result.v1"
     for field in (
-        "schema", "alert_id", "revision", "study_instance_uid", "accession_number", "modality",
-        "triage", "reason", "findings", "model", "instances", "timing",
+        "schema",
+        "alert_id",
+        "revision",
+        "study_instance_uid",
+        "accession_number",
+        "modality",
+        "triage",
+        "reason",
+        "findings",
+        "model",
+        "instances",
+        "timing",
     ):
         assert field in schema["properties"]
         assert field in schema["required"]
