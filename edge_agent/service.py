@@ -267,6 +267,12 @@ class Agent:
             f"{' (DEMO)' if model.demo else ''} on {self.runner.provider}"
         )
         logger.info("edge-agent %s running: %s", __version__, summary)
+        if model.demo:
+            logger.warning(
+                "DEMO MODEL in use (%s): results are marked demo and are not for clinical use; "
+                "set 'bundle' to a real engine bundle",
+                model.name,
+            )
         self.notifier.ready(summary)
         self.started.set()
         ping = self.notifier.watchdog_interval()
