@@ -106,7 +106,7 @@ class Finding(_Strict):
 
 
 class Manifest(_Strict):
-    format: Literal["edge-triage-bundle/1"] = FORMAT
+    format: Literal["edge-triage-bundle/1"] = "edge-triage-bundle/1"
     model: ModelInfo
     created_at: str
     created_by: str = Field(description="Tool and version that wrote the bundle.")

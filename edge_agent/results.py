@@ -67,7 +67,9 @@ class Timing(_Payload):
 
 class StudyResult(_Payload):
     schema_: Literal["edge-triage.study-result.v1"] = Field(
-        default=SCHEMA_ID, alias="schema", description="Payload schema identifier."
+        default="edge-triage.study-result.v1",
+        alias="schema",
+        description="Payload schema identifier.",
     )
     alert_id: str = Field(
         description="Stable for (StudyInstanceUID, revision, model sha256): dedup on it."

@@ -29,7 +29,7 @@ def available_providers() -> list[str]:
 
 def choose_providers(profile: Profile, available: list[str]) -> tuple[list[str], list[str]]:
     """(usable providers in the profile's order, skipped ones). Raises if none is usable."""
-    wanted = list(profile.runtime.providers)
+    wanted: list[str] = list(profile.runtime.providers)
     usable = [p for p in wanted if p in available]
     skipped = [p for p in wanted if p not in available]
     if not usable:
