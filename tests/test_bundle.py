@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_bundle import SIZE, make_bundle
 
 from edge_agent.bundle import load_bundle
 from edge_agent.errors import BundleError
@@ -14,8 +15,6 @@ from edge_agent.profiles import resolve_profile
 from edge_agent.runners import open_runner
 from edge_agent.service import demo_bundle_path
 from edge_agent.triage import Head
-
-from tiny_bundle import SIZE, make_bundle
 
 
 def test_tiny_bundle_loads_and_scores(tmp_path: Path) -> None:
