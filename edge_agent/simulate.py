@@ -15,7 +15,7 @@ Findings (``FINDINGS``), each independently present or not on the frontal view:
     one lung is collapsed towards its medial base: a lucent apical/lateral crescent with no
     lung markings, bounded by a thin bright visceral pleural line.
 ``lung_nodule``
-    one or two round soft-tissue opacities, 8-30 mm across, inside a lung field.
+    one or two round soft-tissue opacities, 20-45 mm across (nodules and masses), inside a lung field.
 
 Every random draw comes from ``numpy.random.Generator`` streams split off the caller's
 generator, one stream per concern (anatomy, texture, findings, noise), so the same seed with
@@ -327,7 +327,8 @@ class _FindingDraws:
                 u, y = lung.point_inside(rng)
                 if u > 0.11 and not anatomy.behind_heart(0.5 + side * u, y, 1.25):
                     break
-            diameter = 8.0 + 22.0 * rng.random() ** 0.5  # 8-30 mm, mostly over 15
+            # 20-45 mm: nodules and masses big enough for the one-minute demo model to learn
+            diameter = 20.0 + 25.0 * rng.random() ** 0.5
             contrast = rng.uniform(0.8, 1.0)
             nodules.append((side, u, y, diameter, contrast))
         return cls(
@@ -515,7 +516,7 @@ def _frontal_attenuation(
             au, ay = lung.medial, lung.apex_y + fd.ptx_anchor * lung.ay
             nu, ny = au + fd.ptx_k * (nu - au), ay + fd.ptx_k * (ny - ay)
         radius = diameter / 2.0 / an.frame_mm
-        amount = contrast * (0.42 + 0.18 * diameter / 30.0)
+        amount = contrast * (0.42 + 0.18 * min(diameter, 30.0) / 30.0)
         cx = 0.5 + side * nu
         rs, cs, prof = cv.disc(att, cx, ny, radius, amount)
         nod = masks.setdefault("nodule", np.zeros(cv.shape, _F32))
