@@ -15,7 +15,8 @@ Findings (``FINDINGS``), each independently present or not on the frontal view:
     one lung is collapsed towards its medial base: a lucent apical/lateral crescent with no
     lung markings, bounded by a thin bright visceral pleural line.
 ``lung_nodule``
-    one or two round soft-tissue opacities, 20-45 mm across (nodules and masses), inside a lung field.
+    one or two round soft-tissue opacities, 20-45 mm across (nodules and masses), inside a
+    lung field.
 
 Every random draw comes from ``numpy.random.Generator`` streams split off the caller's
 generator, one stream per concern (anatomy, texture, findings, noise), so the same seed with

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_positive_int,
         default=3000,
-        help="training steps (default 3000, about 60 s on 2 idle cores); training stops at --steps or --train-seconds, "
+        help="training steps (default 3000, about 60 s on 2 idle cores); training stops "
+        "at --steps or --train-seconds, "
         "whichever comes first (the step limit keeps the bundle reproducible from the seed)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")

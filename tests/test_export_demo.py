@@ -126,7 +126,7 @@ def test_external_data_is_listed_and_bundle_verifies(
     write_bundle(out, overwrite=True, **kwargs)
     assert load_bundle(out).manifest.files == bundle.manifest.files
 
-    with pytest.raises(BundleError, match="preprocessing.input_size"):
+    with pytest.raises(BundleError, match=r"preprocessing\.input_size"):
         write_bundle(
             tmp_path / "wrong-size",
             **{**kwargs, "preprocessing": spec.model_copy(update={"input_size": 64})},
