@@ -25,6 +25,7 @@ test-fast: $(VENV)/.stamp-dev
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check edge_agent export tests benchmarks
 	$(VENV)/bin/ruff format --check edge_agent export tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/preprocess.py

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -139,7 +139,12 @@ def _frontal(
     from edge_agent.simulate import chest_instance
 
     return chest_instance(
-        rng, findings=findings, view=view, modality=modality, rows=matrix, cols=matrix
+        rng,
+        findings=findings,
+        view=cast(Literal["PA", "AP"], view),
+        modality=cast(Literal["CR", "DX"], modality),
+        rows=matrix,
+        cols=matrix,
     )
 
 
@@ -310,6 +315,7 @@ def _attention_logits(model: Any, tokens: Any) -> Any | None:
     dim = attention.embed_dim // heads
     w_q, w_k, _ = attention.in_proj_weight.chunk(3)
     b_q, b_k, _ = attention.in_proj_bias.chunk(3)
+    assert head is not None
     query = (head.probe[0, 0] @ w_q.T + b_q).view(heads, dim)
     keys = (tokens @ w_k.T + b_k).view(*tokens.shape[:2], heads, dim)
     return (keys * query).sum(-1) / math.sqrt(dim)
@@ -578,7 +584,11 @@ def build_demo_bundle(
         workers=s.threads,
         progress=_data_progress("training patients"),
     )
-    kw = {"matrix": s.matrix, "abnormal_rate": s.abnormal_rate, "workers": s.threads}
+    kw: dict[str, Any] = {
+        "matrix": s.matrix,
+        "abnormal_rate": s.abnormal_rate,
+        "workers": s.threads,
+    }
     val = simulate_studies(
         s.seed, VALIDATION, s.n_validation, spec, **kw, progress=_data_progress("validation")
     )

@@ -95,15 +95,15 @@ def _import_ort() -> Any:
 
 def _embedding_module(vision_model: Any) -> torch.nn.Module:
     """``vision_model`` wrapped so that it maps pixel_values to normalised pooled embeddings."""
-    torch = _import_torch()
+    th = _import_torch()
     import torch.nn.functional as F
 
-    class ImageEncoder(torch.nn.Module):
-        def __init__(self, vision: torch.nn.Module) -> None:
+    class ImageEncoder(th.nn.Module):  # type: ignore[name-defined]
+        def __init__(self, vision: Any) -> None:
             super().__init__()
             self.vision = vision
 
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        def forward(self, pixel_values: Any) -> Any:
             # transformers 5 returns an output object; pooler_output is the MAP-head embedding.
             pooled = self.vision(pixel_values=pixel_values).pooler_output
             return F.normalize(pooled, dim=-1)
