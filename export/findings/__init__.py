@@ -1,0 +1,69 @@
+"""Findings files: which findings a bundle scores, their prompts and starting thresholds.
+
+A findings file is TOML with one ``[[finding]]`` table per finding (see ``cxr.toml``, the
+default for chest radiographs). :func:`load_findings` validates it into the manifest's own
+:class:`~edge_agent.bundle.Finding` model; every error names the file, the finding and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from edge_agent.bundle import Finding, Prompts
+from edge_agent.errors import ConfigError
+
+_KEYS = {"code", "label", "present", "absent", "review_threshold", "urgent_threshold"}
+
+
+def default_findings_path(name: str = "cxr") -> Path:
+    return Path(str(resources.files("export.findings") / f"{name}.toml"))
+
+
+def load_findings(path: Path | str) -> list[Finding]:
+    path = Path(path)
+    where = f"findings({path.name})"
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError("--findings", f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--findings", f"{path} is not valid TOML: {exc}") from exc
+    unknown = set(data) - {"finding"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected [[finding]])")
+    tables = data.get("finding")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(where, "no [[finding]] tables")
+    findings: list[Finding] = []
+    for i, table in enumerate(tables):
+        name = str(table.get("code", i))
+        extra = set(table) - _KEYS
+        if extra:
+            raise ConfigError(f"{where}.{name}.{sorted(extra)[0]}", "unknown key")
+        if not table.get("present"):
+            raise ConfigError(f"{where}.{name}.present", "at least one present-prompt is needed")
+        try:
+            findings.append(
+                Finding(
+                    code=table.get("code"),
+                    label=table.get("label"),
+                    prompts=Prompts(present=table["present"], absent=table.get("absent", [])),
+                    review_threshold=table.get("review_threshold"),
+                    urgent_threshold=table.get("urgent_threshold"),
+                )
+            )
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            full = f"{where}.{name}.{key}" if key else f"{where}.{name}"
+            raise ConfigError(full, err["msg"]) from exc
+    codes = [f.code for f in findings]
+    duplicates = sorted({c for c in codes if codes.count(c) > 1})
+    if duplicates:
+        raise ConfigError(f"{where}.{duplicates[0]}", "finding code appears twice")
+    return findings

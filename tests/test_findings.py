@@ -1,0 +1,58 @@
+"""The default chest findings file and the findings loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.errors import ConfigError
+from export.findings import default_findings_path, load_findings
+
+
+def test_default_cxr_findings_cover_the_issue() -> None:
+    findings = {f.code: f for f in load_findings(default_findings_path())}
+    assert {"pneumothorax", "pleural_effusion", "lung_nodule", "consolidation",
+            "pneumoperitoneum"} <= set(findings)  # fmt: skip
+    for code in ("pneumothorax", "pleural_effusion", "pneumoperitoneum"):
+        assert findings[code].urgent_threshold is not None, f"{code} is urgent"
+    for code in ("lung_nodule", "consolidation"):
+        assert findings[code].urgent_threshold is None, f"{code} is review only"
+    assert "apical pneumothorax" in findings["pneumothorax"].prompts.present
+    assert "no evidence of pleural effusion" in findings["pleural_effusion"].prompts.absent
+    for f in findings.values():
+        assert f.prompts.present and f.prompts.absent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "f.toml"
+    path.write_text(text)
+    return path
+
+
+FINDING = '[[finding]]\ncode = "x"\nlabel = "X"\npresent = ["x"]\nreview_threshold = 0.2\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (FINDING + "urgent_threshold = 0.1\n", "findings(f.toml).x"),
+        (FINDING.replace("0.2", "1.5"), "findings(f.toml).x.review_threshold"),
+        (FINDING + "colour = 1\n", "findings(f.toml).x.colour"),
+        (FINDING.replace('present = ["x"]', "present = []"), "findings(f.toml).x.present"),
+        (FINDING + FINDING, "findings(f.toml).x"),
+        (FINDING.replace('"x"\nlabel', '"Bad Code"\nlabel'), "findings(f.toml).Bad Code.code"),
+        ('title = "x"\n' + FINDING, "findings(f.toml).title"),
+    ],
+)
+def test_errors_name_the_finding_and_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_findings(write(tmp_path, text))
+    assert info.value.key == key
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_findings(tmp_path / "none.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_findings(write(tmp_path, "[[finding]\n"))
