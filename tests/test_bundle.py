@@ -85,3 +85,21 @@ def test_shipped_demo_bundle_verifies() -> None:
     bundle = load_bundle(demo_bundle_path())
     assert bundle.manifest.model.demo is True
     assert {f.code for f in bundle.manifest.findings} == {"pneumothorax", "lung_nodule"}
+
+
+def test_zero_shot_head_is_siglip_scoring(tmp_path: Path) -> None:
+    """score = sigmoid(cos(image, mean text) * exp(logit_scale) + logit_bias)."""
+    import math
+
+    from edge_agent.bundle import ZeroShotHead, read_manifest, write_manifest
+
+    root = make_bundle(tmp_path / "b")
+    manifest = read_manifest(root)
+    text = {"bright": [2.0, 0.0, 0.0], "dark": [0.0, 0.0, 3.0]}  # not yet unit length
+    head = ZeroShotHead(logit_scale=math.log(10.0), logit_bias=-5.0, text_embeddings=text)
+    write_manifest(root, manifest.model_copy(update={"head": head}))
+    bundle = load_bundle(root)
+    image = np.array([[0.6, 0.0, 0.8]], dtype=np.float32)
+    scores = Head(bundle).scores(image)
+    expected = [1 / (1 + math.exp(-(0.6 * 10 - 5))), 1 / (1 + math.exp(-(0.8 * 10 - 5)))]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-6)
