@@ -70,3 +70,33 @@ def test_notify_without_systemd_is_silent(monkeypatch: pytest.MonkeyPatch) -> No
     n = Notifier()
     assert not n.enabled
     assert n.ready("x") is False
+
+
+def test_check_reports_each_problem_and_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.cli import main
+    from edge_agent.devbroker import Mosquitto, free_port
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    for key in ("EDGE_AGENT_CONFIG", "EDGE_AGENT_BUNDLE", "EDGE_AGENT_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(watch))
+    monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("EDGE_AGENT_PROFILE", "x86-cpu")
+    with Mosquitto(tmp_path / "broker") as broker:
+        monkeypatch.setenv("EDGE_AGENT_MQTT__PORT", str(broker.port))
+        monkeypatch.setenv("EDGE_AGENT_MQTT__HOST", broker.host)
+        assert main(["check"]) == 0
+        out = capsys.readouterr().out
+        assert "DEMO MODEL" in out and "hashes verified" in out and "FAIL" not in out
+    monkeypatch.setenv("EDGE_AGENT_MQTT__PORT", str(free_port()))
+    assert main(["check"]) == 3  # broker missing
+    assert "FAIL broker" in capsys.readouterr().out
+    monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(tmp_path / "missing"))
+    assert main(["check"]) == 2  # a config problem outranks a missing resource
+    assert "watch_dir" in capsys.readouterr().out
+    monkeypatch.setenv("EDGE_AGENT_MQTT__PORT", "not-a-port")
+    assert main(["check"]) == 2
+    assert "mqtt.port" in capsys.readouterr().out
