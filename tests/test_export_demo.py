@@ -162,6 +162,7 @@ def _rescore_with_onnxruntime(bundle_root: Path, pixels: np.ndarray) -> np.ndarr
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~100 s alone on 2 cores; training itself is capped at 300 s
 def test_demo_bundle_from_scratch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sklearn.metrics import roc_auc_score
 
