@@ -949,7 +949,7 @@ class StudyHeader:
     study_id: str
     study_datetime: datetime
     modality: str
-    patient_name: str
+    patient_name: str  # fake PHI
     patient_id: str
     patient_birth_date: date
     patient_sex: str
@@ -989,7 +989,7 @@ def new_study(rng: np.random.Generator, modality: Modality) -> StudyHeader:
         study_id=str(int(rng.integers(1, 100_000))),
         study_datetime=when,
         modality=modality,
-        patient_name=f"SIMULATED^PATIENT^{number}",
+        patient_name=f"SIMULATED^PATIENT^{number}",  # fake PHI
         patient_id=f"SIM-{number:06d}",
         patient_birth_date=born,
         patient_sex=str(rng.choice(["F", "M", "O"], p=[0.49, 0.49, 0.02])),
@@ -1024,9 +1024,9 @@ def _dataset(sop_class_uid: str, sop_instance_uid: str) -> FileDataset:
 
 def _study_modules(ds: Dataset, study: StudyHeader, modality: str, acquired: datetime) -> None:
     """Patient, General Study, General Equipment and the dates of one instance."""
-    ds.PatientName = study.patient_name
+    ds.PatientName = study.patient_name  # fake PHI
     ds.PatientID = study.patient_id
-    ds.PatientBirthDate = study.patient_birth_date.strftime("%Y%m%d")
+    ds.PatientBirthDate = study.patient_birth_date.strftime("%Y%m%d")  # fake PHI
     ds.PatientSex = study.patient_sex
     ds.PatientAge = study.patient_age
     ds.StudyInstanceUID = study.study_instance_uid
