@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from edge_agent import __version__
 from edge_agent.errors import EdgeTriageError
@@ -97,16 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-seconds",
         type=_positive_seconds,
         default=300.0,
-        help="training time cap in seconds (default 300; about 60 s are needed on an idle "
-        "2-core machine)",
+        help="training time cap in seconds (default 300; the default steps take about 60 s "
+        "on one idle core)",
     )
     p.add_argument(
         "--steps",
         type=_positive_int,
         default=3000,
-        help="training steps (default 3000, about 60 s on 2 idle cores); training stops "
-        "at --steps or --train-seconds, "
-        "whichever comes first (the step limit keeps the bundle reproducible from the seed)",
+        help="training steps (default 3000); if the first steps show they cannot all fit in "
+        "--train-seconds, fewer are run (the bundle is then no longer reproducible from the "
+        "seed alone)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument(
@@ -123,10 +126,25 @@ def _fail(message: str, code: int, debug: bool) -> int:
     return code
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Unwind like Ctrl-C does, so that worker processes and temporary folders are cleaned up.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(args.debug)
     setup_logging(debug)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args, debug)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args, debug)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return int(args.func(args))
     except EdgeTriageError as exc:

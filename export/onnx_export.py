@@ -220,6 +220,29 @@ def _normalise_layout(out_path: Path, *, external: bool) -> None:
             (out_path.parent / name).unlink(missing_ok=True)
 
 
+def _strip_debug_metadata(onnx_path: Path) -> None:
+    """Drop the exporter's per-node debug metadata: Python stack traces with the local paths
+    of torch, transformers and this package, FX node dumps, class hierarchies. They made
+    the encoder's bytes (and so the bundle's model sha256) depend on where the exporter was
+    installed, and were a fifth of the demo encoder. External data files are left alone."""
+    onnx = _import_onnx()
+    model = onnx.load(str(onnx_path), load_external_data=False)
+
+    def visit(nodes: Any) -> None:
+        for node in nodes:
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                for graph in [attr.g] if attr.HasField("g") else []:
+                    visit(graph.node)
+                for graph in attr.graphs:
+                    visit(graph.node)
+
+    visit(model.graph.node)
+    for function in model.functions:
+        visit(function.node)
+    onnx.save_model(model, str(onnx_path))
+
+
 def check_parity(
     module: torch.nn.Module, onnx_path: Path, pixel_values: np.ndarray
 ) -> tuple[float, float]:
@@ -315,6 +338,7 @@ def export_image_encoder(
         assert used is not None
         seconds = time.monotonic() - started
         _normalise_layout(out_path, external=external)
+        _strip_debug_metadata(out_path)
         files = onnx_files(out_path)
 
         logger.info("checking ONNX Runtime (CPU) against PyTorch on a random batch of 2…")
