@@ -169,6 +169,17 @@ class Settings(BaseSettings):
         return f"{self.mqtt.topic_prefix}/{self.site}/{self.device_id}"
 
 
+def read_toml(path: Path, key: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is a ConfigError under ``key``."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(key, f"{path} is not valid TOML: {exc}") from exc
+
+
 class _TomlSource(PydanticBaseSettingsSource):
     """Reads the TOML file; a syntax error names the file and line."""
 
@@ -176,13 +187,7 @@ class _TomlSource(PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         self.data: dict[str, Any] = {}
         if path is not None:
-            try:
-                with path.open("rb") as f:
-                    self.data = tomllib.load(f)
-            except OSError as exc:
-                raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+            self.data = read_toml(path, "--config")
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return self.data.get(field_name), field_name, False

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import platform
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import read_toml
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,7 @@ class Profile(_Section):
 
 
 def load_profile_file(path: Path) -> Profile:
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError("profile", f"cannot read profile {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("profile", f"profile {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "profile")
     data.setdefault("name", path.stem)
     try:
         return Profile.model_validate({**data, "source": str(path)})

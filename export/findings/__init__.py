@@ -7,13 +7,13 @@ default for chest radiographs). :func:`load_findings` validates it into the mani
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from edge_agent.bundle import Finding, Prompts
+from edge_agent.config import read_toml
 from edge_agent.errors import ConfigError
 
 _KEYS = {"code", "label", "present", "absent", "review_threshold", "urgent_threshold"}
@@ -26,13 +26,7 @@ def default_findings_path(name: str = "cxr") -> Path:
 def load_findings(path: Path | str) -> list[Finding]:
     path = Path(path)
     where = f"findings({path.name})"
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError("--findings", f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("--findings", f"{path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "--findings")
     unknown = set(data) - {"finding"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected [[finding]])")
