@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +65,25 @@ class Encoder(_Strict):
 
 
 class ZeroShotHead(_Strict):
-    """score = sigmoid(cos(image, text_f) * exp(logit_scale) + logit_bias)."""
+    """SigLIP zero-shot scores from text embeddings computed at export.
+
+    Without ``absent_embeddings``: score = sigmoid(cos(image, present_f) * exp(logit_scale) +
+    logit_bias), SigLIP's own pairwise probability. With them, the two-way softmax of the
+    present and absent prompt logits (how MedSigLIP's zero-shot figures are computed):
+    score = sigmoid(exp(logit_scale) * (cos(image, present_f) - cos(image, absent_f))); the
+    bias cancels. Both are linear in the embedding (see :meth:`Bundle.head_arrays`).
+    """
 
     kind: Literal["zero_shot"] = "zero_shot"
     logit_scale: float = Field(description="Log of the temperature, as stored by SigLIP.")
     logit_bias: float
     text_embeddings: dict[str, list[float]] = Field(
         description="Per finding code: the normalised mean of its present-prompt embeddings."
+    )
+    absent_embeddings: dict[str, list[float]] | None = Field(
+        default=None,
+        description="Per finding code: the normalised mean of its absent-prompt embeddings; "
+        "when given, the score contrasts present against absent.",
     )
 
 
@@ -105,6 +119,50 @@ class Finding(_Strict):
         return self
 
 
+class Engine(_Strict):
+    """A device-specific engine built from the encoder (``edge-export tensorrt``).
+
+    Engines only run on the GPU and TensorRT version they were built with, so the manifest
+    keys them by :func:`engine_key` of (device, compute capability, TensorRT version); they
+    never change the model's identity (:meth:`Manifest.model_sha256`)."""
+
+    file: str = Field(description="Serialized engine, listed in files.")
+    builder: Literal["tensorrt"] = "tensorrt"
+    device: str = Field(description="GPU name as the driver reports it.")
+    compute_capability: str = Field(description="e.g. '8.7' for Jetson Orin.")
+    tensorrt_version: str
+    precision: Literal["fp32", "fp16", "int8"]
+    profile: str = Field(description="Profile the engine was built for.")
+    min_batch: int = Field(ge=1)
+    opt_batch: int = Field(ge=1)
+    max_batch: int = Field(ge=1)
+    workspace_mib: int = Field(ge=0)
+    built_at: str
+    build_seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _batches_ordered(self) -> Engine:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("engine batches must satisfy min_batch <= opt_batch <= max_batch")
+        return self
+
+    @property
+    def key(self) -> str:
+        return engine_key(self.device, self.compute_capability, self.tensorrt_version)
+
+
+def engine_key(device: str, compute_capability: str, tensorrt_version: str) -> str:
+    """The key an engine is recorded under: one per (GPU, architecture, TensorRT version)."""
+    return f"{device} sm{compute_capability} trt{tensorrt_version}"
+
+
+def engine_slug(key: str) -> str:
+    """A file-name-safe form of an engine key: 'NVIDIA H200 sm9.0 trt10.3.0' ->
+    'nvidia-h200-sm9.0-trt10.3.0'."""
+    slug = re.sub(r"[^a-z0-9.]+", "-", key.lower()).strip("-.")
+    return slug or "engine"
+
+
 class Manifest(_Strict):
     format: Literal["edge-triage-bundle/1"] = "edge-triage-bundle/1"
     model: ModelInfo
@@ -119,6 +177,10 @@ class Manifest(_Strict):
     )
     metrics: dict[str, float | int | str] | None = Field(
         default=None, description="Quality figures measured at export (e.g. demo AUROC)."
+    )
+    engines: dict[str, Engine] = Field(
+        default_factory=dict,
+        description="Device engines by engine_key(); not part of the model's identity.",
     )
     files: dict[str, FileEntry]
 
@@ -146,8 +208,24 @@ class Manifest(_Strict):
                 )
             if not all(math.isfinite(x) for x in v):
                 raise ValueError("head vectors must be finite")
+        if isinstance(self.head, ZeroShotHead) and self.head.absent_embeddings is not None:
+            absent = self.head.absent_embeddings
+            if set(absent) != set(codes):
+                raise ValueError("absent embeddings must cover every finding")
+            for v in absent.values():
+                if len(v) != self.encoder.embedding_dim or not all(math.isfinite(x) for x in v):
+                    raise ValueError(
+                        f"absent embeddings must be {self.encoder.embedding_dim} finite values"
+                    )
         if self.encoder.file not in self.files:
             raise ValueError(f"encoder file {self.encoder.file} is not listed in files")
+        for key, engine in self.engines.items():
+            if engine.file not in self.files:
+                raise ValueError(f"engine {key}: file {engine.file} is not listed in files")
+            if key != engine.key:
+                raise ValueError(f"engine {key}: key does not match its device ({engine.key})")
+            if engine.file == self.encoder.file:
+                raise ValueError(f"engine {key}: file {engine.file} is the encoder")
         return self
 
     def model_sha256(self) -> str:
@@ -187,9 +265,22 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     verify_files(root, manifest)
     target = root / MANIFEST
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    with tmp.open("w") as f:
+        f.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(target)
+    fsync_dir(root)
     return target
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a power cut must not undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
@@ -248,16 +339,26 @@ class Bundle:
 
     def head_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(W, b) such that scores = sigmoid(embeddings @ W.T + b), one row per finding."""
-        head = self.manifest.head
-        codes = self.finding_codes
-        if isinstance(head, ZeroShotHead):
-            text = np.asarray([head.text_embeddings[c] for c in codes], dtype=np.float32)
-            text /= np.linalg.norm(text, axis=1, keepdims=True)
-            scale = np.float32(math.exp(head.logit_scale))
+        return head_arrays(self.manifest.head, self.finding_codes)
+
+
+def head_arrays(
+    head: ZeroShotHead | LinearProbeHead, codes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A head as (W, b) such that scores = sigmoid(embeddings @ W.T + b), rows in ``codes``
+    order."""
+    if isinstance(head, ZeroShotHead):
+        text = np.asarray([head.text_embeddings[c] for c in codes], dtype=np.float32)
+        text /= np.linalg.norm(text, axis=1, keepdims=True)
+        scale = np.float32(math.exp(head.logit_scale))
+        if head.absent_embeddings is None:
             return text * scale, np.full(len(codes), head.logit_bias, dtype=np.float32)
-        weights = np.asarray([head.weights[c] for c in codes], dtype=np.float32)
-        biases = np.asarray([head.biases[c] for c in codes], dtype=np.float32)
-        return weights, biases
+        absent = np.asarray([head.absent_embeddings[c] for c in codes], dtype=np.float32)
+        absent /= np.linalg.norm(absent, axis=1, keepdims=True)
+        return (text - absent) * scale, np.zeros(len(codes), dtype=np.float32)
+    weights = np.asarray([head.weights[c] for c in codes], dtype=np.float32)
+    biases = np.asarray([head.biases[c] for c in codes], dtype=np.float32)
+    return weights, biases
 
 
 def load_bundle(root: Path | str) -> Bundle:

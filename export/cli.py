@@ -22,6 +22,8 @@ from types import FrameType
 from edge_agent import __version__
 from edge_agent.errors import EdgeTriageError
 
+from .parity import ParityBar
+
 PROG = "edge-export"
 # Third-party loggers that narrate their internals at INFO/WARNING during an export.
 NOISY = ("onnxscript", "onnx_ir", "torch", "transformers")
@@ -65,6 +67,94 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{result.parity['images_cosine_min']:.6f}"
     )
     return 0
+
+
+def _bar(args: argparse.Namespace) -> ParityBar:
+    return ParityBar(cosine_mean=args.min_cosine_mean, triage_agreement=args.min_triage_agreement)
+
+
+def cmd_siglip(args: argparse.Namespace) -> int:
+    from .findings import default_findings_path, load_findings
+    from .siglip import SiglipSettings, build_siglip_bundle, summary
+
+    findings = load_findings(args.findings or default_findings_path())
+    settings = SiglipSettings(
+        checkpoint=args.checkpoint,
+        findings=findings,
+        out=args.out,
+        precision=args.precision,
+        int8_mode=args.int8_mode,
+        calibration=args.calibration,
+        calibration_limit=args.calibration_limit,
+        search_images=args.search_images,
+        int8_target_cosine=args.int8_target_cosine,
+        bar=_bar(args),
+        name=args.name,
+        version=args.model_version,
+        notice=args.notice,
+        overwrite=args.overwrite,
+        threads=args.threads,
+    )
+    result = build_siglip_bundle(settings)
+    print(summary(result, args.precision))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_bundle
+
+    result = verify_bundle(
+        args.bundle,
+        images=args.images,
+        checkpoint=args.checkpoint,
+        reference=args.reference,
+        profile=args.profile,
+        limit=args.limit,
+        bar=_bar(args),
+    )
+    m = result.bundle.manifest
+    print(f"bundle     {args.bundle}: {len(m.files)} files, sha256 verified")
+    print(f"model      {m.model.name} {m.model.version} ({m.precision})")
+    print(f"identity   model sha256 {result.bundle.sha256}")
+    if result.parity is None:
+        recorded = m.parity or {}
+        print(
+            "parity     not re-run (give --images and a reference); recorded at export: "
+            + (", ".join(f"{k} {v}" for k, v in recorded.items()) or "none")
+        )
+        return 0
+    p = result.parity
+    print(f"provider   {result.provider}")
+    print(f"reference  {result.reference}")
+    print(
+        f"parity     {p.images} images: cosine mean {p.cosine_mean:.5f}, min {p.cosine_min:.5f}; "
+        f"max |score delta| {p.max_score_delta:.4f}; triage agreement {p.triage_agreement:.1%}: "
+        "passes"
+    )
+    return 0
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be within 0..1")
+    return value
+
+
+def _add_bar_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-cosine-mean",
+        type=_unit_interval,
+        default=ParityBar.cosine_mean,
+        help=f"parity gate: mean cosine to fp32 at least this (default {ParityBar.cosine_mean})",
+    )
+    p.add_argument(
+        "--min-triage-agreement",
+        type=_unit_interval,
+        default=ParityBar.triage_agreement,
+        help="parity gate: share of images whose triage level is unchanged (default "
+        f"{ParityBar.triage_agreement})",
+    )
 
 
 def _positive_seconds(text: str) -> float:
@@ -116,6 +206,89 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "siglip",
+        help="export a local MedSigLIP/SigLIP checkpoint to a bundle (fp32, fp16 or int8)",
+        description="Export a local SigLIP checkpoint folder (e.g. google/medsiglip-448, "
+        "downloaded after accepting its terms) to an engine bundle: the vision tower as ONNX, "
+        "the findings' text embeddings computed once, fp16 or int8 if asked, and a parity gate "
+        "against PyTorch fp32 that refuses to write a bundle that gives different answers.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="local checkpoint folder")
+    p.add_argument(
+        "--findings",
+        type=Path,
+        help="findings TOML (default: the shipped chest radiograph findings, export/findings/"
+        "cxr.toml)",
+    )
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument(
+        "--int8-mode",
+        choices=["dynamic", "qdq"],
+        default="dynamic",
+        help="dynamic: for ONNX Runtime on a CPU (weights int8, the most sensitive MatMuls kept "
+        "fp32; default); qdq: explicit Q/DQ for TensorRT, calibrated on --calibration",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="folder of this site's CR/DX DICOM for calibration and the parity gate (required "
+        "for int8; without it fp32/fp16 parity uses simulated radiographs)",
+    )
+    p.add_argument(
+        "--calibration-limit",
+        type=_positive_int,
+        default=64,
+        help="at most this many calibration images (default 64)",
+    )
+    p.add_argument(
+        "--search-images",
+        type=_positive_int,
+        default=8,
+        help="calibration images used to choose the fp32 MatMuls of int8 (default 8)",
+    )
+    p.add_argument(
+        "--int8-target-cosine",
+        type=_unit_interval,
+        default=0.999,
+        help="int8 dynamic: keep MatMuls in fp32 until the mean cosine reaches this (0.999)",
+    )
+    _add_bar_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--name", help="model name in the manifest (default: the checkpoint folder)")
+    p.add_argument(
+        "--model-version", help="model version in the manifest (default: today, YYYY.MM.DD)"
+    )
+    p.add_argument("--notice", type=Path, help="licence NOTICE file to ship in the bundle")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_siglip)
+
+    p = sub.add_parser(
+        "verify",
+        help="re-check a bundle's hashes and re-run its parity on given images",
+        description="Re-check every file's sha256 against the manifest; with --images, run the "
+        "bundle's encoder as the daemon would (--profile) and compare it with a reference: the "
+        "PyTorch fp32 checkpoint or another bundle on the CPU. Exit 1 below the parity bar.",
+    )
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--images", type=Path, help="folder of CR/DX DICOM to compare on")
+    p.add_argument("--checkpoint", type=Path, help="reference: PyTorch fp32 checkpoint folder")
+    p.add_argument("--reference", type=Path, help="reference: another bundle (e.g. fp32), CPU")
+    p.add_argument(
+        "--profile", default="x86-cpu", help="profile to run the bundle with (default x86-cpu)"
+    )
+    p.add_argument("--limit", type=_positive_int, default=64, help="at most this many images")
+    _add_bar_arguments(p)
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    p.set_defaults(func=cmd_verify)
+
     return parser
 
 
