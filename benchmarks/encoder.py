@@ -18,8 +18,10 @@ on ONNX Runtime's CPU provider, each variant in its own process, one after the o
 Variants: fp32 (baseline for every ratio); int8-stock (ONNX Runtime dynamic QInt8 per
 channel, reduce_range: the best stock mode measured before); int8 (what `edge-export siglip
 --precision int8` ships: the same, with the MatMuls that lose most kept in fp32, found by
-export.quantize.mixed_dynamic_int8); fp16 (for GPU providers; on a CPU it is not faster);
-int8-qdq (explicit Q/DQ for TensorRT, MinMax calibration; slow to calibrate, opt-in).
+export.quantize.mixed_int8); fp16 (for GPU providers; on a CPU it is not faster);
+int8-qdq-stock (explicit Q/DQ, symmetric int8, MinMax calibration on the search images);
+int8-qdq (what `--int8-mode qdq` ships for TensorRT: the same with the layer search). The
+Q/DQ variants are built for TensorRT; their CPU latency is shown for completeness.
 
 Ratios, not absolute times, are the result: they come from the same run on the same machine.
 `--tiny` runs a small configuration of the same architecture in seconds (used by the tests).
@@ -60,7 +62,7 @@ TINY = {
     "patch_size": 8,
     "image_size": 64,
 }
-ALL_VARIANTS = ("fp32", "int8-stock", "int8", "fp16", "int8-qdq")
+ALL_VARIANTS = ("fp32", "int8-stock", "int8", "fp16", "int8-qdq-stock", "int8-qdq")
 
 
 def log(message: str) -> None:
@@ -218,12 +220,14 @@ def run(args: argparse.Namespace, variants: list[str], work: Path) -> int:
         note = ""
         if name == "int8-stock":
             quantize.dynamic_int8(fp32, out)
-        elif name == "int8":
-            report = quantize.mixed_dynamic_int8(
+        elif name in ("int8", "int8-qdq"):
+            form = "dynamic" if name == "int8" else "qdq"
+            report = quantize.mixed_int8(
                 fp32,
                 out,
                 reference[:half],
                 search,
+                form=form,
                 progress=lambda stage, d, t: log(f"  {stage} {d}/{t}"),
             )
             note = f"{len(report.excluded)} MatMuls fp32: {', '.join(report.excluded_labels)}"
@@ -231,7 +235,7 @@ def run(args: argparse.Namespace, variants: list[str], work: Path) -> int:
             log("  worst 8 by simulated error: " + str(report.sensitivity[:8]))
         elif name == "fp16":
             quantize.to_fp16(fp32, out)
-        elif name == "int8-qdq":
+        elif name == "int8-qdq-stock":
             quantize.qdq_int8(fp32, out, search)
         built[name] = (out, time.monotonic() - t0, note)
         log(f"  built in {built[name][1]:.0f} s")
@@ -257,10 +261,12 @@ def run(args: argparse.Namespace, variants: list[str], work: Path) -> int:
     print(
         f"\nMedSigLIP vision ({'tiny' if args.tiny else 'full size'}), random weights, "
         f"ONNX Runtime {_ort_version()} CPU, threads {args.threads or 'auto'}, "
-        f"{len(pixels)} structured images, {os.cpu_count()} CPUs\n"
+        f"{len(pixels)} structured images, {os.cpu_count()} CPUs: {cpu_description()}\n"
     )
-    print("| variant | size | vs fp32 | batch 1 | speed-up | batch 4 | speed-up | cosine mean / min "
-          "| peak RSS | vs fp32 |")
+    print(
+        "| variant | size | vs fp32 | batch 1 | speed-up | batch 4 | speed-up "
+        "| cosine mean / min | peak RSS | vs fp32 |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         print(
@@ -281,10 +287,26 @@ def run(args: argparse.Namespace, variants: list[str], work: Path) -> int:
             "≤ 30% of fp32's size": r["size_mb"] <= 0.3 * base["size_mb"],
             "≤ 50% of fp32's peak RSS": r["rss_mb"] <= 0.5 * base["rss_mb"],
         }
-        print("\ngoal (int8): " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+        verdict = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items())
+        print(f"\ngoal (int8): {verdict}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def cpu_description() -> str:
+    """CPU model and the int8-relevant instruction sets (int8 speed depends on them)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_fp16", "asimddp"]
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
 def _ort_version() -> str:

@@ -7,7 +7,7 @@ int8 comes in two forms, because the two places it runs want different graphs:
     (``MatMulInteger``/``DynamicQuantizeMatMul``). On CPUs without VNNI (AVX2 only), signed
     int8 weights at full range overflow the u8×s8 multiply-add's 16-bit intermediate and lose
     fidelity (ONNX Runtime documents this), so weights use 7 bits (``reduce_range``). What
-    is left of the error is concentrated in a few MatMuls; :func:`mixed_dynamic_int8` ranks
+    is left of the error is concentrated in a few MatMuls; :func:`mixed_int8` ranks
     them and keeps just enough of them in fp32 to meet a cosine target ("mixed" precision).
 
 ``qdq`` (TensorRT, or ONNX Runtime's TensorRT provider)
@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -219,23 +219,36 @@ def qdq_int8(
     return onnx_files(dst)
 
 
-def _simulated_error(x: np.ndarray, w: np.ndarray, rows: np.ndarray) -> float:
-    """Relative output error of x @ w under ONNX Runtime's dynamic int8 arithmetic.
+Int8Form = Literal["dynamic", "qdq"]
 
-    Activations: uint8, asymmetric, per tensor, range from the whole tensor
-    (DynamicQuantizeLinear). Weights: int8 symmetric per output column, 7 bits (-64..64,
-    reduce_range). Only ``rows`` of x are multiplied (the error is a per-row property; the
-    scale still comes from all rows).
+
+def _simulated_error(
+    x: np.ndarray, w: np.ndarray, rows: np.ndarray, form: Int8Form, absmax: float
+) -> float:
+    """Relative output error of x @ w under ONNX Runtime's int8 arithmetic.
+
+    dynamic: activations uint8, asymmetric, per tensor, range from the whole tensor
+    (DynamicQuantizeLinear); weights int8 symmetric per output column, 7 bits (-64..64,
+    reduce_range). qdq: activations int8 symmetric per tensor with the calibrated range
+    ``absmax`` (MinMax over the calibration images); weights int8 symmetric per output
+    column (-127..127). Only ``rows`` of x are multiplied (the error is a per-row property;
+    the activation scale still comes from all rows or the calibration).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    lo, hi = min(float(x2.min()), 0.0), max(float(x2.max()), 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    zero = np.clip(np.round(-lo / scale), 0, 255)
     xs = x2[rows]
-    xq = (np.clip(np.round(xs / scale) + zero, 0, 255) - zero) * scale
+    if form == "dynamic":
+        lo, hi = min(float(x2.min()), 0.0), max(float(x2.max()), 0.0)
+        scale = (hi - lo) / 255.0 or 1.0
+        zero = np.clip(np.round(-lo / scale), 0, 255)
+        xq = (np.clip(np.round(xs / scale) + zero, 0, 255) - zero) * scale
+        wlevels = 64.0
+    else:
+        scale = absmax / 127.0 or 1.0
+        xq = np.clip(np.round(xs / scale), -127, 127) * scale
+        wlevels = 127.0
     wmax = np.abs(w).max(axis=0)
-    wscale = np.where(wmax > 0, wmax / 64.0, 1.0)
-    wq = np.clip(np.round(w / wscale), -64, 64) * wscale
+    wscale = np.where(wmax > 0, wmax / wlevels, 1.0)
+    wq = np.clip(np.round(w / wscale), -wlevels, wlevels) * wscale
     ref = xs @ w
     got = xq.astype(np.float32) @ wq.astype(np.float32)
     return float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(ref)), 1e-12))
@@ -245,16 +258,18 @@ def sensitivity(
     src: Path,
     images: np.ndarray,
     *,
+    form: Int8Form = "dynamic",
     rows: int = 256,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[WeightMatMul, float]]:
-    """Rank the weight MatMuls of ``src`` by how much dynamic int8 hurts their output.
+    """Rank the weight MatMuls of ``src`` by how much int8 (``form``) hurts their output.
 
     Runs the fp32 model on ``images`` with every MatMul's input exposed as an output, and
-    replays each MatMul in numpy with int8 arithmetic. Returns (matmul, mean relative error)
-    sorted worst first. A model with external data keeps it: the probe graph is written next
-    to it.
+    replays each MatMul in numpy with int8 arithmetic (:func:`_simulated_error`; for qdq
+    the activation ranges are the images' MinMax, as calibration would find). Returns
+    (matmul, mean relative error) sorted worst first. A model with external data keeps it:
+    the probe graph is written next to it.
     """
     onnx = _import_onnx()
     ort = _import_ort()
@@ -285,18 +300,32 @@ def sensitivity(
     weights = {name: numpy_helper.to_array(t).astype(np.float32) for name, t in inits.items()}
     del full, inits
 
+    def run(image: np.ndarray) -> dict[str, np.ndarray]:
+        outs = session.run(acts, {INPUT_NAME: image[None].astype(np.float32)})
+        return dict(zip(acts, outs, strict=True))
+
+    steps = len(images) * (2 if form == "qdq" else 1)
+    done = 0
+    absmax = dict.fromkeys(acts, 0.0)
+    if form == "qdq":  # first pass: the calibrated ranges
+        for image in images:
+            for name, x in run(image).items():
+                absmax[name] = max(absmax[name], float(np.abs(x).max()))
+            done += 1
+            if progress is not None:
+                progress(done, steps)
     errors = np.zeros(len(matmuls))
     rng = np.random.default_rng(0)
-    for i, image in enumerate(images):
-        outs = session.run(acts, {INPUT_NAME: image[None].astype(np.float32)})
-        by_name = dict(zip(acts, outs, strict=True))
+    for image in images:
+        by_name = run(image)
         for j, mm in enumerate(matmuls):
             x = by_name[mm.activation]
             n = int(np.prod(x.shape[:-1]))
-            pick = rng.choice(n, size=min(rows, n), replace=False)
-            errors[j] += _simulated_error(x, weights[mm.weight], np.sort(pick))
+            pick = np.sort(rng.choice(n, size=min(rows, n), replace=False))
+            errors[j] += _simulated_error(x, weights[mm.weight], pick, form, absmax[mm.activation])
+        done += 1
         if progress is not None:
-            progress(i + 1, len(images))
+            progress(done, steps)
     errors /= max(len(images), 1)
     order = np.argsort(-errors)
     return [(matmuls[k], float(errors[k])) for k in order]
@@ -339,70 +368,94 @@ def exclusion_schedule(total: int, limit: int) -> list[int]:
     return steps
 
 
-def mixed_dynamic_int8(
+def mixed_int8(
     src: Path,
     dst: Path,
     reference: np.ndarray,
     images: np.ndarray,
     *,
+    form: Int8Form = "dynamic",
     target_cosine: float = 0.999,
     max_fp32: int | None = None,
     threads: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Int8Report:
-    """Dynamic int8 with the fewest fp32 MatMuls that reach ``target_cosine``.
+    """int8 (``form``) with the fewest fp32 MatMuls that reach ``target_cosine``.
 
-    ``reference``: fp32 embeddings of ``images`` (from PyTorch). The MatMuls are ranked by
-    :func:`sensitivity`; then 0, 1, 2, 4, … of the worst are kept in fp32 until the mean
-    cosine to ``reference`` on ``images`` reaches the target, or ``max_fp32`` (default: a
-    sixth of them, beyond which int8 stops paying) is reached: the best attempt is kept and
-    the parity gate decides. Writes ``dst`` and reports what it did.
+    ``images`` are also the calibration images of the qdq form.
+    ``reference``: fp32 embeddings of ``images`` (from PyTorch). Everything int8 is tried
+    first; if its mean cosine to ``reference`` on ``images`` misses the target, the MatMuls
+    are ranked by :func:`sensitivity` and 1, 2, 4, … of the worst are kept in fp32 until the
+    target is reached or ``max_fp32`` (default: a sixth of them, beyond which int8 stops
+    paying) is: the best attempt is kept and the parity gate decides. Writes ``dst`` and
+    reports what it did.
     """
     started = time.monotonic()
-    report = Int8Report(mode="dynamic, weights int8 per channel (7-bit), fp32 where sensitive")
-    ranked = sensitivity(
-        src,
-        images,
-        threads=threads,
-        progress=(lambda d, t: progress("ranking MatMuls", d, t)) if progress else None,
+    report = Int8Report(
+        mode="dynamic, weights int8 per channel (7-bit), fp32 where sensitive"
+        if form == "dynamic"
+        else "qdq, symmetric int8 activations (MinMax) and weights per channel, fp32 where "
+        "sensitive"
     )
-    report.sensitivity = [(m.label, e) for m, e in ranked]
-    total = len(ranked)
-    candidates = [m for m, e in ranked if e > NEGLIGIBLE_ERROR]
+    total = len(weight_matmuls(_load(src, weights=False)))
     limit = max_fp32 if max_fp32 is not None else max(1, total // 6)
-    best: tuple[float, int, Path] | None = None
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=dst.parent) as tmp:
-        schedule = exclusion_schedule(len(candidates), limit)
-        for attempt, k in enumerate(schedule):
-            trial = Path(tmp) / f"try{k}" / dst.name
-            dynamic_int8(src, trial, exclude=[m.node for m in candidates[:k]])
-            mean = float(np.nanmean(cosines(embed_onnx(trial, images, threads=threads), reference)))
-            report.trials.append((k, mean))
-            logger.info("int8 with %d MatMul(s) in fp32: mean cosine %.5f", k, mean)
-            if progress is not None:
-                progress("searching fp32 layers", attempt + 1, len(schedule))
-            if best is None or mean > best[0]:
-                best = (mean, k, trial)
-            if mean >= target_cosine:
-                break
-        assert best is not None
-        mean, k, trial = best
+
+        def attempt(excluded: list[WeightMatMul]) -> tuple[float, Path]:
+            trial = Path(tmp) / f"try{len(excluded)}" / dst.name
+            names = [m.node for m in excluded]
+            if form == "dynamic":
+                dynamic_int8(src, trial, exclude=names)
+            else:
+                qdq_int8(src, trial, images, exclude=names)
+            emb = embed_onnx(trial, images, threads=threads)
+            mean = float(np.nanmean(cosines(emb, reference)))
+            report.trials.append((len(excluded), mean))
+            logger.info("int8 with %d MatMul(s) in fp32: mean cosine %.5f", len(excluded), mean)
+            return mean, trial
+
+        mean, trial = attempt([])
+        best: tuple[float, list[WeightMatMul], Path] = (mean, [], trial)
+        if mean < target_cosine and limit > 0:
+            logger.info(
+                "int8 misses the target cosine %.4f: ranking MatMuls by int8 error…",
+                target_cosine,
+            )
+            ranked = sensitivity(
+                src,
+                images,
+                form=form,
+                threads=threads,
+                progress=(lambda d, t: progress("ranking MatMuls", d, t)) if progress else None,
+            )
+            report.sensitivity = [(m.label, e) for m, e in ranked]
+            candidates = [m for m, e in ranked if e > NEGLIGIBLE_ERROR]
+            schedule = exclusion_schedule(len(candidates), limit)[1:]
+            for i, k in enumerate(schedule):
+                mean, trial = attempt(candidates[:k])
+                if progress is not None:
+                    progress("searching fp32 layers", i + 1, len(schedule))
+                if mean > best[0]:
+                    best = (mean, candidates[:k], trial)
+                if mean >= target_cosine:
+                    break
+        mean, excluded, trial = best
         if mean < target_cosine:
             logger.warning(
                 "int8: best mean cosine %.5f (with %d MatMuls in fp32) is below the target "
                 "%.4f; the parity gate decides",
                 mean,
-                k,
+                len(excluded),
                 target_cosine,
             )
         for name in onnx_files(dst) if dst.exists() else []:
             (dst.parent / name).unlink(missing_ok=True)
         for name in onnx_files(trial):
             shutil.move(trial.parent / name, dst.parent / name)
-    report.excluded = [m.node for m in candidates[:k]]
-    report.excluded_labels = [m.label for m in candidates[:k]]
-    report.quantized = total - k
+    report.excluded = [m.node for m in excluded]
+    report.excluded_labels = [m.label for m in excluded]
+    report.quantized = total - len(excluded)
     report.seconds = time.monotonic() - started
     return report
 

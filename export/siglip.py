@@ -540,7 +540,7 @@ def build_siglip_bundle(settings: SiglipSettings) -> SiglipResult:
         search = images.calibration[: settings.search_images]
         search_ref = (
             torch_embeddings(ckpt.model, search, progress.bar("search ref", len(search)))
-            if settings.precision == "int8" and settings.int8_mode == "dynamic"
+            if settings.precision == "int8"
             else None
         )
 
@@ -559,11 +559,6 @@ def build_siglip_bundle(settings: SiglipSettings) -> SiglipResult:
             with progress.stage(f"converting to {settings.precision}"), _quiet_root_logger():
                 if settings.precision == "fp16":
                     quantize.to_fp16(fp32, encoder)
-                elif settings.int8_mode == "qdq":
-                    quantize.qdq_int8(fp32, encoder, images.calibration)
-                    int8_report = quantize.Int8Report(
-                        mode="qdq, symmetric int8 activations (MinMax) and weights per channel"
-                    )
                 else:
                     assert search_ref is not None
                     bars: dict[str, Callable[[int, int], None]] = {}
@@ -573,11 +568,12 @@ def build_siglip_bundle(settings: SiglipSettings) -> SiglipResult:
                             bars[stage] = progress.bar(stage, total)
                         bars[stage](done, total)
 
-                    int8_report = quantize.mixed_dynamic_int8(
+                    int8_report = quantize.mixed_int8(
                         fp32,
                         encoder,
                         search_ref,
                         search,
+                        form=settings.int8_mode,
                         target_cosine=settings.int8_target_cosine,
                         threads=settings.threads,
                         progress=report,
