@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_verify)
 
+    # Subcommands that live in their own modules register themselves here (each module's
+    # register(sub) adds its parser and sets func); they import torch & co. only when run.
+    from . import probe
+
+    probe.register(sub)
     return parser
 
 

@@ -495,15 +495,22 @@ def embed_onnx(
 
 
 def fit_probe(
-    embeddings: np.ndarray, truth: np.ndarray, codes: Sequence[str], seed: int
+    embeddings: np.ndarray,
+    truth: np.ndarray,
+    codes: Sequence[str],
+    seed: int,
+    *,
+    C: float = 1.0,
+    class_weight: Literal["balanced"] | None = None,
 ) -> LinearProbeHead:
-    """One logistic regression per finding on normalised embeddings."""
+    """One logistic regression per finding on normalised embeddings (L2 penalty, inverse
+    strength ``C``; ``class_weight="balanced"`` weighs each class by its inverse frequency)."""
     from sklearn.linear_model import LogisticRegression
 
     weights: dict[str, list[float]] = {}
     biases: dict[str, float] = {}
     for j, code in enumerate(codes):
-        clf = LogisticRegression(C=1.0, max_iter=5000, random_state=seed)
+        clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=5000, random_state=seed)
         clf.fit(embeddings.astype(np.float64), truth[:, j])
         weights[code] = [float(w) for w in clf.coef_[0]]
         biases[code] = float(clf.intercept_[0])
@@ -518,26 +525,35 @@ def apply_head(head: LinearProbeHead, codes: Sequence[str], embeddings: np.ndarr
 
 
 def choose_thresholds(
-    scores: np.ndarray, truth: np.ndarray, *, urgent: bool
+    scores: np.ndarray,
+    truth: np.ndarray,
+    *,
+    urgent: bool,
+    review_sensitivity: float = REVIEW_SENSITIVITY,
+    urgent_specificity: float = URGENT_SPECIFICITY,
+    urgent_quantile: float = URGENT_QUANTILE,
 ) -> tuple[float, float | None]:
     """(review, urgent) thresholds from validation scores of one finding.
 
-    review: the highest threshold that still flags :data:`REVIEW_SENSITIVITY` of the
-    positives. urgent: flags only clear cases: at least the :data:`URGENT_SPECIFICITY`
+    review: the highest threshold that still flags ``review_sensitivity`` of the
+    positives. urgent: flags only clear cases: at least the ``urgent_specificity``
     point of the negatives and at least the score of the positive at the
-    :data:`URGENT_QUANTILE` (so never below review).
+    ``urgent_quantile`` (0 leaves only the specificity), and never below review.
+    The defaults are the demo's (:data:`REVIEW_SENSITIVITY`, :data:`URGENT_SPECIFICITY`,
+    :data:`URGENT_QUANTILE`).
     """
     pos = np.sort(scores[truth])
     neg = np.sort(scores[~truth])
     if len(pos) == 0 or len(neg) == 0:
         raise EdgeTriageError("validation split needs positive and negative studies per finding")
-    review = float(pos[math.floor((1 - REVIEW_SENSITIVITY) * len(pos))])
+    review = float(pos[math.floor((1 - review_sensitivity) * len(pos))])
     review = math.floor(review * 1e4) / 1e4  # round down: keep the sensitivity
     if not urgent:
         return review, None
-    specific = float(neg[min(len(neg) - 1, math.ceil(URGENT_SPECIFICITY * len(neg)) - 1)])
-    clear = float(pos[math.floor(URGENT_QUANTILE * len(pos))])
-    urgent_threshold = max(review, math.ceil(max(specific, clear) * 1e4) / 1e4)
+    bounds = [float(neg[min(len(neg) - 1, math.ceil(urgent_specificity * len(neg)) - 1)])]
+    if urgent_quantile > 0:
+        bounds.append(float(pos[math.floor(urgent_quantile * len(pos))]))
+    urgent_threshold = max(review, math.ceil(max(bounds) * 1e4) / 1e4)
     return review, min(urgent_threshold, 1.0)
 
 
