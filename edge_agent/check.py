@@ -21,7 +21,7 @@ def _line(ok: bool, what: str, detail: str) -> None:
 
 
 def run_check(config_file: Path | None) -> int:
-    from .bundle import load_bundle
+    from .bundle import Bundle, load_bundle
     from .config import Settings, config_errors, load_settings
     from .mqtt import check_broker
     from .profiles import resolve_profile
@@ -66,6 +66,7 @@ def run_check(config_file: Path | None) -> int:
         _line(False, "state_dir", str(err))
         config_problems.append(err)
 
+    bundle: Bundle | None = None
     try:
         bundle = load_bundle(bundle_path(settings))
         model = bundle.manifest.model
@@ -79,7 +80,18 @@ def run_check(config_file: Path | None) -> int:
         _line(False, "bundle", f"bundle: {exc}")
         resource_problems.append(exc)
 
-    if profile is not None:
+    if profile is not None and profile.runtime.runner == "tensorrt":
+        try:
+            if bundle is None:
+                raise ResourceMissing("no verified bundle to look for an engine in")
+            from .runners.tensorrt import locate_engine
+
+            _identity, key, engine = locate_engine(bundle, profile)
+            _line(True, "engine", f"TensorRT {engine.precision} engine {engine.file} for {key}")
+        except ResourceMissing as exc:
+            _line(False, "engine", str(exc))
+            resource_problems.append(exc)
+    elif profile is not None:
         try:
             available = available_providers()
             usable, skipped = choose_providers(profile, available)

@@ -1,8 +1,12 @@
 """Device profiles (``firmware_configs/*.toml``): how this box runs the models.
 
-A profile names the runner, the ONNX Runtime execution providers in order of preference and
-their options, thread counts and batch size. ``profile = "auto"`` detects the device from
-``/proc/device-tree/model`` (Jetson) and otherwise picks the x86 profile.
+A profile names the runner, the ONNX Runtime execution providers in order of preference,
+thread counts and batch size, and, for NVIDIA GPUs, a ``[tensorrt]`` section: the precision,
+workspace and batch shapes of TensorRT engines, and where the engine comes from (the
+bundle's own engine built by ``edge-export tensorrt``, run by ``runner = "tensorrt"``; or
+ONNX Runtime's TensorRT execution provider with its engine cache in ``state_dir``).
+``profile = "auto"`` detects the device from ``/proc/device-tree/model`` (Jetson) and
+otherwise picks the x86 profile.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import platform
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import read_toml
 from .errors import ConfigError
@@ -32,9 +36,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _KeyedProblem(ValueError):
+    """A cross-field problem that knows which key to blame (pydantic keeps the exception)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class RuntimeProfile(_Section):
-    runner: Literal["onnxruntime"] = Field(
-        default="onnxruntime", description="Runner family that executes the encoder."
+    runner: Literal["onnxruntime", "tensorrt"] = Field(
+        default="onnxruntime",
+        description="Runner family that executes the encoder: ONNX Runtime with the providers "
+        "below, or 'tensorrt', the bundle's own TensorRT engine for this device.",
     )
     providers: list[ProviderName] = Field(
         default=["CPUExecutionProvider"],
@@ -50,11 +64,85 @@ class RuntimeProfile(_Section):
     )
 
 
+class TensorRTProfile(_Section):
+    """How TensorRT engines are built for this device (both engine sources use it)."""
+
+    engine: Literal["bundle", "ort-cache"] = Field(
+        default="bundle",
+        description="'bundle': the engine edge-export tensorrt built into the bundle on this "
+        "device (runtime.runner = 'tensorrt'); 'ort-cache': ONNX Runtime's TensorRT execution "
+        "provider builds engines itself and caches them in state_dir.",
+    )
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        default="fp16",
+        description="Precision TensorRT computes in. int8 needs a bundle quantized with "
+        "explicit Q/DQ nodes (implicit INT8 calibration is deprecated since TensorRT 10.1).",
+    )
+    workspace_mib: int = Field(
+        default=1024, ge=16, le=1 << 20, description="Builder workspace memory limit in MiB."
+    )
+    min_batch: int = Field(default=1, ge=1, le=64, description="Smallest batch the engine takes.")
+    opt_batch: int = Field(default=1, ge=1, le=64, description="Batch the engine is tuned for.")
+    max_batch: int = Field(default=1, ge=1, le=64, description="Largest batch the engine takes.")
+    builder_optimization_level: int = Field(
+        default=3, ge=0, le=5, description="TensorRT builder optimization level (0-5; 3 default)."
+    )
+    timing_cache: bool = Field(
+        default=True, description="Keep TensorRT's timing cache so that rebuilds are faster."
+    )
+
+    @model_validator(mode="after")
+    def _batches_ordered(self) -> TensorRTProfile:
+        if self.opt_batch < self.min_batch:
+            raise _KeyedProblem("tensorrt.opt_batch", "must be at least min_batch")
+        if self.max_batch < self.opt_batch:
+            raise _KeyedProblem("tensorrt.max_batch", "must be at least opt_batch")
+        return self
+
+
 class Profile(_Section):
     name: str
     description: str
     runtime: RuntimeProfile = Field(default_factory=RuntimeProfile)
+    tensorrt: TensorRTProfile | None = Field(
+        default=None,
+        description="TensorRT engine settings; needed by runner 'tensorrt' and by "
+        "the TensorrtExecutionProvider.",
+    )
     source: str = Field(default="", description="File the profile was read from.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        runtime, trt = self.runtime, self.tensorrt
+        if runtime.runner == "tensorrt":
+            if trt is None:
+                raise _KeyedProblem(
+                    "tensorrt", "runtime.runner = 'tensorrt' needs a [tensorrt] section"
+                )
+            if trt.engine != "bundle":
+                raise _KeyedProblem(
+                    "tensorrt.engine",
+                    "runtime.runner = 'tensorrt' runs the bundle's engine: set engine = 'bundle'",
+                )
+        elif "TensorrtExecutionProvider" in runtime.providers:
+            if trt is None:
+                raise _KeyedProblem(
+                    "tensorrt",
+                    "TensorrtExecutionProvider needs a [tensorrt] "
+                    "section (precision, workspace, batch shapes)",
+                )
+            if trt.engine != "ort-cache":
+                raise _KeyedProblem(
+                    "tensorrt.engine",
+                    "with runtime.runner = 'onnxruntime' the "
+                    "TensorRT provider builds and caches its own engines: set "
+                    "engine = 'ort-cache' (or runtime.runner = 'tensorrt')",
+                )
+        if trt is not None and trt.max_batch < runtime.batch_size:
+            raise _KeyedProblem(
+                "tensorrt.max_batch", f"must be at least runtime.batch_size ({runtime.batch_size})"
+            )
+        return self
 
 
 def load_profile_file(path: Path) -> Profile:
@@ -64,8 +152,12 @@ def load_profile_file(path: Path) -> Profile:
         return Profile.model_validate({**data, "source": str(path)})
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, _KeyedProblem):
+            key, msg = cause.key, str(cause)
+        else:
+            key = ".".join(str(p) for p in err["loc"])
+            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(f"profile({path.name}).{key}", msg) from exc
 
 

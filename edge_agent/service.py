@@ -75,7 +75,9 @@ class Agent:
         self.profile = self.components.profile
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.state_dir / "state.sqlite3")
-        self.runner: Runner = open_runner(self.bundle, self.profile)
+        self.runner: Runner = open_runner(
+            self.bundle, self.profile, cache_dir=settings.state_dir / "engine-cache"
+        )
         self._stop = threading.Event()
         self._queue: queue.Queue[str] = queue.Queue()
         self._queued: set[str] = set()

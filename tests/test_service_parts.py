@@ -100,3 +100,27 @@ def test_check_reports_each_problem_and_exit_codes(
     monkeypatch.setenv("EDGE_AGENT_MQTT__PORT", "not-a-port")
     assert main(["check"]) == 2
     assert "mqtt.port" in capsys.readouterr().out
+
+
+def test_check_looks_for_the_tensorrt_engine_with_a_tensorrt_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Jetson profile runs the bundle's own TensorRT engine: check must look for that
+    # engine (here: TensorRT is absent, so exit 3 saying so), not for ONNX Runtime providers.
+    from edge_agent.cli import main
+    from edge_agent.devbroker import Mosquitto
+
+    watch = tmp_path / "in"
+    watch.mkdir()
+    for key in ("EDGE_AGENT_CONFIG", "EDGE_AGENT_BUNDLE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(watch))
+    monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("EDGE_AGENT_PROFILE", "jetson-orin-nano")
+    with Mosquitto(tmp_path / "broker") as broker:
+        monkeypatch.setenv("EDGE_AGENT_MQTT__PORT", str(broker.port))
+        monkeypatch.setenv("EDGE_AGENT_MQTT__HOST", broker.host)
+        assert main(["check"]) == 3
+    out = capsys.readouterr().out
+    assert "FAIL engine" in out and "TensorRT" in out
+    assert "providers" not in out

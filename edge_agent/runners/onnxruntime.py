@@ -1,15 +1,25 @@
-"""ONNX Runtime runner: TensorRT, CUDA or CPU execution provider, chosen by the profile."""
+"""ONNX Runtime runner: TensorRT, CUDA or CPU execution provider, chosen by the profile.
+
+With ``TensorrtExecutionProvider`` ONNX Runtime builds TensorRT engines itself and keeps them
+in an engine cache (``tensorrt.engine = "ort-cache"``): a folder per model, precision and
+ONNX Runtime version under the daemon's ``state_dir``, so that a new bundle or an upgrade
+never picks up a stale engine. Its options come from the profile's ``[tensorrt]`` section
+(:func:`tensorrt_provider_options`).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import ExtraMissing, InferenceError, ProviderUnavailable
+from ..errors import ConfigError, ExtraMissing, InferenceError, ProviderUnavailable
 from ..profiles import Profile
 
 logger = logging.getLogger(__name__)
@@ -40,14 +50,115 @@ def choose_providers(profile: Profile, available: list[str]) -> tuple[list[str],
     return usable, skipped
 
 
+def ort_engine_cache_dir(
+    cache_root: Path, bundle: Bundle, profile: Profile, ort_version: str
+) -> Path:
+    """Where the TensorRT provider caches engines for this model, precision and ONNX Runtime.
+
+    ONNX Runtime does not notice when the model, the build settings, its own version or
+    TensorRT's change under a cache, so each combination gets its own folder (a TensorRT
+    upgrade comes with a new onnxruntime-gpu build in practice; delete the folder after
+    upgrading TensorRT alone)."""
+    trt = profile.tensorrt
+    settings = trt.model_dump(mode="json") if trt is not None else {}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    precision = trt.precision if trt is not None else "fp32"
+    name = f"{bundle.sha256[:16]}-{precision}-{digest}-ort{ort_version}"
+    return cache_root / "tensorrt" / name
+
+
+def tensorrt_provider_options(
+    bundle: Bundle, profile: Profile, cache_dir: Path | None
+) -> dict[str, str]:
+    """TensorrtExecutionProvider options from the profile's ``[tensorrt]`` section.
+
+    ``cache_dir`` None disables the engine and timing caches (engines are then rebuilt at
+    every start). Raises ConfigError when the profile cannot run this bundle."""
+    trt = profile.tensorrt
+    if trt is None:
+        raise ConfigError(
+            f"profile({profile.name}).tensorrt", "TensorrtExecutionProvider needs this section"
+        )
+    bundle_precision = bundle.manifest.precision
+    if (trt.precision == "int8") != (bundle_precision == "int8"):
+        raise ConfigError(
+            f"profile({profile.name}).tensorrt.precision",
+            f"is {trt.precision} but the bundle is {bundle_precision}: int8 on TensorRT means a "
+            "bundle quantized with explicit Q/DQ nodes, and such a bundle needs int8",
+        )
+    encoder = bundle.manifest.encoder
+    n = encoder.preprocessing.input_size
+
+    def shape(batch: int) -> str:
+        return f"{encoder.input_name}:{batch}x3x{n}x{n}"
+
+    def flag(on: bool) -> str:
+        return "True" if on else "False"
+
+    options = {
+        "device_id": "0",
+        "trt_max_workspace_size": str(trt.workspace_mib * 1024 * 1024),
+        # int8: the Q/DQ layers run in int8, the rest may use fp16 kernels.
+        "trt_fp16_enable": flag(trt.precision in ("fp16", "int8")),
+        "trt_int8_enable": flag(trt.precision == "int8"),
+        "trt_builder_optimization_level": str(trt.builder_optimization_level),
+        "trt_profile_min_shapes": shape(trt.min_batch),
+        "trt_profile_opt_shapes": shape(trt.opt_batch),
+        "trt_profile_max_shapes": shape(trt.max_batch),
+        "trt_dla_enable": "False",  # DLA is for CNNs; transformer layers would fall back
+        "trt_engine_cache_enable": flag(cache_dir is not None),
+        "trt_timing_cache_enable": flag(cache_dir is not None and trt.timing_cache),
+    }
+    if cache_dir is not None:
+        options["trt_engine_cache_path"] = str(cache_dir)
+        if trt.timing_cache:
+            options["trt_timing_cache_path"] = str(cache_dir)
+    return options
+
+
+def cuda_provider_options() -> dict[str, str]:
+    """CUDAExecutionProvider options: grow the memory arena only by what is asked (a Jetson
+    shares its memory with the CPU) and pick convolution algorithms by heuristics (the
+    encoder's one convolution, the patch embedding, is not worth an exhaustive search at
+    every start)."""
+    return {
+        "device_id": "0",
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+    }
+
+
 class OnnxRuntimeRunner:
-    def __init__(self, bundle: Bundle, profile: Profile) -> None:
+    def __init__(self, bundle: Bundle, profile: Profile, *, cache_dir: Path | None = None) -> None:
         ort = _import_ort()
         self.bundle = bundle
         self.profile = profile
         usable, skipped = choose_providers(profile, available_providers())
         for name in skipped:
             logger.warning("execution provider %s is not available here; skipped", name)
+        providers: list[str | tuple[str, dict[str, str]]] = []
+        for name in usable:
+            if name == "TensorrtExecutionProvider":
+                engines = None
+                if cache_dir is not None:
+                    engines = ort_engine_cache_dir(cache_dir, bundle, profile, ort.__version__)
+                    engines.mkdir(parents=True, exist_ok=True)
+                    fresh = not any(engines.iterdir())
+                    logger.info(
+                        "TensorRT execution provider: engine cache %s%s",
+                        engines,
+                        " (empty: building the engines takes minutes)" if fresh else "",
+                    )
+                else:
+                    logger.warning(
+                        "TensorRT execution provider without an engine cache: "
+                        "engines are rebuilt at every start"
+                    )
+                providers.append((name, tensorrt_provider_options(bundle, profile, engines)))
+            elif name == "CUDAExecutionProvider":
+                providers.append((name, cuda_provider_options()))
+            else:
+                providers.append(name)
         if profile.runtime.precision != bundle.manifest.precision:
             logger.warning(
                 "profile %s expects a %s bundle, this bundle is %s",
@@ -60,7 +171,7 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(
-                str(bundle.encoder_path), sess_options=options, providers=usable
+                str(bundle.encoder_path), sess_options=options, providers=providers
             )
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
             raise ProviderUnavailable(
