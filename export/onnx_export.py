@@ -143,6 +143,12 @@ def onnx_files(onnx_path: Path) -> list[str]:
     return [onnx_path.name, *sorted(external)]
 
 
+def remove_onnx(onnx_path: Path) -> None:
+    """Delete an ONNX model and its external data files, if it exists."""
+    for name in onnx_files(onnx_path) if onnx_path.exists() else []:
+        (onnx_path.parent / name).unlink(missing_ok=True)
+
+
 def _param_bytes(module: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
@@ -304,8 +310,7 @@ def export_image_encoder(
         sample = rng.uniform(-1.0, 1.0, size=(2, 3, input_size, input_size)).astype(np.float32)
         example = torch.from_numpy(sample)
         external = _param_bytes(module) > EXTERNAL_DATA_THRESHOLD
-        for name in onnx_files(out_path) if out_path.exists() else []:
-            (out_path.parent / name).unlink(missing_ok=True)
+        remove_onnx(out_path)
 
         order: list[Exporter] = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
         used: Exporter | None = None

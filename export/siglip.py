@@ -41,6 +41,7 @@ from edge_agent.bundle import (
     Preprocessing,
     ZeroShotHead,
     head_arrays,
+    sha256_file,
 )
 from edge_agent.errors import ConfigError, EdgeTriageError, ResourceMissing
 
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "int8"]
 Int8Mode = Literal["dynamic", "qdq"]
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer.model")
 
 
 class CheckpointError(EdgeTriageError):
@@ -155,12 +156,11 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()
+    """One digest for the weights: the file's own sha256, or for shards the sha256 of their
+    sha256s in name order."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
 
 
 def check_checkpoint(path: Path) -> dict[str, Any]:

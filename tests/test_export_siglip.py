@@ -368,3 +368,17 @@ def test_verify_needs_a_reference_for_parity(
 ) -> None:
     assert main(["verify", str(fp32_bundle), "--images", str(calibration)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_default_findings_are_the_shipped_chest_findings(
+    work: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = work / "bundle-default-findings"
+    assert main(["siglip", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    manifest = load_bundle(out).manifest
+    codes = {f.code for f in manifest.findings}
+    assert {"pneumothorax", "pleural_effusion", "pneumoperitoneum", "lung_nodule"} <= codes
+    assert {"consolidation"} <= codes
+    assert isinstance(manifest.head, ZeroShotHead) and manifest.head.absent_embeddings
+    summary = capsys.readouterr().out
+    assert "parity" in summary and "% of fp32" in summary and "total" in summary

@@ -119,6 +119,15 @@ def test_mixed_int8_keeps_the_sensitive_matmul_in_fp32(
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
     else:
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+        # Only weight MatMuls are quantized: attention's Q·Kᵀ and softmax·V stay float.
+        made = {o: n.op_type for n in graph.node for o in n.output}
+        fed = {
+            n.name
+            for n in graph.node
+            if n.op_type == "MatMul" and made.get(n.input[0]) == "DequantizeLinear"
+        }
+        weights = {m.node for m in quantize.weight_matmuls(onnx.load(str(path)))}
+        assert fed and fed <= weights
     assert report.quantized > 0 and report.mode.startswith(form)
     if outlier:
         # Plain int8 misses the target; keeping layer 1's fc2 in fp32 reaches it.
