@@ -29,6 +29,8 @@ lint: $(VENV)/.stamp-dev
 
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/intake.py
+	$(PY) benchmarks/encoder.py
 
 demo-bundle: $(VENV)/.stamp-dev
 	$(PY) -m export demo --out edge_agent/data/demo-bundle --overwrite

@@ -103,6 +103,10 @@ class Prompts(_Strict):
     absent: list[str] = Field(default_factory=list)
 
 
+ImageModality = Literal["CR", "DX", "CT"]
+RADIOGRAPH_MODALITIES: tuple[ImageModality, ...] = ("CR", "DX")
+
+
 class Finding(_Strict):
     code: str = Field(pattern=r"^[a-z0-9_]+$")
     label: str
@@ -111,11 +115,44 @@ class Finding(_Strict):
     urgent_threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, description="None: this finding never makes a study urgent."
     )
+    modalities: tuple[ImageModality, ...] = Field(
+        default=RADIOGRAPH_MODALITIES,
+        min_length=1,
+        description="Images the finding's head was built for: CR/DX radiographs (default) or "
+        "CT, whose studies are scored through axial slabs as the manifest's 'ct' section says.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Finding:
         if self.urgent_threshold is not None and self.urgent_threshold < self.review_threshold:
             raise ValueError(f"finding {self.code}: urgent_threshold must be >= review_threshold")
+        return self
+
+
+class CTInput(_Strict):
+    """How a bundle built for CT turns an axial series into encoder inputs and a study score.
+
+    The series becomes slabs: maximum-intensity projections over ``slab_mm`` along the slice
+    normal, one every ``stride_mm``; each slab is windowed (``convention``) and goes through
+    the encoder's preprocessing; a CT finding's study score aggregates its slab scores. All of
+    it decides the scores, so it is part of the model's identity (see ``edge_agent/ct.py``).
+    """
+
+    convention: Literal["lung_window", "three_windows"] = Field(
+        description="'lung_window': one lung window (-600/1500) as grey; 'three_windows': "
+        "MedGemma's three HU windows (2250/-100, 350/40, 80/40) as RGB."
+    )
+    slab_mm: float = Field(default=10.0, gt=0, le=100, description="Slab thickness in mm.")
+    stride_mm: float = Field(default=5.0, gt=0, le=100, description="Slab start every ... mm.")
+    aggregate: Literal["max", "top_k_mean"] = Field(
+        default="max", description="Study score of a CT finding from its slab scores."
+    )
+    top_k: int = Field(default=3, ge=1, le=64, description="Slabs averaged by top_k_mean.")
+
+    @model_validator(mode="after")
+    def _no_slice_skipped(self) -> CTInput:
+        if self.stride_mm > self.slab_mm:
+            raise ValueError("ct.stride_mm must not exceed ct.slab_mm (slices would be skipped)")
         return self
 
 
@@ -178,6 +215,11 @@ class Manifest(_Strict):
     metrics: dict[str, float | int | str] | None = Field(
         default=None, description="Quality figures measured at export (e.g. demo AUROC)."
     )
+    ct: CTInput | None = Field(
+        default=None,
+        description="How CT studies are scored; None: the bundle was not built for CT and CT "
+        "studies are published as not_scored. Needs at least one finding for CT, and back.",
+    )
     engines: dict[str, Engine] = Field(
         default_factory=dict,
         description="Device engines by engine_key(); not part of the model's identity.",
@@ -189,6 +231,11 @@ class Manifest(_Strict):
         codes = [f.code for f in self.findings]
         if len(set(codes)) != len(codes):
             raise ValueError("finding codes must be unique")
+        for_ct = [f.code for f in self.findings if "CT" in f.modalities]
+        if for_ct and self.ct is None:
+            raise ValueError(f"findings {for_ct} are for CT but the manifest has no 'ct' section")
+        if self.ct is not None and not for_ct:
+            raise ValueError("the manifest has a 'ct' section but no finding for CT")
         head_codes = set(
             self.head.text_embeddings if isinstance(self.head, ZeroShotHead) else self.head.weights
         )
@@ -238,8 +285,17 @@ class Manifest(_Strict):
             "encoder": self.encoder.model_dump(mode="json"),
             "encoder_sha256": self.files[self.encoder.file].sha256,
             "head": self.head.model_dump(mode="json"),
-            "findings": [f.model_dump(mode="json") for f in self.findings],
+            # Fields added later count only when set, so older bundles keep their identity.
+            "findings": [
+                f.model_dump(
+                    mode="json",
+                    exclude={"modalities"} if f.modalities == RADIOGRAPH_MODALITIES else None,
+                )
+                for f in self.findings
+            ],
         }
+        if self.ct is not None:
+            identity["ct"] = self.ct.model_dump(mode="json")
         blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -10,19 +10,56 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from .errors import ConfigError, EdgeTriageError, ResourceMissing
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 def _line(ok: bool, what: str, detail: str) -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {what:<10} {detail}")
 
 
+def _check_scp(
+    settings: Settings, config_problems: list[ConfigError], resource_problems: list[EdgeTriageError]
+) -> None:
+    """The Storage SCP: its address can be bound now, its receive folder can be written."""
+    from .intake.scp import check_listen
+
+    scp = settings.scp
+    try:
+        check_listen(scp)
+        callers = ", ".join(scp.allowed_calling_aes) or "any calling AE (allowed_calling_aes empty)"
+        _line(True, "scp", f"{scp.ae_title} can listen on {scp.bind_address} port {scp.port}")
+        _line(True, "scp", f"accepts associations from {callers}")
+    except ConfigError as exc:
+        _line(False, "scp", str(exc))
+        config_problems.append(exc)
+    except ResourceMissing as exc:
+        _line(False, "scp", str(exc))
+        resource_problems.append(exc)
+    folder = scp.receive_folder(settings.state_dir)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if folder.is_relative_to(settings.watch_dir.absolute()):
+        err = ConfigError("scp.receive_dir", f"{folder} must not be inside watch_dir")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        err = ConfigError("scp.receive_dir", f"{folder} is not writable by this user")
+    else:
+        _line(True, "scp", f"received instances go to {folder}")
+        return
+    _line(False, "scp", str(err))
+    config_problems.append(err)
+
+
 def run_check(config_file: Path | None) -> int:
     from .bundle import Bundle, load_bundle
-    from .config import Settings, config_errors, load_settings
+    from .config import config_errors, load_settings
     from .mqtt import check_broker
     from .profiles import resolve_profile
     from .runners.onnxruntime import available_providers, choose_providers
@@ -100,6 +137,9 @@ def run_check(config_file: Path | None) -> int:
         except ResourceMissing as exc:
             _line(False, "providers", str(exc))
             resource_problems.append(exc)
+
+    if settings.scp.enabled:
+        _check_scp(settings, config_problems, resource_problems)
 
     try:
         settings.mqtt.password()

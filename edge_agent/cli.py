@@ -34,6 +34,8 @@ def setup_logging(level: str = "INFO") -> None:
     # pydicom's warnings about non-conforming files can quote element values, which may be
     # patient data: keep them out of the log (our own reject reasons say what went wrong).
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # pynetdicom narrates every association at INFO (no PHI, but three lines per C-STORE).
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 

@@ -9,6 +9,7 @@ Secrets are never values here: ``mqtt.password_file`` names a file, resolved aga
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -27,6 +28,9 @@ from .errors import ConfigError
 ENV_PREFIX = "EDGE_AGENT_"
 ENV_CONFIG_FILE = "EDGE_AGENT_CONFIG"
 SEGMENT = r"^[A-Za-z0-9_-]+$"
+# DICOM AE VR: at most 16 characters of the default repertoire without backslash or controls
+# (PS3.5 6.2); leading and trailing spaces are not significant.
+AE_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"\\"}
 
 
 class _Section(BaseModel):
@@ -100,6 +104,76 @@ class IntakeSettings(_Section):
         default=[".part", ".tmp", ".partial", ".filepart", ".crdownload", "~"],
         description="Names ending so are still being written and are never read.",
     )
+    watch_mode: Literal["auto", "inotify", "polling"] = Field(
+        default="auto",
+        description="How new files are noticed: 'inotify' (kernel events), 'polling' (walk "
+        "the folder every poll_interval_seconds) or 'auto' (inotify on a local filesystem, "
+        "polling on a network one such as NFS/SMB/FUSE, and whenever inotify fails).",
+    )
+    rescan_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="With inotify, the whole folder is still walked this often, so that a "
+        "missed event never loses a file.",
+    )
+
+
+LUNG_KERNELS = [
+    "*LUNG*",  # GE LUNG, Canon/Toshiba LUNG, many others
+    "B6?[fs]",  # Siemens B60f/B60s, B70f, ... (sharp, lung)
+    "B7?[fs]",
+    "BR6*",  # Siemens Br60, Br64 (ADMIRE naming)
+    "BL5*",  # Siemens Bl57 (lung)
+    "I7?[fs]",  # Siemens I70f (iterative, lung)
+    "FC5?",  # Canon/Toshiba FC51-FC56 (lung)
+    "Y[A-D]",  # Philips YA-YD (lung)
+    "L",  # Philips L (lung)
+]
+
+
+class SelectionSettings(_Section):
+    """Which images of a study are scored (in the spirit of MONAI Deploy's series selector).
+
+    CR/DX: frontal (PA/AP) images; laterals and other views are never scored. CT: the axial
+    series best suited to lung nodules: slice thickness in range, enough slices, consistent
+    geometry; a lung (sharp) reconstruction kernel preferred, then the thinnest slices.
+    """
+
+    radiograph_unmarked_views: bool = Field(
+        default=True,
+        description="When a CR/DX study has no PA/AP image, score images whose view is not "
+        "marked at all (no ViewPosition, no lateral hint). Laterals are never scored.",
+    )
+    ct_min_slice_thickness_mm: float = Field(
+        default=0.5, gt=0, description="Thinnest CT slices accepted (SliceThickness, mm)."
+    )
+    ct_max_slice_thickness_mm: float = Field(
+        default=5.0, gt=0, description="Thickest CT slices accepted (SliceThickness, mm)."
+    )
+    ct_min_slices: int = Field(
+        default=30, ge=2, description="Fewest slices a CT series needs to be scored."
+    )
+    ct_axial_tolerance_degrees: float = Field(
+        default=15.0,
+        ge=0,
+        le=45,
+        description="A CT series is axial when its slice normal is within this angle of the "
+        "patient's head-foot axis (gantry tilt included).",
+    )
+    ct_lung_kernels: list[str] = Field(
+        default=LUNG_KERNELS,
+        description="ConvolutionKernel patterns (shell-style, case-insensitive) of lung "
+        "reconstructions, preferred over other kernels.",
+    )
+
+    @field_validator("ct_max_slice_thickness_mm")
+    @classmethod
+    def _thickness_range(cls, v: float, info: Any) -> float:
+        low = info.data.get("ct_min_slice_thickness_mm")
+        if low is not None and v < low:
+            raise ValueError("must be at least ct_min_slice_thickness_mm")
+        return v
 
 
 class PhiSettings(_Section):
@@ -107,6 +181,85 @@ class PhiSettings(_Section):
         default=False,
         description="Put AccessionNumber in results (needed by some worklists). Off by default.",
     )
+
+
+def ae_title(value: str) -> str:
+    """A valid DICOM AE title (1-16 characters, no backslash or control characters), stripped."""
+    title = value.strip(" ")
+    if not title:
+        raise ValueError("must not be empty or only spaces")
+    if len(title) > 16:
+        raise ValueError("must be at most 16 characters")
+    if any(c not in AE_CHARS for c in title):
+        raise ValueError("must be printable ASCII without backslash (DICOM AE title)")
+    return title
+
+
+class ScpSettings(_Section):
+    """The DICOM Storage SCP: modalities push instances (C-STORE) instead of writing a folder."""
+
+    enabled: bool = Field(
+        default=False, description="Listen for C-STORE (and C-ECHO) from modalities."
+    )
+    ae_title: str = Field(
+        default="EDGETRIAGE", description="This agent's AE title (called AE title to dial)."
+    )
+    bind_address: str = Field(
+        default="0.0.0.0",
+        description="IP address to listen on: 0.0.0.0 (every IPv4 interface), :: (every "
+        "interface), or one interface's address to listen on the modality network only.",
+    )
+    port: int = Field(default=11112, ge=1, le=65535, description="TCP port to listen on.")
+    allowed_calling_aes: list[str] = Field(
+        default=[],
+        description="Calling AE titles allowed to associate; others are rejected. Empty: any "
+        "caller is accepted (a warning is logged at start).",
+    )
+    receive_dir: Path | None = Field(
+        default=None,
+        description="Folder the agent writes received instances into, as "
+        "<StudyInstanceUID>/<SOPInstanceUID>.dcm, and reads them from. Unset: "
+        "<state_dir>/received.",
+    )
+    max_pdu: int = Field(
+        default=65536,
+        ge=0,
+        le=2**32 - 1,
+        description="Largest PDU the agent receives (bytes); 0 means no limit.",
+    )
+    max_associations: int = Field(
+        default=10, ge=1, le=100, description="Associations served at the same time."
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        return ae_title(v)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _calling(cls, v: list[str]) -> list[str]:
+        return [ae_title(t) for t in v]
+
+    @field_validator("bind_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v.strip()))
+        except ValueError as exc:
+            raise ValueError("must be an IPv4 or IPv6 address, e.g. 0.0.0.0") from exc
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, v: int) -> int:
+        if 0 < v < 4096:
+            raise ValueError("must be 0 (no limit) or at least 4096")
+        return v
+
+    def receive_folder(self, state_dir: Path) -> Path:
+        """``receive_dir``, or ``<state_dir>/received`` when it is unset; absolute."""
+        folder = self.receive_dir if self.receive_dir is not None else state_dir / "received"
+        return Path(os.path.abspath(folder))
 
 
 class Settings(BaseSettings):
@@ -150,6 +303,8 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     phi: PhiSettings = Field(default_factory=PhiSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    scp: ScpSettings = Field(default_factory=ScpSettings)
 
     _toml_file: ClassVar[Path | None] = None
 
@@ -203,6 +358,8 @@ def _unknown_env_keys(environ: Mapping[str, str]) -> list[str]:
         "MQTT": MqttSettings,
         "INTAKE": IntakeSettings,
         "PHI": PhiSettings,
+        "SELECTION": SelectionSettings,
+        "SCP": ScpSettings,
     }
     bad = []
     for key in environ:

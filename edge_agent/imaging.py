@@ -2,7 +2,8 @@
 
 The chain (Google-Health/medsiglip ``generic_dicom_handler``, for CR/DX):
 
-    stored values ─▶ Modality LUT (RescaleSlope/Intercept or Modality LUT Sequence)
+    stored values (one frame; colour → BT.601 luma, see :func:`decode_pixels`)
+                  ─▶ Modality LUT (RescaleSlope/Intercept or Modality LUT Sequence)
                   ─▶ VOI LUT Sequence or the first WindowCenter/WindowWidth (VOILUTFunction
                      LINEAR, LINEAR_EXACT or SIGMOID), when present
                   ─▶ min–max stretch to [0, 1] ─▶ 1 - x for MONOCHROME1
@@ -38,7 +39,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.errors import BytesLengthException
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -53,6 +55,10 @@ from .errors import ImageRejected
 logger = logging.getLogger(__name__)
 
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+# Three-sample colour images, converted to grey (BT.601 luma) by decode_pixels.
+COLOUR = frozenset(
+    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"}
+)
 
 # Native little-endian encodings: their PixelData bytes are the pixel array as stored.
 _NATIVE_LITTLE_ENDIAN = frozenset(
@@ -64,6 +70,7 @@ _NATIVE = _NATIVE_LITTLE_ENDIAN | {ExplicitVRBigEndian}
 # pydicom's "all plugins failed", NotImplementedError "no plugin for this syntax",
 # AttributeError a missing element the decoder needs.
 _DECODE_ERRORS = (
+    BytesLengthException,
     ValueError,
     RuntimeError,
     NotImplementedError,
@@ -74,6 +81,18 @@ _DECODE_ERRORS = (
     OverflowError,
     EOFError,
     struct.error,
+)
+
+# What pydicom raises when a corrupt element is first accessed (values are parsed lazily).
+_VALUE_ERRORS = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    KeyError,
+    IndexError,
+    NotImplementedError,
+    struct.error,
+    BytesLengthException,
 )
 
 # What the LUT functions raise on malformed LUT/window elements (e.g. LINEAR window width < 1,
@@ -89,6 +108,13 @@ _LUT_ERRORS = (
     struct.error,
 )
 
+# Decoder plugins never used in-process (see _decode_with_pydicom).
+_UNSAFE_PLUGINS = frozenset({"gdcm"})
+
+# More pixels per frame than this (8192 x 8192) is no radiograph: a corrupt Rows/Columns,
+# refused before a decoder allocates memory for it.
+_MAX_FRAME_PIXELS = 1 << 26
+
 # Stored-value ranges wider than this (only possible with 32-bit pixel data) are tabulated
 # over the values actually present instead of over [min, max].
 _MAX_TABLE = 1 << 20
@@ -103,31 +129,39 @@ _BAND = 8
 
 
 def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored pixel values of a single-frame greyscale image, 2-D (rows, cols), integer dtype.
+    """One image's stored values, 2-D (rows, cols), integer dtype: what the model sees as grey.
 
-    Native little-endian pixel data is returned as a read-only view of ``ds.PixelData``
-    (no copy) when the unused high bits are clean, which is what ``ds.pixel_array`` would
-    return after masking them; everything else is decoded by pydicom and its plugins.
+    - Greyscale (MONOCHROME1/2, one sample per pixel): the stored values. Native
+      little-endian pixel data is returned as a read-only view of ``ds.PixelData`` (no copy)
+      when the unused high bits are clean, which is what ``ds.pixel_array`` would return
+      after masking them; everything else (big endian, deflate, JPEG baseline/extended/
+      lossless, JPEG-LS, JPEG 2000, RLE) is decoded by pydicom and its plugins (pylibjpeg,
+      GDCM).
+    - Colour (RGB or YBR_*, three samples): converted to grey as ITU-R BT.601 luma,
+      Y = 0.299 R + 0.587 G + 0.114 B rounded to the stored integer type (what
+      ``cv2.COLOR_RGB2GRAY`` and PIL's ``convert("L")`` compute, i.e. how an RGB image
+      becomes grey in a PIL/cv2 training pipeline). YBR data that the decoder leaves in
+      YBR (YBR_FULL, YBR_FULL_422, YBR_ICT, YBR_PARTIAL_*) already carries that luma as
+      its Y channel, which is used as is. The Modality LUT and VOI window are greyscale
+      concepts in DICOM and are not applied to colour images (:func:`to_unit_range`
+      stretches their luma min–max).
+    - Multi-frame: NumberOfFrames 1 is a single image. With more frames the first frame
+      is used only when every frame holds exactly the same pixels (one image stored as
+      several frames); any other multi-frame object (cine, tomosynthesis, dual energy, a
+      stack of slices) is rejected, because which frame is the projection to triage cannot
+      be told from the header.
 
-    Raises :class:`ImageRejected` for: no pixel data, more than one frame, colour images,
-    pixel data shorter than the header says, decoder failures and constant images (a decoder
-    that silently zero-fills gives one).
+    Raises :class:`ImageRejected` for: no pixel data, other photometric interpretations
+    (PALETTE COLOR) or sample counts, frames that differ, pixel data shorter than the
+    header says, images too large to be real (more than 2**26 pixels per frame), decoder
+    failures and constant images (a decoder that silently zero-fills gives one).
     """
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise ImageRejected("float pixel data is not supported")
         raise ImageRejected("no pixel data")
     frames = _number_of_frames(ds)
-    if frames > 1:
-        raise ImageRejected(f"multi-frame image ({frames} frames); only single frames are used")
-    samples = _int_element(ds, "SamplesPerPixel", default=1)
-    photometric = _photometric(ds)
-    if samples != 1:
-        raise ImageRejected(
-            f"colour image (SamplesPerPixel {samples}, {photometric or 'no'} "
-            "PhotometricInterpretation) is not supported yet"
-        )
-    _check_greyscale(photometric)
+    samples, photometric, _ = _pixel_kind(ds)
     rows = _int_element(ds, "Rows")
     columns = _int_element(ds, "Columns")
     bits_allocated = _int_element(ds, "BitsAllocated")
@@ -135,14 +169,19 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     signed = _int_element(ds, "PixelRepresentation") == 1
     if rows < 1 or columns < 1:
         raise ImageRejected(f"image has {rows}x{columns} pixels")
+    if rows * columns > _MAX_FRAME_PIXELS:
+        raise ImageRejected(f"image has {rows}x{columns} pixels, too many to be a radiograph")
+    if bits_allocated not in (1, 8, 16, 32):
+        raise ImageRejected(f"BitsAllocated {bits_allocated} is not supported")
     if not 1 <= bits_stored <= bits_allocated:
         raise ImageRejected(f"BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}")
 
     syntax = _transfer_syntax(ds)
+    if syntax in _NATIVE:
+        _check_native_length(ds, rows, columns, frames, samples, bits_allocated, photometric)
     pixels = None
-    if syntax in _NATIVE and bits_allocated >= 8:
-        pixels = _native_view(ds, rows, columns, bits_allocated, signed, syntax)
-    if pixels is not None:
+    if syntax in _NATIVE_LITTLE_ENDIAN and samples == 1 and frames == 1 and bits_allocated >= 8:
+        pixels = _native_view(ds, rows, columns, bits_allocated, signed)
         lo, hi = _min_max(pixels)
         # pydicom masks unused high bits (and sign-extends); values inside the BitsStored
         # range are unchanged by that, so the view is only usable when all of them are.
@@ -151,7 +190,7 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
             logger.debug("unused high bits are set; letting pydicom mask them")
             pixels = None
     if pixels is None:
-        pixels = _decode_with_pydicom(ds, syntax)
+        pixels = _decode_with_pydicom(ds, syntax, frames, samples, photometric)
         if pixels.shape != (rows, columns):
             raise ImageRejected(
                 f"decoded pixel array has shape {pixels.shape}, Rows/Columns say {rows}x{columns}"
@@ -162,6 +201,21 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
     if lo == hi:
         raise ImageRejected("all pixels have the same stored value (blank or failed decode)")
     return pixels
+
+
+def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of an (rows, cols, 3) RGB array, rounded to its integer dtype.
+
+    Y = 0.299 R + 0.587 G + 0.114 B: cv2's ``COLOR_RGB2GRAY`` for 8- and 16-bit samples,
+    the same formula in floating point (rounded half to even) for other integer types.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise TypeError("rgb must be a (rows, cols, 3) array")
+    if rgb.dtype in (np.uint8, np.uint16):
+        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    luma = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))
+    info = np.iinfo(rgb.dtype)
+    return np.clip(luma, info.min, info.max).astype(rgb.dtype)
 
 
 def to_unit_range(ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
@@ -216,7 +270,7 @@ def preprocess(
 def _element(ds: pydicom.Dataset, keyword: str) -> Any:
     try:
         return ds.get(keyword)
-    except (ValueError, TypeError, OverflowError, KeyError) as exc:  # raised on first access
+    except _VALUE_ERRORS as exc:  # raised on first access
         raise ImageRejected(f"malformed {keyword}") from exc
 
 
@@ -233,7 +287,10 @@ def _int_element(ds: pydicom.Dataset, keyword: str, default: int | None = None) 
 
 
 def _number_of_frames(ds: pydicom.Dataset) -> int:
-    return _int_element(ds, "NumberOfFrames", default=1)
+    frames = _int_element(ds, "NumberOfFrames", default=1)
+    if frames < 1:
+        raise ImageRejected(f"NumberOfFrames {frames}")
+    return frames
 
 
 def _photometric(ds: pydicom.Dataset) -> str:
@@ -247,42 +304,162 @@ def _check_greyscale(photometric: str) -> None:
         )
 
 
+def _pixel_kind(ds: pydicom.Dataset) -> tuple[int, str, bool]:
+    """(SamplesPerPixel, PhotometricInterpretation, colour?) for the images we can use."""
+    samples = _int_element(ds, "SamplesPerPixel", default=1)
+    photometric = _photometric(ds)
+    if samples == 1:
+        _check_greyscale(photometric)
+        return samples, photometric, False
+    if samples == 3:
+        if photometric not in COLOUR:
+            raise ImageRejected(
+                f"PhotometricInterpretation {photometric or '(missing)'} with 3 samples "
+                "per pixel is not supported"
+            )
+        return samples, photometric, True
+    raise ImageRejected(f"SamplesPerPixel {samples} is not supported (1 or 3)")
+
+
 def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
     meta = getattr(ds, "file_meta", None)
     value = meta.get("TransferSyntaxUID") if meta is not None else None
-    return UID(str(value)) if value else None
+    if value:
+        return UID(str(value))
+    # Tolerant reader: a file without (0002,0010) that pydicom could still parse has a
+    # known encoding, and for native pixel data that is all the transfer syntax says.
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return None
+    if little:
+        return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return None if implicit else ExplicitVRBigEndian
+
+
+def _check_native_length(
+    ds: pydicom.Dataset,
+    rows: int,
+    columns: int,
+    frames: int,
+    samples: int,
+    bits_allocated: int,
+    photometric: str,
+) -> None:
+    """Reject native pixel data shorter than the header says (never pad it with zeros)."""
+    data = ds.PixelData or b""
+    needed = (rows * columns * frames * samples * bits_allocated + 7) // 8
+    if samples == 3 and photometric == "YBR_FULL_422":
+        needed = needed // 3 * 2  # two luma samples share one Cb and one Cr
+    if len(data) < needed:
+        factors = "Rows x Columns"
+        if frames > 1:
+            factors += " x NumberOfFrames"
+        if samples > 1:
+            factors += " x SamplesPerPixel"
+        raise ImageRejected(
+            f"pixel data is {len(data)} bytes; {factors} x BitsAllocated need {needed}"
+        )
 
 
 def _native_view(
-    ds: pydicom.Dataset, rows: int, columns: int, bits_allocated: int, signed: bool, syntax: UID
-) -> np.ndarray | None:
-    """A zero-copy view of native pixel data, or None where pydicom must decode it."""
-    if bits_allocated % 8:
-        return None
+    ds: pydicom.Dataset, rows: int, columns: int, bits_allocated: int, signed: bool
+) -> np.ndarray:
+    """A zero-copy view of native little-endian single-frame greyscale pixel data (its
+    length already checked)."""
     itemsize = bits_allocated // 8
-    data = ds.PixelData
-    needed = rows * columns * itemsize
-    if len(data) < needed:
-        raise ImageRejected(
-            f"pixel data is {len(data)} bytes; Rows x Columns x BitsAllocated need {needed}"
-        )
-    if syntax not in _NATIVE_LITTLE_ENDIAN or itemsize not in (1, 2, 4):
-        return None
     dtype = np.dtype(f"<{'i' if signed else 'u'}{itemsize}")
-    view = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    view = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * columns).reshape(rows, columns)
     return view.astype(dtype.newbyteorder("="), copy=False)  # no-op on little-endian hosts
 
 
-def _decode_with_pydicom(ds: pydicom.Dataset, syntax: UID | None) -> np.ndarray:
-    name = syntax.name if syntax is not None else "no transfer syntax"
+def _decode_options(ds: pydicom.Dataset, samples: int, photometric: str) -> dict[str, Any]:
+    """Decoder options that stand in for optional elements that are missing or odd."""
+    options: dict[str, Any] = {"photometric_interpretation": photometric}
+    if _element(ds, "BitsStored") in (None, ""):
+        options["bits_stored"] = _int_element(ds, "BitsAllocated")
+    if samples > 1 and _element(ds, "PlanarConfiguration") in (None, ""):
+        options["planar_configuration"] = 0  # the only value JPEG-family data can have
+    return options
+
+
+def _decode_with_pydicom(
+    ds: pydicom.Dataset, syntax: UID | None, frames: int, samples: int, photometric: str
+) -> np.ndarray:
+    """Decode with pydicom's decoder for the transfer syntax; one 2-D grey image.
+
+    The plugins are tried in pydicom's order, leaving out GDCM: it calls abort() on some
+    corrupt JPEG data (found by fuzzing), which would end the whole daemon and, because
+    the study is scored again at the next start, keep ending it. pylibjpeg (libjpeg,
+    openjpeg, rle) and pydicom's own RLE decoder cover every syntax GDCM does here.
+    """
+    if syntax is None:
+        raise ImageRejected("cannot decode pixel data (no transfer syntax)")
+    name = syntax.name
     try:
-        pixels = ds.pixel_array
+        decoder = get_decoder(syntax)
     except _DECODE_ERRORS as exc:
-        logger.debug("decoding %s failed: %s", name, exc)
         raise ImageRejected(f"cannot decode pixel data ({name}): {type(exc).__name__}") from exc
-    if pixels.ndim != 2:
-        raise ImageRejected(f"decoded pixel array has {pixels.ndim} dimensions ({name})")
-    return pixels
+    if decoder.is_native:
+        plugins = [""]
+    else:
+        plugins = [p for p in decoder.available_plugins if p not in _UNSAFE_PLUGINS]
+        if not plugins:
+            raise ImageRejected(f"cannot decode pixel data ({name}): no decoder installed")
+    options = _decode_options(ds, samples, photometric)
+    failure = ""
+    cause: BaseException | None = None
+    for plugin in plugins:
+        try:
+            array, meta = _decode_first_frame(decoder, ds, frames, plugin, options)
+        except _DECODE_ERRORS as exc:
+            logger.debug("decoding %s with %r failed: %s", name, plugin, exc)
+            failure, cause = type(exc).__name__, exc
+        except BaseException as exc:
+            # A Rust decoder (pylibjpeg-rle, via PyO3) panics on some corrupt data with
+            # pyo3_runtime.PanicException, a BaseException that would end the scoring thread.
+            if type(exc).__name__ != "PanicException":
+                raise
+            logger.debug("decoding %s with %r panicked: %s", name, plugin, exc)
+            failure, cause = "decoder panic", exc
+        else:
+            return _to_grey(array, meta, samples, name)
+    raise ImageRejected(f"cannot decode pixel data ({name}): {failure}") from cause
+
+
+def _decode_first_frame(
+    decoder: Any, ds: pydicom.Dataset, frames: int, plugin: str, options: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first frame and its pixel properties; for several frames, only if all are equal."""
+    if frames == 1:
+        array, meta = decoder.as_array(ds, index=0, as_rgb=False, decoding_plugin=plugin, **options)
+        return array, meta
+    first: tuple[np.ndarray, dict[str, Any]] | None = None
+    for array, meta in decoder.iter_array(ds, as_rgb=False, decoding_plugin=plugin, **options):
+        if first is None:
+            first = array, meta
+        elif not np.array_equal(array, first[0]):
+            raise ImageRejected(
+                f"multi-frame image ({frames} frames) whose frames differ; "
+                "only single images are used"
+            )
+    if first is None:
+        raise ValueError("no frame decoded")
+    return first
+
+
+def _to_grey(array: np.ndarray, meta: dict[str, Any], samples: int, name: str) -> np.ndarray:
+    if samples == 1:
+        if array.ndim != 2:
+            raise ImageRejected(f"decoded pixel array has {array.ndim} dimensions ({name})")
+        return array
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageRejected(f"decoded colour array has shape {array.shape} ({name})")
+    colour_space = str(meta.get("photometric_interpretation", "")).upper()
+    if colour_space == "RGB":
+        return rgb_to_grey(array)
+    if colour_space.startswith("YBR_") and colour_space != "YBR_RCT":
+        return np.ascontiguousarray(array[:, :, 0])  # Y is the BT.601 luma
+    raise ImageRejected(f"decoded colour space {colour_space or '(unknown)'} is not supported")
 
 
 def _check_pixels(pixels: np.ndarray) -> None:
@@ -310,8 +487,7 @@ def _unit_table(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[np.ndarray, in
     ``index`` is ``pixels`` itself with ``offset`` its minimum or, for a stored-value range
     too wide to tabulate, the position of each pixel's value among the values present.
     """
-    photometric = _photometric(ds)
-    _check_greyscale(photometric)
+    _, photometric, colour = _pixel_kind(ds)
     lo, hi = _min_max(pixels)
     if hi - lo + 1 <= max(_MAX_TABLE, pixels.size):
         values = np.arange(lo, hi + 1, dtype=np.int64).astype(pixels.dtype)
@@ -320,7 +496,8 @@ def _unit_table(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[np.ndarray, in
         values, inverse = np.unique(pixels, return_inverse=True)
         index, offset, all_present = inverse.reshape(pixels.shape), 0, True
 
-    raw = _lut_chain(ds, values)
+    # Colour images (already grey: luma) have no Modality LUT or VOI window in DICOM.
+    raw = values.astype(np.float64) if colour else _lut_chain(ds, values)
     if not np.all(np.isfinite(raw)):
         raise ImageRejected("Modality LUT / VOI window give non-finite values")
     steps = np.diff(raw)

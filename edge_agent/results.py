@@ -26,6 +26,21 @@ class _Payload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SlabRef(_Payload):
+    """The CT slab whose score drove a CT finding's study score (its highest-scoring slab)."""
+
+    series_instance_uid: str = Field(description="The axial series that was scored.")
+    index: int = Field(ge=0, description="Slab number, 0 at the series' lowest position.")
+    count: int = Field(ge=1, description="Slabs the series was cut into.")
+    position_mm: tuple[float, float] = Field(
+        description="Where the slab starts and ends along the slice normal (mm, the "
+        "ImagePositionPatient projection; for axial head-first series the z coordinate)."
+    )
+    first_sop_instance_uid: str = Field(description="First slice in the slab.")
+    last_sop_instance_uid: str = Field(description="Last slice in the slab.")
+    score: float = Field(ge=0.0, le=1.0, description="The finding's score on this slab.")
+
+
 class FindingResult(_Payload):
     code: str = Field(description="Finding code from the bundle, e.g. 'pneumothorax'.")
     label: str = Field(description="Human-readable finding name.")
@@ -35,6 +50,12 @@ class FindingResult(_Payload):
     )
     review_threshold: float = Field(description="Score at or above which the study needs review.")
     flagged: bool = Field(description="score >= review_threshold.")
+    slab: SlabRef | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="CT findings only (absent otherwise): the slab and series that drove the "
+        "score. Added in schema v1 as an optional field.",
+    )
 
 
 class ModelRef(_Payload):
@@ -120,7 +141,10 @@ def json_schema_text() -> str:
 class RejectedFile(_Payload):
     """Payload on P/rejected: one input file that could not be used."""
 
-    path: str = Field(description="Path relative to watch_dir.")
+    path: str = Field(
+        description="Path relative to watch_dir, or received/<study>/<sop>.dcm for an "
+        "instance received over C-STORE."
+    )
     sop_instance_uid: str | None = Field(default=None)
     reason: str = Field(description="Why the file could not be used; never holds PHI.")
 

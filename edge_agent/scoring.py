@@ -1,8 +1,17 @@
 """Scoring one complete study: choose its images, preprocess, run the encoder, triage.
 
-Only the images a chest model was trained on are scored: frontal (PA/AP) CR/DX images, or
-images with no view marked when the study has no explicitly frontal one. Laterals are kept
-but not used. A study with nothing to score is published as ``not_scored`` with the reason.
+Radiographs (CR/DX): only the images a chest model was trained on are scored: frontal (PA/AP)
+images, or, when ``selection.radiograph_unmarked_views`` allows it, images with no view
+marked when the study has no explicitly frontal one. Laterals are kept but not used. The
+study score of a finding is the maximum over its images.
+
+CT (a study without radiographs): only with a bundle built for CT (findings marked for CT
+and a ``ct`` section in its manifest); any other bundle's findings are about radiographs,
+and the study is published as ``not_scored`` saying so. The axial series best suited to lung
+nodules is chosen (:func:`edge_agent.ct.select_series`), cut into slabs, and each CT
+finding's study score aggregates its slab scores; the result names the slab that drove it.
+
+A study with nothing to score is published as ``not_scored`` with the reason.
 """
 
 from __future__ import annotations
@@ -17,13 +26,16 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from . import imaging
-from .bundle import Bundle
+from . import ct, imaging
+from .bundle import RADIOGRAPH_MODALITIES, Bundle
+from .config import SelectionSettings
 from .errors import InputRejected
+from .intake.header import PYDICOM_ERRORS
 from .results import (
     FindingResult,
     InstanceCounts,
     ModelRef,
+    SlabRef,
     StudyResult,
     Timing,
     TriageLevel,
@@ -32,11 +44,11 @@ from .results import (
 )
 from .runners import Runner
 from .store import InstanceRow, StudyRow
-from .triage import Head, triage_level
+from .triage import Head, finding_result, triage_level
 
 logger = logging.getLogger(__name__)
 
-PROJECTION_MODALITIES = frozenset({"CR", "DX"})
+PROJECTION_MODALITIES = frozenset(RADIOGRAPH_MODALITIES)
 
 
 @dataclass
@@ -48,17 +60,30 @@ class StudyScore:
     rejected: list[tuple[InstanceRow, str]] = field(default_factory=list)
 
 
-def select_images(instances: list[InstanceRow]) -> tuple[list[InstanceRow], str | None]:
-    """(instances to score, reason when there are none)."""
+@dataclass
+class _Outcome:
+    """One path's findings (empty with a reason when nothing was scored)."""
+
+    findings: list[FindingResult]
+    reason: str | None
+    scored: int
+    inference_ms: float
+
+
+def select_images(
+    instances: list[InstanceRow], rules: SelectionSettings | None = None
+) -> tuple[list[InstanceRow], str | None]:
+    """(radiographs to score, reason when there are none)."""
+    rules = rules or SelectionSettings()
     projections = [i for i in instances if i.modality in PROJECTION_MODALITIES]
     if not projections:
         modalities = sorted({i.modality for i in instances})
-        return [], f"no CR/DX image (study has {', '.join(modalities)}; CT is not scored yet)"
+        return [], f"no CR/DX image (study has {', '.join(modalities) or 'no images'})"
     frontal = [i for i in projections if i.view == "frontal"]
     if frontal:
         return frontal, None
     unknown = [i for i in projections if i.view == "unknown"]
-    if unknown:
+    if unknown and rules.radiograph_unmarked_views:
         return unknown, None
     return [], "no frontal chest image"
 
@@ -73,6 +98,7 @@ class Scorer:
         batch_size: int = 1,
         publish_accession: bool = False,
         should_stop: Callable[[], bool] = lambda: False,
+        selection: SelectionSettings | None = None,
     ) -> None:
         self.bundle = bundle
         self.runner = runner
@@ -81,6 +107,7 @@ class Scorer:
         self.batch_size = batch_size
         self.publish_accession = publish_accession
         self.should_stop = should_stop
+        self.selection = selection or SelectionSettings()
         spec = bundle.manifest
         self.model = ModelRef(
             name=spec.model.name,
@@ -91,63 +118,45 @@ class Scorer:
             demo=spec.model.demo,
         )
 
-    def _load(self, inst: InstanceRow) -> np.ndarray:
+    # -- reading ----------------------------------------------------------------------------
+
+    def _read(self, inst: InstanceRow, *, pixels: bool = True) -> pydicom.Dataset:
         path = self.watch_dir / inst.path
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
         except FileNotFoundError as exc:
             raise InputRejected("file disappeared from the watch folder before scoring") from exc
         except InvalidDicomError as exc:
             raise InputRejected("not a DICOM file any more (replaced before scoring)") from exc
-        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except PYDICOM_ERRORS as exc:  # everything pydicom raises on a corrupt file
             raise InputRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc
         if str(ds.get("SOPInstanceUID", "")).strip() != inst.sop_instance_uid:
             raise InputRejected("file was replaced by another instance before scoring")
-        return imaging.preprocess(ds, self.bundle.manifest.encoder.preprocessing)
+        return ds
+
+    def _load(self, inst: InstanceRow) -> np.ndarray:
+        return imaging.preprocess(self._read(inst), self.bundle.manifest.encoder.preprocessing)
+
+    # -- the study --------------------------------------------------------------------------
 
     def score(
         self, study: StudyRow, instances: list[InstanceRow], rejected_files: int
     ) -> StudyScore | None:
         """Score a study. None when asked to stop part-way (the study stays complete)."""
-        chosen, reason = select_images(instances)
         states: dict[str, tuple[str, str | None]] = {
             i.sop_instance_uid: ("unused", None) for i in instances
         }
         rejected: list[tuple[InstanceRow, str]] = []
-        tensors: list[np.ndarray] = []
-        for inst in chosen:
-            if self.should_stop():
-                return None
-            try:
-                tensors.append(self._load(inst))
-                states[inst.sop_instance_uid] = ("scored", None)
-            except InputRejected as exc:
-                logger.warning(
-                    "instance %s of study %s not usable: %s",
-                    inst.sop_instance_uid,
-                    study.study_instance_uid,
-                    exc.reason,
-                )
-                states[inst.sop_instance_uid] = ("rejected", exc.reason)
-                rejected.append((inst, exc.reason))
-        if chosen and not tensors:
-            reason = f"no usable frontal chest image ({rejected[0][1]})"
+        has_radiographs = any(i.modality in PROJECTION_MODALITIES for i in instances)
+        has_ct = any(i.modality == "CT" for i in instances)
+        if has_ct and not has_radiographs:
+            outcome = self._score_ct(study, instances, states, rejected)
+        else:
+            outcome = self._score_radiographs(study, instances, states, rejected)
+        if outcome is None:
+            return None
 
-        findings: list[FindingResult] = []
-        triage: TriageLevel = "not_scored"
-        inference_ms = 0.0
-        if tensors:
-            embeddings = []
-            start = time.perf_counter()
-            for i in range(0, len(tensors), self.batch_size):
-                if self.should_stop():
-                    return None
-                embeddings.append(self.runner.embed(np.stack(tensors[i : i + self.batch_size])))
-            inference_ms = (time.perf_counter() - start) * 1000
-            findings = self.head.study_findings(self.head.scores(np.concatenate(embeddings)))
-            triage = triage_level(findings)
-            reason = None
-
+        triage: TriageLevel = triage_level(outcome.findings) if outcome.findings else "not_scored"
         now = time.time()
         result = StudyResult(
             alert_id=alert_id(study.study_instance_uid, study.revision, self.bundle.sha256),
@@ -156,12 +165,12 @@ class Scorer:
             accession_number=study.accession_number if self.publish_accession else None,
             modality=study.modality,
             triage=triage,
-            reason=reason,
-            findings=findings,
+            reason=None if outcome.findings else outcome.reason,
+            findings=outcome.findings,
             model=self.model,
             instances=InstanceCounts(
                 received=len(instances) + rejected_files,
-                scored=len(tensors),
+                scored=outcome.scored,
                 rejected=len(rejected) + rejected_files,
             ),
             timing=Timing(
@@ -169,7 +178,175 @@ class Scorer:
                 complete_at=iso(study.complete_at or now),
                 scored_at=iso(now),
                 published_at=iso(now),
-                inference_ms=round(inference_ms, 1),
+                inference_ms=round(outcome.inference_ms, 1),
             ),
         )
         return StudyScore(result=result, instance_states=states, rejected=rejected)
+
+    def _reject(
+        self,
+        study: StudyRow,
+        inst: InstanceRow,
+        reason: str,
+        states: dict[str, tuple[str, str | None]],
+        rejected: list[tuple[InstanceRow, str]],
+    ) -> None:
+        logger.warning(
+            "instance %s of study %s not usable: %s",
+            inst.sop_instance_uid,
+            study.study_instance_uid,
+            reason,
+        )
+        states[inst.sop_instance_uid] = ("rejected", reason)
+        rejected.append((inst, reason))
+
+    def _embed(self, tensors: list[np.ndarray]) -> np.ndarray | None:
+        """Embeddings in batches of ``batch_size``; None when asked to stop."""
+        out = []
+        for i in range(0, len(tensors), self.batch_size):
+            if self.should_stop():
+                return None
+            out.append(self.runner.embed(np.stack(tensors[i : i + self.batch_size])))
+        return np.concatenate(out)
+
+    # -- radiographs ------------------------------------------------------------------------
+
+    def _score_radiographs(
+        self,
+        study: StudyRow,
+        instances: list[InstanceRow],
+        states: dict[str, tuple[str, str | None]],
+        rejected: list[tuple[InstanceRow, str]],
+    ) -> _Outcome | None:
+        if not self.head.columns(PROJECTION_MODALITIES):
+            return _Outcome([], "the model has no findings for radiographs (CR/DX)", 0, 0.0)
+        chosen, reason = select_images(instances, self.selection)
+        tensors: list[np.ndarray] = []
+        for inst in chosen:
+            if self.should_stop():
+                return None
+            try:
+                tensors.append(self._load(inst))
+                states[inst.sop_instance_uid] = ("scored", None)
+            except InputRejected as exc:
+                self._reject(study, inst, exc.reason, states, rejected)
+        if chosen and not tensors:
+            reason = f"no usable frontal chest image ({rejected[0][1]})"
+        if not tensors:
+            return _Outcome([], reason, 0, 0.0)
+        start = time.perf_counter()
+        embeddings = self._embed(tensors)
+        if embeddings is None:
+            return None
+        inference_ms = (time.perf_counter() - start) * 1000
+        findings = self.head.study_findings(self.head.scores(embeddings), PROJECTION_MODALITIES)
+        return _Outcome(findings, None, len(tensors), inference_ms)
+
+    # -- CT ---------------------------------------------------------------------------------
+
+    def _score_ct(
+        self,
+        study: StudyRow,
+        instances: list[InstanceRow],
+        states: dict[str, tuple[str, str | None]],
+        rejected: list[tuple[InstanceRow, str]],
+    ) -> _Outcome | None:
+        manifest = self.bundle.manifest
+        columns = self.head.columns({"CT"})
+        if manifest.ct is None or not columns:
+            return _Outcome(
+                [],
+                f"model {manifest.model.name} was not built for CT (no CT findings in its "
+                "bundle); CT studies are not scored with it",
+                0,
+                0.0,
+            )
+        by_sop = {i.sop_instance_uid: i for i in instances}
+        headers: list[ct.CTSlice] = []
+        for inst in instances:
+            if inst.modality != "CT":
+                continue
+            if self.should_stop():
+                return None
+            try:
+                headers.append(ct.slice_from_dataset(self._read(inst, pixels=False), inst.path))
+            except InputRejected as exc:
+                self._reject(study, inst, exc.reason, states, rejected)
+        candidates, refused = ct.select_series(headers, self.selection)
+        for choice in candidates:
+            try:
+                outcome = self._score_series(choice, columns, by_sop)
+            except _SliceRejected as exc:
+                self._reject(study, exc.instance, exc.reason, states, rejected)
+                refused.append(f"{choice.name}: a slice is not usable ({exc.reason})")
+                continue
+            if outcome is None:
+                return None
+            for s in choice.geometry.slices:
+                states[s.sop_instance_uid] = ("scored", None)
+            logger.info(
+                "study %s: scored CT %s (%d slices, %g mm, kernel %s)",
+                study.study_instance_uid,
+                choice.name,
+                len(choice.geometry.slices),
+                choice.thickness_mm,
+                "lung" if choice.lung_kernel else "other",
+            )
+            return outcome
+        return _Outcome([], ct.no_series_reason(refused), 0, 0.0)
+
+    def _score_series(
+        self, choice: ct.SeriesChoice, columns: list[int], by_sop: dict[str, InstanceRow]
+    ) -> _Outcome | None:
+        manifest = self.bundle.manifest
+        assert manifest.ct is not None
+        spec = manifest.encoder.preprocessing
+        geo = choice.geometry
+        slabs = ct.plan_slabs(geo.positions_mm, manifest.ct.slab_mm, manifest.ct.stride_mm)
+
+        def read(i: int) -> np.ndarray:
+            inst = by_sop[geo.slices[i].sop_instance_uid]
+            try:
+                return ct.slice_hu(self._read(inst))
+            except InputRejected as exc:
+                raise _SliceRejected(inst, exc.reason) from exc
+
+        scores: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        inference_ms = 0.0
+        for slab, image in ct.iter_slab_images(slabs, read):
+            if self.should_stop():
+                return None
+            pending.append(ct.slab_tensor(image, manifest.ct.convention, spec))
+            if len(pending) == self.batch_size or slab.index == len(slabs) - 1:
+                start = time.perf_counter()
+                embeddings = self._embed(pending)
+                if embeddings is None:
+                    return None
+                inference_ms += (time.perf_counter() - start) * 1000
+                scores.append(self.head.scores(embeddings)[:, columns])
+                pending = []
+        slab_scores = np.concatenate(scores)  # (slabs, CT findings)
+        findings = []
+        for column, j in enumerate(columns):
+            score, best = ct.aggregate(slab_scores[:, column], manifest.ct)
+            slab = slabs[best]
+            ref = SlabRef(
+                series_instance_uid=choice.series_instance_uid,
+                index=slab.index,
+                count=len(slabs),
+                position_mm=(round(slab.start_mm, 2), round(slab.end_mm, 2)),
+                first_sop_instance_uid=geo.slices[slab.first].sop_instance_uid,
+                last_sop_instance_uid=geo.slices[slab.last].sop_instance_uid,
+                score=round(float(slab_scores[best, column]), 6),
+            )
+            findings.append(finding_result(self.head.findings[j], score, ref))
+        return _Outcome(findings, None, len(geo.slices), inference_ms)
+
+
+class _SliceRejected(InputRejected):
+    """A slice of the chosen series could not be used (the next series is tried)."""
+
+    def __init__(self, instance: InstanceRow, reason: str) -> None:
+        super().__init__(reason)
+        self.instance = instance

@@ -25,6 +25,7 @@ from .bundle import Bundle, load_bundle
 from .config import Settings
 from .errors import ConfigError, EdgeTriageError, InputRejected
 from .intake.header import Skipped, read_header
+from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
 from .mqtt import Publisher
 from .notify import Notifier
@@ -37,6 +38,7 @@ from .store import Message, Store
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 10.0
+SCP_STOP_SECONDS = 3.0  # part of STOP_GRACE_SECONDS: stores being written may finish
 
 
 def demo_bundle_path() -> Path:
@@ -61,6 +63,10 @@ def prepare(settings: Settings) -> Components:
     profile, why = resolve_profile(settings.profile)
     if not settings.watch_dir.is_dir():
         raise ConfigError("watch_dir", f"{settings.watch_dir} is not a folder")
+    if settings.scp.enabled:
+        received = settings.scp.receive_folder(settings.state_dir)
+        if received.is_relative_to(settings.watch_dir.absolute()):
+            raise ConfigError("scp.receive_dir", f"{received} must not be inside watch_dir")
     bundle = load_bundle(bundle_path(settings))
     return Components(settings, profile, why, bundle)
 
@@ -89,13 +95,25 @@ class Agent:
             batch_size=self.profile.runtime.batch_size,
             publish_accession=settings.phi.publish_accession_number,
             should_stop=self._stop.is_set,
+            selection=settings.selection,
         )
         self.watcher = FolderWatcher(
             settings.watch_dir,
             stable_seconds=settings.intake.file_stable_seconds,
             ignore_suffixes=settings.intake.ignore_suffixes,
             handled=self.store.file_signatures(),
+            watch_mode=settings.intake.watch_mode,
+            poll_interval=settings.intake.poll_interval_seconds,
+            rescan_seconds=settings.intake.rescan_seconds,
         )
+        # scp.enabled: the DICOM Storage SCP writes what modalities push into a folder of its
+        # own, the intake's second root (edge_agent/intake/scp.py).
+        self.receiver: StorageSCP | None = None
+        self.received: ReceivedFolder | None = None
+        if settings.scp.enabled:
+            folder = settings.scp.receive_folder(settings.state_dir)
+            self.received = ReceivedFolder(folder, handled=self.store.file_signatures())
+            self.receiver = StorageSCP(settings.scp, folder, on_stored=self._on_received)
         self.publisher = Publisher(
             settings, self.store, status=self.status_fields, on_ack=self._on_ack
         )
@@ -128,10 +146,31 @@ class Agent:
         return f"{self.settings.topic_base}/{leaf}"
 
     def _reject_message(self, relpath: str, reason: str, sop_uid: str | None) -> Message:
-        payload = RejectedFile(path=relpath, sop_instance_uid=sop_uid, reason=reason)
+        payload = RejectedFile(
+            path=published_path(relpath), sop_instance_uid=sop_uid, reason=reason
+        )
         return Message("rejected", self._topic("rejected"), payload.to_json_bytes())
 
-    def _handle_file(self, f: ReadyFile) -> None:
+    def _on_received(self, path: Path) -> None:
+        """The SCP stored an instance (an association thread): wake the intake."""
+        assert self.received is not None
+        self.received.stored(path)
+        self.watcher.wake()
+
+    def _intake_received(self) -> bool:
+        """Handle a batch of received instances; True when more are ready."""
+        if self.received is None:
+            return False
+        for f in self.received.scan(time.monotonic()):
+            if self._stop.is_set():
+                break
+            self._handle_file(f, self.received)
+        return self.received.more_ready
+
+    def _handle_file(
+        self, f: ReadyFile, source: FolderWatcher | ReceivedFolder | None = None
+    ) -> None:
+        source = source or self.watcher
         now = time.time()
         try:
             record = read_header(f.path)
@@ -139,7 +178,7 @@ class Agent:
             logger.info("skipped %s: %s", f.relpath, exc.reason)
             self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
         except InputRejected as exc:
-            if not self.watcher.still_same(f):
+            if not source.still_same(f):
                 logger.info("%s changed while it was read; will read it again", f.relpath)
                 return
             logger.warning("rejected %s: %s", f.relpath, exc.reason)
@@ -163,7 +202,7 @@ class Agent:
                 record.view,
                 status,
             )
-        self.watcher.mark_handled(f)
+        source.mark_handled(f)
 
     def _enqueue(self, uid: str) -> None:
         with self._queued_lock:
@@ -174,26 +213,37 @@ class Agent:
 
     def _intake_loop(self) -> None:
         interval = self.settings.intake.poll_interval_seconds
-        while not self._stop.is_set():
-            try:
-                for f in self.watcher.scan(time.time()):
-                    if self._stop.is_set():
-                        break
-                    self._handle_file(f)
-                for uid in self.store.complete_quiet_studies(
-                    self.settings.study_quiet_seconds, time.time()
-                ):
-                    logger.info("study %s complete", uid)
-                    self._enqueue(uid)
-            except EdgeTriageError as exc:
-                self.last_error = str(exc)
-                logger.error("intake: %s", exc)
-            except Exception as exc:
-                # A bug must not stop intake for ever; it is logged with its traceback and
-                # the next scan tries again (the state database is unchanged by a failed step).
-                self.last_error = f"intake: {type(exc).__name__}: {exc}"
-                logger.exception("intake step failed")
-            self._stop.wait(interval)
+        self.watcher.start()  # inotify or polling; logs which and why
+        try:
+            while not self._stop.is_set():
+                more = failed = False
+                try:
+                    # at most a batch per scan: a steady stream, however many files wait
+                    for f in self.watcher.scan(time.monotonic()):
+                        if self._stop.is_set():
+                            break
+                        self._handle_file(f)
+                    more = self._intake_received() or self.watcher.more_ready
+                    for uid in self.store.complete_quiet_studies(
+                        self.settings.study_quiet_seconds, time.time()
+                    ):
+                        logger.info("study %s complete", uid)
+                        self._enqueue(uid)
+                except EdgeTriageError as exc:
+                    self.last_error, failed = str(exc), True
+                    logger.error("intake: %s", exc)
+                except Exception as exc:
+                    # A bug must not stop intake for ever; it is logged with its traceback
+                    # and the next scan tries again (the state database is unchanged by a
+                    # failed step).
+                    self.last_error, failed = f"intake: {type(exc).__name__}: {exc}", True
+                    logger.exception("intake step failed")
+                if failed:
+                    self._stop.wait(interval)
+                elif not more:
+                    self.watcher.wait(interval)  # woken early by inotify events or stop()
+        finally:
+            self.watcher.close()
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -251,11 +301,17 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        return all(t.is_alive() for t in self._threads) and self.publisher.healthy()
+        return (
+            all(t.is_alive() for t in self._threads)
+            and self.publisher.healthy()
+            and (self.receiver is None or self.receiver.healthy())
+        )
 
     def run(self) -> None:
         for uid in self.store.studies_in_state("complete"):
             self._enqueue(uid)  # complete before a restart, not yet scored
+        if self.receiver is not None:
+            self.receiver.start()  # binds first: a busy port stops the start with its key
         self.publisher.start()
         self._threads = [
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
@@ -268,6 +324,9 @@ class Agent:
             f"watching {self.settings.watch_dir}; model {model.name} {model.version}"
             f"{' (DEMO)' if model.demo else ''} on {self.runner.provider}"
         )
+        if self.receiver is not None:
+            host, port = self.receiver.address
+            summary += f"; C-STORE SCP {self.settings.scp.ae_title} on {host}:{port}"
         logger.info("edge-agent %s running: %s", __version__, summary)
         if model.demo:
             logger.warning(
@@ -285,10 +344,13 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.watcher.wake()
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
+        if self.receiver is not None:  # first: no instance is taken that is not on disk
+            self.receiver.stop(timeout=SCP_STOP_SECONDS)
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
             if t.is_alive():

@@ -7,10 +7,12 @@ threshold, ``review`` when any finding scores at or above its review threshold, 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
-from .bundle import Bundle, Finding
-from .results import FindingResult, TriageLevel
+from .bundle import RADIOGRAPH_MODALITIES, Bundle, Finding
+from .results import FindingResult, SlabRef, TriageLevel
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -30,20 +32,34 @@ class Head:
         logits = embeddings.astype(np.float64) @ self.weights.T.astype(np.float64) + self.biases
         return sigmoid(logits)
 
-    def study_findings(self, image_scores: np.ndarray) -> list[FindingResult]:
-        """Aggregate per-image scores (max over the study's images) into finding results."""
-        study = [round(float(s), 6) for s in image_scores.max(axis=0)]
+    def columns(self, modalities: Collection[str]) -> list[int]:
+        """Indices of the findings built for any of ``modalities`` (score columns)."""
+        return [j for j, f in enumerate(self.findings) if set(f.modalities) & set(modalities)]
+
+    def study_findings(
+        self, image_scores: np.ndarray, modalities: Collection[str] = RADIOGRAPH_MODALITIES
+    ) -> list[FindingResult]:
+        """Aggregate per-image scores (max over the study's images) into results for the
+        findings built for ``modalities`` (radiographs by default)."""
+        columns = self.columns(modalities)
+        study = image_scores[:, columns].max(axis=0)
         return [
-            FindingResult(
-                code=f.code,
-                label=f.label,
-                score=s,
-                urgent_threshold=f.urgent_threshold,
-                review_threshold=f.review_threshold,
-                flagged=s >= f.review_threshold,
-            )
-            for f, s in zip(self.findings, study, strict=True)
+            finding_result(self.findings[j], float(s)) for j, s in zip(columns, study, strict=True)
         ]
+
+
+def finding_result(finding: Finding, score: float, slab: SlabRef | None = None) -> FindingResult:
+    """A finding's study score (rounded to 6 places) against its thresholds."""
+    s = round(score, 6)
+    return FindingResult(
+        code=finding.code,
+        label=finding.label,
+        score=s,
+        urgent_threshold=finding.urgent_threshold,
+        review_threshold=finding.review_threshold,
+        flagged=s >= finding.review_threshold,
+        slab=slab,
+    )
 
 
 def triage_level(findings: list[FindingResult]) -> TriageLevel:

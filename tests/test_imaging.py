@@ -181,7 +181,7 @@ def test_rejects_constant_image() -> None:
 
 
 def test_rejects_multi_frame() -> None:
-    ds = make_ds(np.vstack([VALUES, VALUES]))
+    ds = make_ds(np.vstack([VALUES, VALUES[::-1]]))  # two different frames
     ds.Rows = 4
     ds.NumberOfFrames = 2
     reason = rejected(ds).reason
@@ -197,10 +197,12 @@ def test_rejects_truncated_pixel_data() -> None:
     assert "48" in reason
 
 
-def test_rejects_colour_for_now() -> None:
-    ds = make_ds(VALUES, photometric="RGB")
+def test_rejects_colour_with_unknown_photometric_interpretation() -> None:
+    ds = make_ds(VALUES)
     ds.SamplesPerPixel = 3
-    assert "colour" in rejected(ds).reason
+    ds.PlanarConfiguration = 0
+    ds.PixelData = np.repeat(VALUES[:, :, None], 3, axis=2).astype("<u2").tobytes()
+    assert "3 samples per pixel" in rejected(ds).reason
 
 
 def test_rejects_palette_colour() -> None:

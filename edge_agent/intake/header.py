@@ -2,23 +2,45 @@
 
 Tolerant reader: slightly non-conforming files are accepted where the meaning is clear.
 Anything that cannot be used raises :class:`InputRejected` (the file is broken) or
-:class:`Skipped` (a valid object we do not triage: SR, presentation states, other
-modalities). Reasons are short and never contain PHI.
+:class:`Skipped` (a valid object we do not triage: DICOMDIR, SR and key object selections,
+presentation states, RT objects and other non-image SOP classes, recognised by SOP class
+before anything else is asked of them; other modalities; objects without an image).
+Reasons are short and never contain PHI.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID
 
 from ..errors import InputRejected
 from ..store import InstanceRecord, View
 
 logger = logging.getLogger(__name__)
+
+# What pydicom raises on corrupt or truncated input, when the file is read or, lazily, when
+# an element is first accessed (tests/test_decoding.py fuzzes for these): a file that raises
+# one is rejected, never retried for ever.
+PYDICOM_ERRORS: tuple[type[Exception], ...] = (
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    IndexError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,  # a truncated or corrupt deflated dataset
+    BytesLengthException,
+)
 
 TRIAGED_MODALITIES = frozenset({"CR", "DX", "CT"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
@@ -27,8 +49,56 @@ _LATERAL_WORD = re.compile(r"\blat(eral)?\b", re.IGNORECASE)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+# Storage SOP classes that carry no image to triage (PS3.6 Annex A), by UID root: an exact
+# match or the root followed by "." matches. RT Image and RT Dose hold pixel data but are
+# not radiographs, so all of RT is skipped.
+NON_IMAGE_SOP_CLASSES: tuple[tuple[str, str], ...] = (
+    ("1.2.840.10008.1.3.10", "DICOMDIR (media directory)"),
+    ("1.2.840.10008.5.1.4.1.1.88", "structured report or key object selection"),
+    ("1.2.840.10008.5.1.4.1.1.11", "presentation state"),
+    ("1.2.840.10008.5.1.4.1.1.481", "radiotherapy object"),
+    ("1.2.840.10008.5.1.4.34", "radiotherapy or workflow object"),
+    ("1.2.840.10008.5.1.4.1.1.104", "encapsulated document"),
+    ("1.2.840.10008.5.1.4.1.1.9", "waveform"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data, registration, fiducials or segmentation"),
+    ("1.2.840.10008.5.1.4.1.1.67", "real world value mapping"),
+    ("1.2.840.10008.5.1.4.1.1.68", "surface"),
+    ("1.2.840.10008.5.1.4.1.1.82", "ophthalmic map"),
+    ("1.2.840.10008.5.1.4.1.1.90", "content assessment"),
+    ("1.2.840.10008.5.1.4.1.1.200", "protocol"),
+    ("1.2.840.10008.5.1.4.38", "hanging protocol"),
+    ("1.2.840.10008.5.1.4.39", "colour palette"),
+    ("1.2.840.10008.5.1.4.43", "implant template"),
+    ("1.2.840.10008.5.1.4.44", "implant assembly template"),
+    ("1.2.840.10008.5.1.4.45", "implant template group"),
+)
+
+# Image storage SOP classes of the modalities we triage (CR, DX for presentation and
+# processing, CT and enhanced/legacy CT): without a Modality these are broken, not foreign.
+TRIAGED_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.5.1.4.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.2.2",
+    }
+)
+
+
 class Skipped(InputRejected):
     """A valid DICOM object that the agent does not triage."""
+
+
+def non_image_kind(sop_class_uid: str | None) -> str | None:
+    """What kind of non-image object ``sop_class_uid`` is, or None for (possible) images."""
+    if not sop_class_uid:
+        return None
+    for root, kind in NON_IMAGE_SOP_CLASSES:
+        if sop_class_uid == root or sop_class_uid.startswith(root + "."):
+            return kind
+    return None
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -74,7 +144,7 @@ def read_header(path: Path) -> InstanceRecord:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError as exc:
         raise InputRejected("not a DICOM file (no DICM preamble or unreadable header)") from exc
-    except (EOFError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+    except PYDICOM_ERRORS as exc:
         raise InputRejected(f"unreadable DICOM header ({type(exc).__name__})") from exc
     except OSError as exc:
         raise InputRejected(f"cannot read file ({exc.strerror or type(exc).__name__})") from exc
@@ -82,20 +152,43 @@ def read_header(path: Path) -> InstanceRecord:
         return header_from_dataset(ds)
     except InputRejected:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+    except PYDICOM_ERRORS as exc:
         # pydicom parses values lazily: a corrupt element fails only when it is read.
         raise InputRejected(f"corrupt DICOM element ({type(exc).__name__})") from exc
 
 
-def header_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
+def _sop_class(ds: pydicom.Dataset) -> str | None:
+    """SOPClassUID, or the file meta's MediaStorageSOPClassUID (all a DICOMDIR has)."""
     sop_class = _uid(ds, "SOPClassUID", required=False)
-    if sop_class == "1.2.840.10008.1.3.10":
-        raise Skipped("DICOMDIR (media directory), not an image")
+    if sop_class is None:
+        meta = getattr(ds, "file_meta", None)
+        value = meta.get("MediaStorageSOPClassUID") if meta is not None else None
+        text = str(value or "").strip().rstrip("\0 ")
+        sop_class = text if _UID.match(text) else None
+    return sop_class
+
+
+def _sop_class_name(sop_class: str) -> str:
+    name = UID(sop_class).name  # the registered name, or the UID itself: never PHI
+    return name if len(name) <= 80 else sop_class
+
+
+def header_from_dataset(ds: pydicom.Dataset) -> InstanceRecord:
+    sop_class = _sop_class(ds)
+    kind = non_image_kind(sop_class)
+    if kind is not None:
+        assert sop_class is not None
+        if sop_class == "1.2.840.10008.1.3.10":
+            raise Skipped("DICOMDIR (media directory), not an image")
+        raise Skipped(f"{kind}, not an image ({_sop_class_name(sop_class)})")
     sop_uid = _uid(ds, "SOPInstanceUID", required=True)
     study_uid = _uid(ds, "StudyInstanceUID", required=True)
     assert sop_uid is not None and study_uid is not None
     modality = (_text(ds, "Modality") or "").upper()
     if not modality:
+        if sop_class is not None and sop_class not in TRIAGED_SOP_CLASSES:
+            # Tolerant: a foreign object that lacks Modality is still not ours to judge.
+            raise Skipped(f"no Modality; {_sop_class_name(sop_class)} is not triaged")
         raise InputRejected("missing Modality")
     if modality not in TRIAGED_MODALITIES:
         raise Skipped(f"modality {modality} is not triaged")
