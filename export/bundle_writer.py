@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from edge_agent import __version__
 from edge_agent.bundle import (
     MANIFEST,
+    CTInput,
     Encoder,
     Finding,
     Head,
@@ -87,6 +88,7 @@ def write_bundle(
     findings: list[Finding],
     parity: Mapping[str, float | int | str | bool] | None = None,
     metrics: Mapping[str, float | int | str] | None = None,
+    ct: CTInput | None = None,
     extra_files: Iterable[Path] = (),
     overwrite: bool = False,
     move: bool = False,
@@ -149,6 +151,7 @@ def write_bundle(
                 findings=findings,
                 parity=dict(parity) if parity is not None else None,
                 metrics=dict(metrics) if metrics is not None else None,
+                ct=ct,
                 files=file_entries(staging, names),
             )
         except ValidationError as exc:

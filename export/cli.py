@@ -74,14 +74,15 @@ def _bar(args: argparse.Namespace) -> ParityBar:
 
 
 def cmd_siglip(args: argparse.Namespace) -> int:
-    from .findings import default_findings_path, load_findings
+    from .findings import default_findings_path, load_findings_file
     from .siglip import SiglipSettings, build_siglip_bundle, summary
 
-    findings = load_findings(args.findings or default_findings_path())
+    findings, ct = load_findings_file(args.findings or default_findings_path())
     settings = SiglipSettings(
         checkpoint=args.checkpoint,
         findings=findings,
         out=args.out,
+        ct=ct,
         precision=args.precision,
         int8_mode=args.int8_mode,
         calibration=args.calibration,

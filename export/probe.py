@@ -886,6 +886,7 @@ def build_probe_bundle(
         ),
         precision=spec.precision,
         preprocessing=spec.encoder.preprocessing,
+        ct=spec.ct,
         head=head,
         findings=findings,
         parity=spec.parity,

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_agent.bundle import (
+    CTInput,
     Finding,
     ModelInfo,
     Preprocessing,
@@ -67,6 +68,7 @@ class SiglipSettings:
     checkpoint: Path
     findings: list[Finding]
     out: Path
+    ct: CTInput | None = None
     precision: Precision = "fp32"
     int8_mode: Int8Mode = "dynamic"
     calibration: Path | None = None
@@ -622,6 +624,7 @@ def build_siglip_bundle(settings: SiglipSettings) -> SiglipResult:
                 head=head,
                 findings=settings.findings,
                 parity=figures,
+                ct=settings.ct,
                 extra_files=[settings.notice] if settings.notice else [],
                 overwrite=settings.overwrite,
                 move=True,

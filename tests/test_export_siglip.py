@@ -382,3 +382,58 @@ def test_default_findings_are_the_shipped_chest_findings(
     assert isinstance(manifest.head, ZeroShotHead) and manifest.head.absent_embeddings
     summary = capsys.readouterr().out
     assert "parity" in summary and "% of fp32" in summary and "total" in summary
+
+
+def test_ct_findings_export_a_bundle_that_scores_ct_through_slabs(
+    work: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    from test_ct import ingest, score, scorer_for
+
+    from edge_agent.store import Store
+    from export.findings import default_findings_path
+
+    out = work / "bundle-ct"
+    findings = default_findings_path("ct-chest")
+    assert (
+        main(
+            [
+                "siglip",
+                "--checkpoint",
+                str(checkpoint),
+                "--findings",
+                str(findings),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    manifest = load_bundle(out).manifest
+    assert manifest.ct is not None and manifest.ct.convention == "three_windows"
+    assert [f.modalities for f in manifest.findings] == [("CT",)]
+
+    watch = tmp_path / "in"
+    list(simulate(watch, studies=1, modality="CT", abnormal=1.0, seed=4, rows=48, cols=48))
+    store = Store(tmp_path / "state.sqlite3")
+    try:
+        uid = ingest(store, watch)
+        result, _ = score(scorer_for(out, watch), store, uid)
+    finally:
+        store.close()
+    assert result.modality == "CT" and result.reason is None
+    (finding,) = result.findings
+    assert finding.code == "lung_nodule" and finding.slab is not None
+    assert 0.0 <= finding.score <= 1.0
+
+
+def test_ct_findings_without_a_ct_table_name_the_key(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    findings = tmp_path / "ct.toml"
+    findings.write_text(
+        '[[finding]]\ncode = "x"\nlabel = "X"\nmodalities = ["CT"]\npresent = ["x"]\n'
+        "review_threshold = 0.5\n"
+    )
+    args = ["siglip", "--checkpoint", str(checkpoint), "--findings", str(findings)]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 2
+    assert "findings(ct.toml).ct" in capsys.readouterr().err

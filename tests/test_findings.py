@@ -56,3 +56,13 @@ def test_unreadable_file(tmp_path: Path) -> None:
         load_findings(tmp_path / "none.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_findings(write(tmp_path, "[[finding]\n"))
+
+
+def test_shipped_ct_findings_have_their_ct_section() -> None:
+    from export.findings import default_findings_path, load_findings_file
+
+    findings, ct = load_findings_file(default_findings_path("ct-chest"))
+    assert ct is not None and ct.convention == "three_windows" and ct.stride_mm <= ct.slab_mm
+    assert all(f.modalities == ("CT",) for f in findings)
+    cxr, none = load_findings_file(default_findings_path())
+    assert none is None and all("CT" not in f.modalities for f in cxr)

@@ -12,11 +12,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edge_agent.bundle import Finding, Prompts
+from edge_agent.bundle import CTInput, Finding, Prompts
 from edge_agent.config import read_toml
 from edge_agent.errors import ConfigError
 
-_KEYS = {"code", "label", "present", "absent", "review_threshold", "urgent_threshold"}
+_KEYS = {
+    "code",
+    "label",
+    "present",
+    "absent",
+    "review_threshold",
+    "urgent_threshold",
+    "modalities",
+}
 
 
 def default_findings_path(name: str = "cxr") -> Path:
@@ -24,12 +32,31 @@ def default_findings_path(name: str = "cxr") -> Path:
 
 
 def load_findings(path: Path | str) -> list[Finding]:
+    """The findings of a findings file (see :func:`load_findings_file` for its CT section)."""
+    return load_findings_file(path)[0]
+
+
+def load_findings_file(path: Path | str) -> tuple[list[Finding], CTInput | None]:
+    """(findings, CT input settings or None). Findings with ``modalities = ["CT"]`` need a
+    top-level ``[ct]`` table (convention, slab_mm, stride_mm, aggregate, top_k): how CT
+    series become encoder inputs (see docs/ct.md)."""
     path = Path(path)
     where = f"findings({path.name})"
     data = read_toml(path, "--findings")
-    unknown = set(data) - {"finding"}
+    unknown = set(data) - {"finding", "ct"}
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (expected [[finding]])")
+        raise ConfigError(
+            f"{where}.{sorted(unknown)[0]}", "unknown key (expected [[finding]] and [ct])"
+        )
+    ct: CTInput | None = None
+    if "ct" in data:
+        try:
+            ct = CTInput.model_validate(data["ct"])
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ConfigError(f"{where}.ct{'.' + key if key else ''}", msg) from exc
     tables = data.get("finding")
     if not isinstance(tables, list) or not tables:
         raise ConfigError(where, "no [[finding]] tables")
@@ -49,6 +76,7 @@ def load_findings(path: Path | str) -> list[Finding]:
                     prompts=Prompts(present=table["present"], absent=table.get("absent", [])),
                     review_threshold=table.get("review_threshold"),
                     urgent_threshold=table.get("urgent_threshold"),
+                    **({"modalities": tuple(table["modalities"])} if "modalities" in table else {}),
                 )
             )
         except ValidationError as exc:
@@ -60,4 +88,9 @@ def load_findings(path: Path | str) -> list[Finding]:
     duplicates = sorted({c for c in codes if codes.count(c) > 1})
     if duplicates:
         raise ConfigError(f"{where}.{duplicates[0]}", "finding code appears twice")
-    return findings
+    for_ct = [f.code for f in findings if "CT" in f.modalities]
+    if for_ct and ct is None:
+        raise ConfigError(f"{where}.ct", f"findings {for_ct} are for CT: add a [ct] table")
+    if ct is not None and not for_ct:
+        raise ConfigError(f"{where}.ct", 'no finding has modalities = ["CT"]')
+    return findings, ct
