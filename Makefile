@@ -49,6 +49,7 @@ system-deps-test: system-deps
 	@need=""; \
 	command -v storescu >/dev/null 2>&1 || need="$$need dcmtk"; \
 	command -v gdcmconv >/dev/null 2>&1 || need="$$need libgdcm-tools"; \
+	command -v systemd-analyze >/dev/null 2>&1 || need="$$need systemd"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing Debian packages:$$need"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
