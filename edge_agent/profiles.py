@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -161,10 +162,22 @@ def load_profile_file(path: Path) -> Profile:
         raise ConfigError(f"profile({path.name}).{key}", msg) from exc
 
 
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
 def detect_profile_name(
     device_tree_model: Path = Path("/proc/device-tree/model"),
+    nvidia_driver: Path = Path("/proc/driver/nvidia/version"),
+    providers: Callable[[], list[str]] = _ort_providers,
 ) -> tuple[str, str]:
-    """(profile name, why). Jetson boards are told apart by their device-tree model string."""
+    """(profile name, why). Jetson boards are told apart by their device-tree model string;
+    elsewhere an NVIDIA driver plus an ONNX Runtime with the CUDA provider means x86-cuda,
+    anything else the CPU profile."""
     try:
         model = device_tree_model.read_bytes().rstrip(b"\0").decode(errors="replace")
     except OSError:
@@ -177,7 +190,14 @@ def detect_profile_name(
     if "agx orin" in lowered or "jetson-agx-orin" in lowered:
         return "jetson-agx-orin", f"device-tree model {model!r}"
     machine = platform.machine()
-    return "x86-cpu", f"no Jetson device-tree model; machine {machine}"
+    if nvidia_driver.exists():
+        if "CUDAExecutionProvider" in providers():
+            return "x86-cuda", f"no Jetson device-tree model; NVIDIA driver loaded ({machine})"
+        return "x86-cpu", (
+            f"NVIDIA driver loaded but this ONNX Runtime has no CUDA provider (install the "
+            f"'gpu' extra for x86-cuda); machine {machine}"
+        )
+    return "x86-cpu", f"no Jetson device-tree model, no NVIDIA driver; machine {machine}"
 
 
 def resolve_profile(spec: str) -> tuple[Profile, str]:

@@ -24,11 +24,38 @@ from edge_agent.profiles import detect_profile_name, load_profile_file, resolve_
 def test_auto_detection_from_device_tree(tmp_path: Path, model: bytes, name: str) -> None:
     dt = tmp_path / "model"
     dt.write_bytes(model)
-    assert detect_profile_name(dt)[0] == name
+    assert detect_profile_name(dt, nvidia_driver=tmp_path / "no-driver")[0] == name
 
 
 def test_no_device_tree_means_x86(tmp_path: Path) -> None:
-    assert detect_profile_name(tmp_path / "absent")[0] == "x86-cpu"
+    assert detect_profile_name(tmp_path / "absent", tmp_path / "no-driver")[0] == "x86-cpu"
+
+
+def test_x86_with_nvidia_driver_and_cuda_provider_means_x86_cuda(tmp_path: Path) -> None:
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14\n")
+    gpu_ort = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    name, why = detect_profile_name(tmp_path / "absent", driver, lambda: gpu_ort)
+    assert name == "x86-cuda" and "NVIDIA driver" in why
+    # A GPU but the CPU build of ONNX Runtime: the CPU profile, and the reason says how to fix.
+    name, why = detect_profile_name(tmp_path / "absent", driver, lambda: ["CPUExecutionProvider"])
+    assert name == "x86-cpu" and "'gpu' extra" in why
+    # A Jetson's device tree wins over everything else.
+    dt = tmp_path / "model"
+    dt.write_bytes(b"NVIDIA Jetson Orin NX Engineering Reference Developer Kit\0")
+    assert detect_profile_name(dt, driver, lambda: gpu_ort)[0] == "jetson-orin-nx"
+
+
+def test_every_shipped_profile_loads_and_validates() -> None:
+    from edge_agent.profiles import profile_dirs
+
+    names = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    assert {"x86-cpu", "x86-cuda", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin"} <= set(
+        names
+    )
+    for name in names:
+        profile, _ = resolve_profile(name)
+        assert profile.name == name
 
 
 def test_shipped_profiles_validate() -> None:
