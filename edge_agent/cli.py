@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,12 +21,9 @@ logger = logging.getLogger("edge_agent")
 
 
 def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(name)s: %(message)s"  # journald adds its own timestamps
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    from .logs import make_handler
+
+    handler = make_handler()  # journald's native protocol under systemd, else stderr lines
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
