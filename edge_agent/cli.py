@@ -89,6 +89,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(studies=args.studies, broker=args.broker, seed=args.seed, keep=args.keep)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .status import format_status, read_status
+
+    settings = _load(args)
+    database = settings.state_dir / "state.sqlite3"
+    try:
+        report = read_status(database, last=args.last)
+    except PermissionError as exc:
+        raise ConfigError(
+            "state_dir",
+            f"cannot read {database} ({exc.strerror}); run as the agent's user, e.g. "
+            "sudo -u edge-agent edge-agent status",
+        ) from exc
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_status(report))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .results import json_schema_text
 
@@ -126,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
     p.add_argument("--config", type=Path, help="TOML file (default: $EDGE_AGENT_CONFIG)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "status", help="what the state database says: queue, outbox, alerts, rejects, results"
+    )
+    p.add_argument("--config", type=Path)
+    p.add_argument("--last", type=int, default=5, help="recent results and rejects (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", help="validate config, bundle, providers and broker")
     p.add_argument("--config", type=Path, help="TOML file (default: $EDGE_AGENT_CONFIG)")

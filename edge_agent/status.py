@@ -1,0 +1,166 @@
+"""``edge-agent status``: the state database's view, for a person at the box.
+
+Reads ``state_dir/state.sqlite3`` read-only (SQLite WAL lets it do so while the agent runs,
+without blocking it): studies by state, the outbox and how old its oldest message is, urgent
+alerts waiting for an acknowledgement, rejected files, the counters and the last results.
+Never prints patient data: UIDs, levels, scores and reasons only (no accession number).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import ResourceMissing
+
+
+@dataclass
+class StatusReport:
+    database: Path
+    studies: dict[str, int] = field(default_factory=dict)
+    outbox: int = 0
+    outbox_urgent: int = 0
+    outbox_oldest_seconds: float | None = None
+    alerts_waiting: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+    last_rejected: list[dict[str, Any]] = field(default_factory=list)
+    last_results: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["database"] = str(self.database)
+        return out
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _top_finding(payload: bytes) -> tuple[str | None, float | None]:
+    try:
+        findings = json.loads(payload).get("findings") or []
+    except (ValueError, AttributeError):
+        return None, None
+    if not findings:
+        return None, None
+    best = max(findings, key=lambda f: f.get("score", 0.0))
+    return best.get("code"), best.get("score")
+
+
+def read_status(database: Path, *, last: int = 5, now: float | None = None) -> StatusReport:
+    """The report for the state database at ``database``. Raises ResourceMissing if absent."""
+    if not database.is_file():
+        raise ResourceMissing(f"no state database at {database} (has the agent run here?)")
+    now = time.time() if now is None else now
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5.0)
+    try:
+        tables = _tables(db)
+        report = StatusReport(database=database)
+        if "studies" in tables:
+            report.studies = dict(
+                db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+            )
+        if "outbox" in tables:
+            count, oldest = db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+            report.outbox = count
+            report.outbox_oldest_seconds = None if oldest is None else max(0.0, now - oldest)
+            if "triage" in _columns(db, "outbox"):
+                (report.outbox_urgent,) = db.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE triage = 'urgent'"
+                ).fetchone()
+        if "alerts" in tables:
+            (report.alerts_waiting,) = db.execute(
+                "SELECT COUNT(*) FROM alerts WHERE state IN ('pending', 'unacknowledged')"
+            ).fetchone()
+        if "counters" in tables:
+            report.counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        if "files" in tables:
+            (report.rejected,) = db.execute(
+                "SELECT COUNT(*) FROM files WHERE status = 'rejected'"
+            ).fetchone()
+            report.last_rejected = [
+                {"at": _iso(at), "path": path, "reason": reason}
+                for path, reason, at in db.execute(
+                    "SELECT path, reason, seen_at FROM files WHERE status = 'rejected' "
+                    "ORDER BY seen_at DESC LIMIT ?",
+                    (last,),
+                )
+            ]
+        if "results" in tables:
+            rows = db.execute(
+                "SELECT r.study_instance_uid, r.revision, r.triage, r.payload, r.created_at, "
+                "COALESCE(s.modality, '') FROM results r LEFT JOIN studies s "
+                "ON s.study_instance_uid = r.study_instance_uid "
+                "ORDER BY r.created_at DESC LIMIT ?",
+                (last,),
+            ).fetchall()
+            for uid, revision, triage, payload, created, modality in rows:
+                code, score = _top_finding(payload)
+                report.last_results.append(
+                    {
+                        "at": _iso(created),
+                        "study_instance_uid": uid,
+                        "revision": revision,
+                        "modality": modality,
+                        "triage": triage,
+                        "top_finding": code,
+                        "top_score": score,
+                    }
+                )
+        return report
+    finally:
+        db.close()
+
+
+def format_status(report: StatusReport) -> str:
+    s = report.studies
+    lines = [
+        f"state      {report.database}",
+        f"studies    open {s.get('open', 0)}, complete (waiting to be scored) "
+        f"{s.get('complete', 0)}, scored {s.get('scored', 0)}",
+    ]
+    age = (
+        f", oldest {report.outbox_oldest_seconds:.0f} s"
+        if report.outbox_oldest_seconds is not None
+        else ""
+    )
+    lines.append(
+        f"outbox     {report.outbox} message(s) waiting for the broker"
+        f"{age}; urgent among them {report.outbox_urgent}"
+    )
+    lines.append(f"alerts     {report.alerts_waiting} urgent result(s) not acknowledged yet")
+    if report.counters:
+        lines.append(
+            "counters   " + ", ".join(f"{k} {v}" for k, v in sorted(report.counters.items()))
+        )
+    lines.append(f"rejected   {report.rejected} file(s)")
+    for r in report.last_rejected:
+        lines.append(f"  {r['at']}  {r['path']}: {r['reason']}")
+    lines.append("last results" if report.last_results else "last results: none yet")
+    for r in report.last_results:
+        top = (
+            f"{r['top_finding']} {r['top_score']:.2f}"
+            if r["top_finding"] is not None and r["top_score"] is not None
+            else ""
+        )
+        lines.append(
+            f"  {r['at']}  {r['triage']:<10} {r['modality']:<3} rev {r['revision']}  "
+            f"{r['study_instance_uid']}  {top}".rstrip()
+        )
+    return "\n".join(lines)
