@@ -42,10 +42,6 @@ def _tables(db: sqlite3.Connection) -> set[str]:
     return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-
-
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -80,9 +76,10 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             count, oldest = db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
             report.outbox = count
             report.outbox_oldest_seconds = None if oldest is None else max(0.0, now - oldest)
-            if "triage" in _columns(db, "outbox"):
+            if "results" in tables:  # a message's level is its result's
                 (report.outbox_urgent,) = db.execute(
-                    "SELECT COUNT(*) FROM outbox WHERE triage = 'urgent'"
+                    "SELECT COUNT(*) FROM outbox o JOIN results r ON r.alert_id = o.alert_id "
+                    "WHERE r.triage = 'urgent'"
                 ).fetchone()
         if "alerts" in tables:
             (report.alerts_waiting,) = db.execute(

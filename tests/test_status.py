@@ -43,7 +43,7 @@ def state(tmp_path: Path) -> Path:
         store.complete_quiet_studies(10.0, now=200.0)
         study = store.study("1.2.3")
         assert study is not None
-        message = Message("result", "p/study/1.2.3", result_payload("urgent"), "alert-1", "urgent")
+        message = Message("result", "p/study/1.2.3", result_payload("urgent"), "alert-1")
         assert store.commit_result(
             study, "urgent", message, {"1.2.3.1": ("scored", None)}, [], 201.0
         )
