@@ -1,0 +1,118 @@
+"""Prometheus metrics for fleets that scrape (off by default: ``metrics.port = 0``).
+
+Every scrape reads the state database read-only (:func:`edge_agent.status.read_status`, the
+same view as ``edge-agent status``), so the figures are what is durably true, survive
+restarts, and need no bookkeeping in the daemon's threads. The process collector adds
+memory and CPU. Labels carry levels and states only: no UIDs, no patient data.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .errors import ResourceMissing
+from .status import read_status
+
+PREFIX = "edge_triage"
+
+
+def _name(counter: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", counter).strip("_").lower()
+
+
+class StateCollector(Collector):
+    """Gauges and counters from the state database, read at scrape time."""
+
+    def __init__(self, database: Path, info: dict[str, str] | None = None) -> None:
+        self.database = database
+        self.info = dict(info or {})
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            f"{PREFIX}_state_readable", "1 when the state database could be read at this scrape"
+        )
+        try:
+            report = read_status(self.database, last=0)
+            results = self._results_by_level()
+        except (ResourceMissing, sqlite3.Error, OSError):
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        if self.info:
+            info = GaugeMetricFamily(
+                f"{PREFIX}_model_info", "The loaded model (value 1)", labels=sorted(self.info)
+            )
+            info.add_metric([self.info[k] for k in sorted(self.info)], 1.0)
+            yield info
+        studies = GaugeMetricFamily(
+            f"{PREFIX}_studies", "Studies in the state database by state", labels=["state"]
+        )
+        for state in ("open", "complete", "scored"):
+            studies.add_metric([state], float(report.studies.get(state, 0)))
+        yield studies
+        by_level = CounterMetricFamily(
+            f"{PREFIX}_results", "Results committed, by triage level", labels=["triage"]
+        )
+        for level in ("urgent", "review", "routine", "not_scored"):
+            by_level.add_metric([level], float(results.get(level, 0)))
+        yield by_level
+        yield _gauge("outbox_messages", "Messages waiting for the broker's PUBACK", report.outbox)
+        yield _gauge("outbox_urgent_messages", "Urgent results among them", report.outbox_urgent)
+        yield _gauge(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest waiting message (0 when none)",
+            report.outbox_oldest_seconds or 0.0,
+        )
+        yield _gauge(
+            "alerts_unacknowledged",
+            "Urgent results no dashboard has acknowledged yet",
+            report.alerts_waiting,
+        )
+        rejected = CounterMetricFamily(f"{PREFIX}_rejected_files", "Input files rejected")
+        rejected.add_metric([], float(report.rejected))
+        yield rejected
+        for key, value in sorted(report.counters.items()):
+            counter = CounterMetricFamily(f"{PREFIX}_{_name(key)}", f"Agent counter '{key}'")
+            counter.add_metric([], float(value))
+            yield counter
+
+    def _results_by_level(self) -> dict[str, int]:
+        db = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=5.0)
+        try:
+            return dict(db.execute("SELECT triage, COUNT(*) FROM results GROUP BY triage"))
+        except sqlite3.OperationalError:  # no results table yet
+            return {}
+        finally:
+            db.close()
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(f"{PREFIX}_{name}", documentation)
+    g.add_metric([], float(value))
+    return g
+
+
+def registry_for(database: Path, info: dict[str, str] | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(database, info))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def start_metrics_server(
+    database: Path, port: int, address: str, info: dict[str, str] | None = None
+) -> Any:
+    """Serve ``/metrics`` on ``address:port`` in a daemon thread; returns the server (call
+    ``shutdown()`` to stop it)."""
+    server, _thread = start_http_server(port, addr=address, registry=registry_for(database, info))
+    return server

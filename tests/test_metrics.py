@@ -1,0 +1,55 @@
+"""The Prometheus endpoint: scraped over real HTTP, figures read from the state database."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from test_status import state  # noqa: F401  (the fixture: one urgent result, one reject)
+
+from edge_agent.devbroker import free_port
+from edge_agent.metrics import start_metrics_server
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_endpoint_serves_the_state_database(state: Path) -> None:  # noqa: F811
+    port = free_port()
+    info = {"model": "demo", "version": "1", "precision": "fp32", "provider": "CPU"}
+    server = start_metrics_server(state / "state.sqlite3", port, "127.0.0.1", info)
+    try:
+        got = scrape(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got[("edge_triage_state_readable", ())] == 1.0
+    assert got[("edge_triage_studies", (("state", "scored"),))] == 1.0
+    assert got[("edge_triage_studies", (("state", "complete"),))] == 1.0
+    assert got[("edge_triage_results_total", (("triage", "urgent"),))] == 1.0
+    assert got[("edge_triage_results_total", (("triage", "routine"),))] == 0.0
+    assert got[("edge_triage_outbox_messages", ())] == 1.0
+    assert got[("edge_triage_outbox_urgent_messages", ())] == 1.0
+    assert got[("edge_triage_rejected_files_total", ())] == 1.0
+    assert got[("edge_triage_model_info", tuple(sorted(info.items())))] == 1.0
+    assert ("process_resident_memory_bytes", ()) in got
+    assert not any("1.2.3" in str(key) for key in got)  # no UIDs in labels
+
+
+def test_an_unreadable_database_is_a_metric_not_an_error(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_metrics_server(tmp_path / "missing.sqlite3", port, "127.0.0.1")
+    try:
+        got = scrape(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got[("edge_triage_state_readable", ())] == 0.0
