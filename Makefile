@@ -30,6 +30,7 @@ lint: $(VENV)/.stamp-dev
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/intake.py
+	$(PY) benchmarks/delivery.py
 	$(PY) benchmarks/encoder.py
 
 demo-bundle: $(VENV)/.stamp-dev

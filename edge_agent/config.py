@@ -63,6 +63,25 @@ class MqttSettings(_Section):
     status_interval_seconds: float = Field(
         default=60.0, gt=0, description="How often the retained status message is refreshed."
     )
+    outbox_max_messages: int = Field(
+        default=10000,
+        ge=10,
+        description=(
+            "Outbox cap. When full, the oldest routine, not_scored and rejected-file messages "
+            "are dropped first, then review results; urgent results never are."
+        ),
+    )
+    renotify_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Publish an unacknowledged urgent result again (same alert_id, notify_count + 1) "
+            "this long after its last delivery; 0 turns re-notification off."
+        ),
+    )
+    renotify_limit: int = Field(
+        default=5, ge=1, description="At most this many re-notifications of one urgent result."
+    )
 
     @field_validator("topic_prefix")
     @classmethod
@@ -75,6 +94,11 @@ class MqttSettings(_Section):
     def _tls_pair(self) -> MqttSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            # Without tls_ca the client would connect in plain TCP and ignore the certificate.
+            raise ValueError("tls_ca is required when tls_cert/tls_key are set")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username (a password alone is never sent)")
         return self
 
     def password(self) -> str | None:
@@ -181,6 +205,29 @@ class PhiSettings(_Section):
         default=False,
         description="Put AccessionNumber in results (needed by some worklists). Off by default.",
     )
+
+
+class MetricsSettings(_Section):
+    port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port; 0 (default) serves no metrics.",
+    )
+    bind_address: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics endpoint listens on; 127.0.0.1 keeps it on the box "
+        "(a local exporter or SSH tunnel); 0.0.0.0 for a fleet scraper on the network.",
+    )
+
+    @field_validator("bind_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IP address") from exc
+        return v
 
 
 def ae_title(value: str) -> str:
@@ -305,6 +352,7 @@ class Settings(BaseSettings):
     phi: PhiSettings = Field(default_factory=PhiSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     scp: ScpSettings = Field(default_factory=ScpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     _toml_file: ClassVar[Path | None] = None
 
@@ -360,6 +408,7 @@ def _unknown_env_keys(environ: Mapping[str, str]) -> list[str]:
         "PHI": PhiSettings,
         "SELECTION": SelectionSettings,
         "SCP": ScpSettings,
+        "METRICS": MetricsSettings,
     }
     bad = []
     for key in environ:

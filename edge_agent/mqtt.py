@@ -16,7 +16,14 @@ republishes rows whose PUBACK is overdue and refreshes the retained status. Neit
 holds our lock while calling into paho, so the lock order is never inverted.
 
 Delivery is at least once: a row can be published again after a reconnect, an overdue
-PUBACK or a failed delete, and receivers dedup on ``alert_id``. paho keeps unacknowledged
+PUBACK or a failed delete, and receivers dedup on ``alert_id`` (and ``notify_count`` for
+re-notifications). Order per study holds: the store offers a study topic's next row only
+once the one before has been acknowledged and deleted, so every copy of revision n is
+handed to paho (whose queue is FIFO) before revision n+1.
+
+Broker outages: paho's network thread reconnects with back-off (``reconnect_delay_set``:
+1 s doubling to :data:`RECONNECT_MAX_SECONDS`, reset on each CONNACK); rows queued
+meanwhile wait in the outbox and drain after the reconnect. paho keeps unacknowledged
 QoS 1 messages in memory and resends them itself after a reconnect; the outbox is what
 survives a restart of the process.
 """
@@ -64,7 +71,11 @@ class Outbox(Protocol):
     """What the publisher needs from the store. Every method must be thread-safe."""
 
     def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
-        """Up to ``limit`` rows, oldest first, whose ids are not in ``exclude``."""
+        """Up to ``limit`` rows, oldest first, whose ids are not in ``exclude``.
+
+        To keep a study's messages in order, the store offers only the oldest row of each
+        study topic; rows in ``exclude`` (in flight, being deleted, held after a refusal)
+        still count as that oldest row, so the next revision waits for their PUBACK."""
         ...
 
     def outbox_delete(self, message_id: int) -> None:
@@ -199,6 +210,9 @@ class Publisher:
         self._drain_thread: threading.Thread | None = None
         self._loop_death_logged = False
         self._stopped = False
+        self.last_error: str | None = None
+        """The latest delivery problem (connection lost or refused, publish refused), with
+        its UTC time; for the status message."""
 
     # -- public API ----------------------------------------------------------------------
 
@@ -423,6 +437,7 @@ class Publisher:
         thread = self._paho_thread
         if thread is not None and not thread.is_alive() and not self._loop_death_logged:
             self._loop_death_logged = True
+            self._error("paho's network thread has died")
             logger.error("paho's network thread has died: nothing is delivered until a restart")
 
     def _drain_once(self) -> None:
@@ -479,6 +494,7 @@ class Publisher:
     ) -> None:
         try:
             if reason_code.is_failure:
+                self._error(f"broker refused the connection: {reason_code}")
                 if not self._refused_logged:
                     logger.error(
                         "MQTT broker %s:%d refused the connection: %s; retrying",
@@ -513,6 +529,7 @@ class Publisher:
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
             self._connect_failures += 1
+            self._error(f"cannot connect to {self._host}:{self._port}")
             if self._connect_failures == 1:
                 logger.warning(
                     "cannot connect to MQTT broker %s:%d; retrying with back-off up to %d s",
@@ -541,6 +558,7 @@ class Publisher:
             if self._stopped:
                 logger.debug("disconnected from the MQTT broker")
             elif was_connected:
+                self._error(f"lost the broker ({reason_code})")
                 logger.warning(
                     "lost the MQTT broker %s:%d (%s); reconnecting",
                     self._host,
@@ -611,6 +629,7 @@ class Publisher:
         with self._settled:
             count = self._refusals.get(message.id, 0) + 1
             self._refusals[message.id] = count
+            self._error(f"broker refused a publish: {reason_code}")
             delay = min(self._resend_after * 2 ** (count - 1), RETRY_MAX_SECONDS)
             self._held[message.id] = time.monotonic() + delay
             self._settled.notify_all()
@@ -686,6 +705,9 @@ class Publisher:
         logger.debug("ignoring a message on an unexpected topic")
 
     # -- logging helpers -----------------------------------------------------------------
+
+    def _error(self, what: str) -> None:
+        self.last_error = f"{_utc_now()} {what}"
 
     def _describe(self, message: OutboxMessage) -> str:
         """'study result <uid> (alert <id>, outbox #n)' — never payload contents."""

@@ -96,6 +96,13 @@ class StudyResult(_Payload):
         description="Stable for (StudyInstanceUID, revision, model sha256): dedup on it."
     )
     revision: int = Field(ge=1, description="1, 2, ... when late instances re-open a study.")
+    notify_count: int = Field(
+        default=1,
+        ge=1,
+        description="1 on the first publication; 2, 3, ... when an unacknowledged urgent result "
+        "is published again (same alert_id, otherwise the same content). Added in schema v1 as "
+        "an optional field: absent means 1.",
+    )
     study_instance_uid: str
     accession_number: str | None = Field(
         description="Null unless the site's PHI policy allows publishing it."
@@ -120,6 +127,17 @@ class StudyResult(_Payload):
             self.model_dump(mode="json", by_alias=True), separators=(",", ":")
         ).encode()
 
+    def renotification(self, notify_count: int) -> StudyResult:
+        """The same result, published again as notification number ``notify_count``."""
+        return StudyResult.model_validate(
+            {**self.model_dump(by_alias=True), "notify_count": notify_count}
+        )
+
+
+# Fields added to v1 after its first release: always written, but optional for receivers
+# (payloads from earlier agents lack them).
+_ADDED_IN_V1 = ("notify_count",)
+
 
 def alert_id(study_instance_uid: str, revision: int, model_sha256: str) -> str:
     """Deterministic: the same study, revision and model always give the same id."""
@@ -129,6 +147,7 @@ def alert_id(study_instance_uid: str, revision: int, model_sha256: str) -> str:
 
 def json_schema() -> dict:
     schema = StudyResult.model_json_schema(by_alias=True, mode="serialization")
+    schema["required"] = [k for k in schema["required"] if k not in _ADDED_IN_V1]
     schema["$id"] = SCHEMA_ID
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

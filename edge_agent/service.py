@@ -27,6 +27,7 @@ from .errors import ConfigError, EdgeTriageError, InputRejected
 from .intake.header import Skipped, read_header
 from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
+from .logs import fields
 from .mqtt import Publisher
 from .notify import Notifier
 from .profiles import Profile, resolve_profile
@@ -80,7 +81,10 @@ class Agent:
         self.bundle = self.components.bundle
         self.profile = self.components.profile
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.state_dir / "state.sqlite3")
+        self.store = Store(
+            settings.state_dir / "state.sqlite3",
+            outbox_max_messages=settings.mqtt.outbox_max_messages,
+        )
         self.runner: Runner = open_runner(
             self.bundle, self.profile, cache_dir=settings.state_dir / "engine-cache"
         )
@@ -118,7 +122,10 @@ class Agent:
             settings, self.store, status=self.status_fields, on_ack=self._on_ack
         )
         self.notifier = Notifier()
+        self._summary = "starting"
+        self._metrics: Any = None
         self.last_error: str | None = None
+        self._healthy = True
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
 
@@ -134,11 +141,50 @@ class Agent:
             profile=self.profile.name,
             agent_version=__version__,
             last_error=self.last_error,
+            mqtt_last_error=self.publisher.last_error,
         )
         return fields
 
     def _on_ack(self, study_instance_uid: str, ack: dict[str, Any]) -> None:
-        logger.info("acknowledged: study %s alert %s", study_instance_uid, ack.get("alert_id"))
+        """A dashboard's ack (paho's network thread): recorded in the store."""
+        by, at = ack.get("by"), ack.get("at")
+        outcome = self.store.acknowledge(
+            study_instance_uid,
+            ack["alert_id"],
+            by if isinstance(by, str) else None,
+            at if isinstance(at, str) else None,
+        )
+        logger.info("ack for study %s alert %s: %s", study_instance_uid, ack["alert_id"], outcome)
+
+    def _renotify(self) -> None:
+        """Queue the unacknowledged urgent results that are due again (mqtt.renotify_*)."""
+        every = self.settings.mqtt.renotify_seconds
+        if every > 0 and self.store.enqueue_renotifications(
+            time.time(), every, self.settings.mqtt.renotify_limit
+        ):
+            self.publisher.wake()
+
+    def _watch_health(self) -> None:
+        """Log (once per change) when a thread of the daemon has died or came back."""
+        healthy = self.healthy()
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        if healthy:
+            logger.info("all threads healthy again")
+            self.notifier.status(self._summary)
+            return
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if not self.publisher.healthy():
+            dead.append("MQTT publisher")
+        if self.receiver is not None and not self.receiver.healthy():
+            dead.append("C-STORE receiver")
+        self.last_error = f"not healthy: {', '.join(dead)} stopped"
+        self.notifier.status(f"NOT HEALTHY: {', '.join(dead)} stopped; watchdog pings stopped")
+        logger.error(
+            "%s; watchdog pings stop (systemd restarts the agent where WatchdogSec is set)",
+            self.last_error,
+        )
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -276,6 +322,14 @@ class Agent:
                 f", top {top.code} {top.score:.3f}" if top else f", {result.reason}",
                 result.alert_id,
                 result.timing.inference_ms,
+                extra=fields(
+                    study_uid=uid,
+                    alert_id=result.alert_id,
+                    revision=result.revision,
+                    triage=result.triage,
+                    stage="score",
+                    duration_ms=round(result.timing.inference_ms or 0.0, 1),
+                ),
             )
             self.publisher.wake()
         else:
@@ -313,6 +367,8 @@ class Agent:
         if self.receiver is not None:
             self.receiver.start()  # binds first: a busy port stops the start with its key
         self.publisher.start()
+        if self.settings.metrics.port:
+            self._start_metrics()
         self._threads = [
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
             threading.Thread(target=self._scoring_loop, name="scoring", daemon=True),
@@ -334,20 +390,54 @@ class Agent:
                 "set 'bundle' to a real engine bundle",
                 model.name,
             )
+        self._summary = summary
         self.notifier.ready(summary)
         self.started.set()
         ping = self.notifier.watchdog_interval()
-        while not self._stop.wait(ping or 1.0):
-            if ping and self.healthy():
+        next_ping = 0.0
+        while not self._stop.wait(min(ping or 1.0, 1.0)):
+            try:
+                self._renotify()
+            except Exception as exc:  # the store failed; next second tries again
+                self.last_error = f"renotify: {type(exc).__name__}: {exc}"
+                logger.exception("queueing re-notifications failed")
+            self._watch_health()
+            if ping and time.monotonic() >= next_ping and self._healthy:
                 self.notifier.watchdog()
+                next_ping = time.monotonic() + ping
         self._shutdown()
 
     def stop(self) -> None:
         self._stop.set()
         self.watcher.wake()
 
+    def _start_metrics(self) -> None:
+        from .metrics import start_metrics_server
+
+        cfg = self.settings.metrics
+        model = self.bundle.manifest.model
+        info = {
+            "model": model.name,
+            "version": model.version,
+            "precision": self.bundle.manifest.precision,
+            "provider": str(self.runner.provider),
+            "demo": str(model.demo).lower(),
+        }
+        try:
+            self._metrics = start_metrics_server(
+                self.settings.state_dir / "state.sqlite3", cfg.port, cfg.bind_address, info
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "metrics.port", f"cannot serve metrics on {cfg.bind_address}:{cfg.port}: {exc}"
+            ) from exc
+        logger.info("Prometheus metrics on http://%s:%d/metrics", cfg.bind_address, cfg.port)
+
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         if self.receiver is not None:  # first: no instance is taken that is not on disk
             self.receiver.stop(timeout=SCP_STOP_SECONDS)

@@ -8,7 +8,19 @@ either the state before the step or after it:
 * an instance is recorded together with its file and its study's quiet timer;
 * a reject is recorded together with its ``P/rejected`` message;
 * a result is recorded together with its outbox message and the study's new state;
-* an outbox message leaves only when the broker has acknowledged it (PUBACK).
+* an outbox message leaves only when the broker has acknowledged it (PUBACK), or when the
+  outbox is full and the message is a droppable one (below).
+
+The outbox keeps per-study order: the publisher is only ever given the oldest message of a
+study topic, so revision n is acknowledged before revision n+1 (or a re-notification) is
+handed to the broker. It is capped at ``outbox_max_messages``: when full, the oldest
+``routine`` and ``not_scored`` results and rejected-file messages are dropped first, then
+``review`` results; ``urgent`` results and their re-notifications are never dropped (the
+outbox then grows past its cap). Each drop is logged and counted.
+
+``alerts`` holds the state of every urgent result: delivered when, notified how often,
+acknowledged by whom. Re-notifications are queued from it into the outbox in one
+transaction, so a crash loses neither the schedule nor a re-notification.
 
 Each thread gets its own connection. Times are Unix seconds (``time.time()``).
 """
@@ -19,15 +31,20 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from .results import StudyResult
+
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+OUTBOX_NEAR_CAP = 0.8
+"""Depth, as a fraction of ``outbox_max_messages``, from which status and log say "near cap"."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,12 +99,45 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL DEFAULT 1,
     alert_id TEXT,
+    created_at REAL NOT NULL,
+    triage TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_topic ON outbox (topic, id);
+CREATE INDEX IF NOT EXISTS outbox_alert ON outbox (alert_id);
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'acknowledged', 'superseded', 'unacknowledged')),
+    notify_count INTEGER NOT NULL DEFAULT 1,
+    last_notified_at REAL,
+    acked_by TEXT,
+    acked_at TEXT,
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS alerts_study ON alerts (study_instance_uid, revision);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+_MIGRATIONS = {
+    # 1 -> 2: outbox messages carry their triage level (the cap policy needs it).
+    1: (
+        "ALTER TABLE outbox ADD COLUMN triage TEXT",
+        "UPDATE outbox SET triage = (SELECT triage FROM results "
+        "WHERE results.alert_id = outbox.alert_id) WHERE kind = 'result'",
+    ),
+}
+
+# What the cap drops, in this order (oldest first within each class); never urgent.
+_DROP_CLASSES = (
+    "kind = 'rejected' OR triage IN ('routine', 'not_scored')",
+    "triage = 'review'",
+)
+
 FileStatus = Literal["accepted", "duplicate", "rejected", "skipped"]
+AckOutcome = Literal["acknowledged", "already acknowledged", "superseded", "not an urgent alert"]
 View = Literal["frontal", "lateral", "unknown", "other"]
 
 
@@ -137,34 +187,52 @@ class InstanceRow:
 class Message(NamedTuple):
     """An outbox message to enqueue in the same transaction as the state it reports."""
 
-    kind: Literal["result", "rejected"]
+    kind: Literal["result", "renotify", "rejected"]
     topic: str
     payload: bytes
     alert_id: str | None = None
+    triage: str | None = None  # of a result; what the outbox cap may drop
+
+
+def _drop_rank(msg: Message) -> int | None:
+    """Index of ``msg``'s class in :data:`_DROP_CLASSES`; None: never dropped."""
+    if msg.kind == "rejected" or msg.triage in ("routine", "not_scored"):
+        return 0
+    return 1 if msg.triage == "review" else None
 
 
 class Store:
     """Thread-safe access to the state database (one connection per thread)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, outbox_max_messages: int = 10000) -> None:
         self.path = path
+        self.outbox_max_messages = outbox_max_messages
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._near_cap = False
+        self._over_cap_logged = False
         conn = self._conn()
         conn.executescript(_SCHEMA)
         with self._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                c.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) != SCHEMA_VERSION:
+            version = SCHEMA_VERSION if row is None else int(row[0])
+            if version > SCHEMA_VERSION or (
+                version < SCHEMA_VERSION and version not in _MIGRATIONS
+            ):
                 raise RuntimeError(
                     f"state database {path} has schema {row[0]}, this agent knows {SCHEMA_VERSION}"
                 )
+            while version < SCHEMA_VERSION:
+                for sql in _MIGRATIONS[version]:
+                    c.execute(sql)
+                version += 1
+                logger.info("state database %s migrated to schema %d", path, version)
+            c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -203,12 +271,95 @@ class Store:
         self._local = threading.local()
 
     @staticmethod
-    def _enqueue(conn: sqlite3.Connection, msg: Message, now: float) -> None:
+    def _count(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
         conn.execute(
-            "INSERT INTO outbox (kind, topic, payload, qos, alert_id, created_at) "
-            "VALUES (?, ?, ?, 1, ?, ?)",
-            (msg.kind, msg.topic, msg.payload, msg.alert_id, now),
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
         )
+
+    def _enqueue(self, conn: sqlite3.Connection, msg: Message, now: float) -> None:
+        """Queue ``msg``; when the outbox is full, first drop what the cap policy allows.
+
+        The new message is the newest of its class: it is dropped itself only when nothing
+        older of its class, or of a class dropped before it, is left.
+        """
+        cap = self.outbox_max_messages
+        depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        need = depth + 1 - cap  # messages to drop so that the new one fits
+        for rank, where in enumerate(_DROP_CLASSES):
+            if need <= 0:
+                break
+            victims = conn.execute(
+                f"SELECT id, kind, topic, alert_id, triage FROM outbox WHERE {where} "
+                "ORDER BY id LIMIT ?",
+                (need,),
+            ).fetchall()
+            for victim_id, kind, topic, alert, triage in victims:
+                conn.execute("DELETE FROM outbox WHERE id = ?", (victim_id,))
+                self._dropped(conn, kind, topic, alert, triage, f"oldest, outbox #{victim_id}")
+            need -= len(victims)
+            depth -= len(victims)
+            if need > 0 and _drop_rank(msg) == rank:
+                self._dropped(conn, msg.kind, msg.topic, msg.alert_id, msg.triage, "new")
+                return
+        if need > 0:
+            if not self._over_cap_logged:
+                logger.error(
+                    "outbox over its cap (%d messages, cap %d) and only urgent results are "
+                    "left: nothing dropped",
+                    depth + 1,
+                    cap,
+                )
+            self._over_cap_logged = True
+        else:
+            self._over_cap_logged = False
+        conn.execute(
+            "INSERT INTO outbox (kind, topic, payload, qos, alert_id, created_at, triage) "
+            "VALUES (?, ?, ?, 1, ?, ?, ?)",
+            (msg.kind, msg.topic, msg.payload, msg.alert_id, now, msg.triage),
+        )
+        self._note_depth(depth + 1)
+
+    def _dropped(
+        self,
+        conn: sqlite3.Connection,
+        kind: str,
+        topic: str,
+        alert: str | None,
+        triage: str | None,
+        which: str,
+    ) -> None:
+        self._count(conn, "outbox_dropped")
+        if kind == "rejected":
+            what = "rejected-file message"
+        else:
+            what = f"{triage} study result {topic.rsplit('/', 1)[-1]} (alert {alert})"
+        logger.warning(
+            "outbox full (cap %d): dropped the %s (%s)", self.outbox_max_messages, what, which
+        )
+
+    def _note_depth(self, depth: int) -> bool:
+        """Log when the outbox crosses :data:`OUTBOX_NEAR_CAP` of its cap; True when near."""
+        near = depth >= OUTBOX_NEAR_CAP * self.outbox_max_messages
+        with self._lock:
+            changed, self._near_cap = near != self._near_cap, near
+        if changed and near:
+            logger.warning(
+                "outbox near its cap: %d messages of %d (%.0f%%); the oldest non-urgent "
+                "messages are dropped when it is full",
+                depth,
+                self.outbox_max_messages,
+                100 * depth / self.outbox_max_messages,
+            )
+        elif changed:
+            logger.info(
+                "outbox below %.0f%% of its cap again (%d messages of %d)",
+                100 * OUTBOX_NEAR_CAP,
+                depth,
+                self.outbox_max_messages,
+            )
+        return near
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -397,17 +548,137 @@ class Store:
                 [(state, reason, uid) for uid, (state, reason) in instance_states.items()],
             )
             if inserted:
-                self._enqueue(c, result, now)
+                self._supersede_alerts(c, study.study_instance_uid, study.revision)
+                self._enqueue(c, result._replace(triage=triage), now)
+                if triage == "urgent":
+                    c.execute(
+                        "INSERT INTO alerts (alert_id, study_instance_uid, revision, topic, "
+                        "state, created_at) VALUES (?, ?, ?, ?, 'pending', ?)",
+                        (
+                            result.alert_id,
+                            study.study_instance_uid,
+                            study.revision,
+                            result.topic,
+                            now,
+                        ),
+                    )
                 for msg in rejects:
                     self._enqueue(c, msg, now)
             return True
 
+    @staticmethod
+    def _supersede_alerts(conn: sqlite3.Connection, study_instance_uid: str, revision: int) -> None:
+        """A newer revision's result replaces the re-notification of older urgent ones."""
+        older = [
+            r[0]
+            for r in conn.execute(
+                "SELECT alert_id FROM alerts WHERE study_instance_uid = ? AND revision < ? "
+                "AND state IN ('pending', 'unacknowledged')",
+                (study_instance_uid, revision),
+            )
+        ]
+        for alert in older:
+            conn.execute("UPDATE alerts SET state = 'superseded' WHERE alert_id = ?", (alert,))
+            conn.execute("DELETE FROM outbox WHERE kind = 'renotify' AND alert_id = ?", (alert,))
+            logger.info(
+                "urgent alert %s of study %s superseded by revision %d: not re-notified any more",
+                alert,
+                study_instance_uid,
+                revision,
+            )
+
+    # -- alerts: acknowledgement and re-notification ----------------------------------------
+
+    def acknowledge(
+        self, study_instance_uid: str, alert_id: str, by: str | None, at: str | None
+    ) -> AckOutcome:
+        """Record a dashboard's ack of ``alert_id``; it stops that alert's re-notification
+        (and drops a queued one). An ack names one alert: an older revision's alert_id does
+        not silence a newer one."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT state FROM alerts WHERE alert_id = ? AND study_instance_uid = ?",
+                (alert_id, study_instance_uid),
+            ).fetchone()
+            if row is None:
+                return "not an urgent alert"
+            if row[0] == "acknowledged":
+                return "already acknowledged"
+            c.execute(
+                "UPDATE alerts SET acked_by = ?, acked_at = ? WHERE alert_id = ?",
+                (by, at, alert_id),
+            )
+            if row[0] == "superseded":
+                return "superseded"
+            c.execute("UPDATE alerts SET state = 'acknowledged' WHERE alert_id = ?", (alert_id,))
+            c.execute("DELETE FROM outbox WHERE kind = 'renotify' AND alert_id = ?", (alert_id,))
+            self._count(c, "acknowledged")
+            return "acknowledged"
+
+    def enqueue_renotifications(self, now: float, every: float, limit: int) -> int:
+        """Queue the urgent results due again: not acknowledged, last delivered at least
+        ``every`` seconds ago, nothing of theirs in the outbox, fewer than ``limit``
+        re-notifications so far. An alert past its limit is marked ``unacknowledged``
+        (logged). Returns how many were queued."""
+        queued = 0
+        with self._tx() as c:
+            due = c.execute(
+                "SELECT a.alert_id, a.study_instance_uid, a.topic, a.notify_count, r.payload "
+                "FROM alerts AS a JOIN results AS r ON r.alert_id = a.alert_id "
+                "WHERE a.state = 'pending' AND a.last_notified_at <= ? "
+                "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.alert_id = a.alert_id) "
+                "ORDER BY a.last_notified_at",
+                (now - every,),
+            ).fetchall()
+            for alert, uid, topic, count, payload in due:
+                if count > limit:
+                    c.execute(
+                        "UPDATE alerts SET state = 'unacknowledged' WHERE alert_id = ?", (alert,)
+                    )
+                    logger.warning(
+                        "urgent alert %s of study %s not acknowledged after %d notifications; "
+                        "not re-notified any more",
+                        alert,
+                        uid,
+                        count,
+                    )
+                    continue
+                again = StudyResult.model_validate_json(payload).renotification(count + 1)
+                self._enqueue(
+                    c, Message("renotify", topic, again.to_json_bytes(), alert, "urgent"), now
+                )
+                c.execute(
+                    "UPDATE alerts SET notify_count = ? WHERE alert_id = ?", (count + 1, alert)
+                )
+                logger.info(
+                    "urgent alert %s of study %s not acknowledged: notification %d queued",
+                    alert,
+                    uid,
+                    count + 1,
+                )
+                queued += 1
+        return queued
+
+    def alert(self, alert_id: str) -> dict[str, object] | None:
+        """An urgent alert's state (for status and tests)."""
+        cur = self._conn().execute(
+            "SELECT alert_id, study_instance_uid, revision, state, notify_count, "
+            "last_notified_at, acked_by, acked_at FROM alerts WHERE alert_id = ?",
+            (alert_id,),
+        )
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
     # -- outbox (edge_agent.mqtt.Outbox) ----------------------------------------------------
 
     def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
+        """The oldest messages, but of each study topic only its oldest message: the next
+        one is offered once that one has left (PUBACK), so a study's messages reach the
+        broker in order. Rejected-file messages are not ordered."""
         excluded = set(exclude)
         rows = self._conn().execute(
-            "SELECT id, topic, payload, qos FROM outbox ORDER BY id LIMIT ?",
+            "SELECT id, topic, payload, qos FROM outbox AS o WHERE kind = 'rejected' "
+            "OR id = (SELECT min(id) FROM outbox WHERE topic = o.topic) ORDER BY id LIMIT ?",
             (limit + len(excluded),),
         )
         out = [OutboxMessage(i, t, bytes(p), q) for i, t, p, q in rows if i not in excluded]
@@ -415,15 +686,25 @@ class Store:
 
     def outbox_delete(self, message_id: int) -> None:
         with self._tx() as c:
-            row = c.execute("SELECT kind FROM outbox WHERE id = ?", (message_id,)).fetchone()
+            row = c.execute(
+                "SELECT kind, alert_id FROM outbox WHERE id = ?", (message_id,)
+            ).fetchone()
             if row is None:
                 return
             c.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
-            c.execute(
-                "INSERT INTO counters (name, value) VALUES (?, 1) "
-                "ON CONFLICT (name) DO UPDATE SET value = value + 1",
-                (f"published_{row[0]}",),
-            )
+            self._count(c, f"published_{row[0]}")
+            if row[1] is not None:  # an urgent alert's re-notification clock starts now
+                c.execute(
+                    "UPDATE alerts SET last_notified_at = ? WHERE alert_id = ? "
+                    "AND state = 'pending'",
+                    (time.time(), row[1]),
+                )
+
+    def outbox_messages(self) -> list[OutboxMessage]:
+        """Every queued message, oldest first, whether or not it is offered yet (for
+        inspection; the publisher uses :meth:`outbox_pending`)."""
+        rows = self._conn().execute("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+        return [OutboxMessage(i, t, bytes(p), q) for i, t, p, q in rows]
 
     def outbox_depth(self) -> int:
         return int(self._conn().execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -437,13 +718,23 @@ class Store:
             return int(c.execute(sql).fetchone()[0])
 
         stored = dict(c.execute("SELECT name, value FROM counters").fetchall())
+        depth = one("SELECT count(*) FROM outbox")
         return {
             "studies_seen": one("SELECT count(*) FROM studies"),
             "studies_open": one("SELECT count(*) FROM studies WHERE state != 'scored'"),
+            "studies_scored": one("SELECT count(*) FROM studies WHERE state = 'scored'"),
             "results": one("SELECT count(*) FROM results"),
             "published": int(stored.get("published_result", 0)),
             "instances": one("SELECT count(*) FROM instances"),
             "rejected": one("SELECT count(*) FROM files WHERE status = 'rejected'"),
             "skipped": one("SELECT count(*) FROM files WHERE status = 'skipped'"),
-            "outbox_depth": one("SELECT count(*) FROM outbox"),
+            "outbox_depth": depth,
+            "outbox_max_messages": self.outbox_max_messages,
+            "outbox_near_cap": self._note_depth(depth),
+            "outbox_dropped": int(stored.get("outbox_dropped", 0)),
+            "urgent_unacknowledged": one(
+                "SELECT count(*) FROM alerts WHERE state IN ('pending', 'unacknowledged')"
+            ),
+            "renotified": int(stored.get("published_renotify", 0)),
+            "acknowledged": int(stored.get("acknowledged", 0)),
         }

@@ -89,7 +89,9 @@ def test_password_from_credentials_directory(
 
 
 def test_missing_password_file_names_the_key(tmp_path: Path) -> None:
-    s = load_settings(write(tmp_path, f'[mqtt]\npassword_file = "{tmp_path}/nope"\n'))
+    s = load_settings(
+        write(tmp_path, f'[mqtt]\nusername = "box"\npassword_file = "{tmp_path}/nope"\n')
+    )
     with pytest.raises(ConfigError) as info:
         s.mqtt.password()
     assert info.value.key == "mqtt.password_file"
@@ -98,6 +100,23 @@ def test_missing_password_file_names_the_key(tmp_path: Path) -> None:
 def test_tls_cert_needs_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, '[mqtt]\ntls_cert = "/x.pem"\n'))
+    assert info.value.key == "mqtt"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        # A client certificate without a CA would mean plain TCP with the certificate unused.
+        ('tls_cert = "/c.pem"\ntls_key = "/k.pem"\n', "tls_ca is required"),
+        # A password without a user name would silently never be sent.
+        ('password_file = "mqtt_password"\n', "password_file needs username"),
+    ],
+)
+def test_settings_that_would_silently_do_nothing_are_refused(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    with pytest.raises(ConfigError, match=words) as info:
+        load_settings(write(tmp_path, "[mqtt]\n" + text))
     assert info.value.key == "mqtt"
 
 

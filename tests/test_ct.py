@@ -531,7 +531,7 @@ def _message(alert: str, triage: str) -> Message:
 
 
 def _outbox(store: Store) -> list[str]:
-    return [json.loads(m.payload)["triage"] for m in store.outbox_pending(100, ())]
+    return [json.loads(m.payload)["triage"] for m in store.outbox_messages()]
 
 
 def test_urgent_never_drops_without_a_new_published_revision(store: Store) -> None:

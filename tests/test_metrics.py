@@ -53,3 +53,37 @@ def test_an_unreadable_database_is_a_metric_not_an_error(tmp_path: Path) -> None
         server.shutdown()
         server.server_close()
     assert got[("edge_triage_state_readable", ())] == 0.0
+
+
+def test_the_daemon_serves_metrics_when_a_port_is_configured(tmp_path: Path) -> None:
+    import time
+
+    from test_e2e import Daemon
+
+    from edge_agent.devbroker import Mosquitto
+
+    port = free_port()
+    with Mosquitto(tmp_path / "broker") as broker:
+        (tmp_path / "in").mkdir()
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'watch_dir = "{tmp_path / "in"}"\nstate_dir = "{tmp_path / "state"}"\n'
+            f'profile = "x86-cpu"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+            f"[metrics]\nport = {port}\n"
+        )
+        daemon = Daemon(config, tmp_path / "agent.log")
+        daemon.start()
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    got = scrape(port)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+                    time.sleep(0.2)
+        finally:
+            daemon.kill()
+    assert got[("edge_triage_state_readable", ())] == 1.0
+    info = [k for k in got if k[0] == "edge_triage_model_info"]
+    assert info and ("demo", "true") in info[0][1]
