@@ -292,10 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live in their own modules register themselves here (each module's
     # register(sub) adds its parser and sets func); they import torch & co. only when run.
-    from . import probe, tensorrt
+    from . import medgemma, probe, tensorrt
 
     probe.register(sub)
     tensorrt.register(sub)
+    medgemma.register(sub)
     return parser
 
 
