@@ -57,6 +57,22 @@ def _check_scp(
     config_problems.append(err)
 
 
+def cgroup_memory_max(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """This process's cgroup v2 memory limit in bytes, or None when there is none ("max")
+    or it cannot be read (cgroup v1, no /sys/fs/cgroup)."""
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            hierarchy, _, path = line.partition("::")
+            if hierarchy == "0":
+                value = (root / path.lstrip("/") / "memory.max").read_text().strip()
+                return None if value == "max" else int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def run_check(config_file: Path | None) -> int:
     from .bundle import Bundle, load_bundle
     from .config import config_errors, load_settings
@@ -82,6 +98,23 @@ def run_check(config_file: Path | None) -> int:
     try:
         profile, why = resolve_profile(settings.profile)
         _line(True, "profile", f"{profile.name} ({why}) from {profile.source}")
+        ceiling = profile.runtime.memory_max_mib
+        if ceiling is not None:
+            limit = cgroup_memory_max()
+            if limit is None:
+                # A warning, not a failure: outside systemd (a shell, a container) is fine.
+                _line(
+                    True,
+                    "memory",
+                    f"profile ceiling {ceiling} MiB is not applied to this process (no cgroup "
+                    "memory.max); systemd/install.sh --profile sets MemoryMax=",
+                )
+            else:
+                _line(
+                    True,
+                    "memory",
+                    f"cgroup MemoryMax {limit // 2**20} MiB (profile ceiling {ceiling} MiB)",
+                )
     except ConfigError as exc:
         _line(False, "profile", str(exc))
         config_problems.append(exc)

@@ -63,6 +63,13 @@ class RuntimeProfile(_Section):
     precision: Literal["fp32", "fp16", "int8"] = Field(
         default="fp32", description="Precision the device is meant to run (bundle must match)."
     )
+    memory_max_mib: int | None = Field(
+        default=None,
+        ge=256,
+        description="Memory ceiling of the whole service in MiB, applied as systemd's "
+        "MemoryMax= by systemd/install.sh --profile; edge-agent check compares it with the "
+        "running cgroup's limit. None: no ceiling.",
+    )
 
 
 class TensorRTProfile(_Section):

@@ -11,6 +11,8 @@
 #   --extra X        ONNX Runtime build to install: cpu (x86/ARM CPUs, default), gpu
 #                    (onnxruntime-gpu, x86 CUDA), none (a Jetson: install NVIDIA's
 #                    onnxruntime-gpu wheel for your JetPack into the venv yourself)
+#   --profile NAME   device profile (firmware_configs/NAME.toml) whose memory_max_mib becomes
+#                    the unit's MemoryMax= (MemoryHigh= at 90%), in a drop-in
 #   --no-start       install and enable, but do not start now
 #   --uninstall      stop and disable the service and remove what install put in place;
 #                    configuration (/etc/edge-agent) and state (/var/lib/edge-agent) stay
@@ -24,6 +26,7 @@
 #   /usr/lib/sysusers.d/edge-agent.conf             the edge-agent system user (sysusers.d)
 #   /etc/systemd/system/edge-agent.service          the hardened unit
 #   /etc/systemd/system/edge-agent.service.d/10-watch-dir.conf   ReadOnlyPaths= the watch dir
+#   /etc/systemd/system/edge-agent.service.d/20-memory.conf      MemoryMax= (with --profile)
 #   /etc/edge-agent/agent.toml                      configuration, only if none exists
 #   /etc/edge-agent/mqtt_password                   empty placeholder (mode 0600), only if none
 set -eu
@@ -31,6 +34,7 @@ set -eu
 WATCH_DIR=/srv/dicom/incoming
 EXTRA=cpu
 START=yes
+PROFILE=
 ACTION=install
 PURGE=no
 ROOT=
@@ -40,6 +44,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --watch-dir) WATCH_DIR=${2:?--watch-dir needs a folder}; shift 2 ;;
         --extra) EXTRA=${2:?--extra needs cpu, gpu or none}; shift 2 ;;
+        --profile) PROFILE=${2:?--profile needs a name}; shift 2 ;;
         --no-start) START=no; shift ;;
         --uninstall) ACTION=uninstall; shift ;;
         --purge) PURGE=yes; shift ;;
@@ -57,9 +62,16 @@ if [ "$PURGE" = yes ] && [ "$ACTION" != uninstall ]; then
 fi
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
+MEMORY_MIB=
+if [ -n "$PROFILE" ]; then
+    PROFILE_FILE="$SRC/firmware_configs/$PROFILE.toml"
+    [ -f "$PROFILE_FILE" ] || { echo "install.sh: no profile $PROFILE_FILE" >&2; exit 2; }
+    MEMORY_MIB=$(sed -n 's/^memory_max_mib *= *\([0-9][0-9]*\).*/\1/p' "$PROFILE_FILE" | head -n 1)
+fi
 VENV=/opt/edge-triage/venv
 UNIT=/etc/systemd/system/edge-agent.service
 DROPIN=/etc/systemd/system/edge-agent.service.d/10-watch-dir.conf
+MEMORY_DROPIN=/etc/systemd/system/edge-agent.service.d/20-memory.conf
 SYSUSERS=/usr/lib/sysusers.d/edge-agent.conf
 CONF_DIR=/etc/edge-agent
 STATE=/var/lib/edge-agent
@@ -79,7 +91,7 @@ fi
 
 if [ "$ACTION" = uninstall ]; then
     if [ -z "$ROOT" ] && [ -e "$UNIT" ]; then run systemctl disable --now edge-agent.service; fi
-    run rm -f "$ROOT$UNIT" "$ROOT$DROPIN" "$ROOT$SYSUSERS"
+    run rm -f "$ROOT$UNIT" "$ROOT$DROPIN" "$ROOT$MEMORY_DROPIN" "$ROOT$SYSUSERS"
     run rm -rf "$ROOT$(dirname "$DROPIN")"
     on_host systemctl daemon-reload
     if [ "$PURGE" = yes ]; then
@@ -123,6 +135,14 @@ if [ "$DRY" = no ]; then
         "$WATCH_DIR" > "$ROOT$DROPIN"
 else
     echo "+ write $ROOT$DROPIN (ReadOnlyPaths=-$WATCH_DIR)"
+fi
+if [ -n "$MEMORY_MIB" ]; then
+    if [ "$DRY" = no ]; then
+        printf '# Written by systemd/install.sh from profile %s (memory_max_mib).\n[Service]\nMemoryHigh=%sM\nMemoryMax=%sM\n' \
+            "$PROFILE" "$((MEMORY_MIB * 9 / 10))" "$MEMORY_MIB" > "$ROOT$MEMORY_DROPIN"
+    else
+        echo "+ write $ROOT$MEMORY_DROPIN (MemoryMax=${MEMORY_MIB}M)"
+    fi
 fi
 on_host systemctl daemon-reload
 on_host systemctl enable edge-agent.service

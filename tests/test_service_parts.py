@@ -151,3 +151,26 @@ def test_check_looks_for_the_tensorrt_engine_with_a_tensorrt_profile(
     out = capsys.readouterr().out
     assert "FAIL engine" in out and "TensorRT" in out
     assert "providers" not in out
+
+
+def test_cgroup_memory_limit_is_read_from_the_process_cgroup(tmp_path: Path) -> None:
+    from edge_agent.check import cgroup_memory_max
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/edge-agent.service\n")
+    group = tmp_path / "fs" / "system.slice" / "edge-agent.service"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text("3221225472\n")
+    assert cgroup_memory_max(proc, tmp_path / "fs") == 3 * 2**30
+    (group / "memory.max").write_text("max\n")
+    assert cgroup_memory_max(proc, tmp_path / "fs") is None
+    assert cgroup_memory_max(tmp_path / "absent", tmp_path / "fs") is None
+
+
+def test_every_profile_has_a_memory_ceiling() -> None:
+    for name in ("x86-cpu", "x86-cuda", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin"):
+        ceiling = resolve_profile(name)[0].runtime.memory_max_mib
+        assert ceiling is not None and ceiling >= 1024, name
+    nano = resolve_profile("jetson-orin-nano")[0].runtime.memory_max_mib
+    agx = resolve_profile("jetson-agx-orin")[0].runtime.memory_max_mib
+    assert nano is not None and agx is not None and nano < agx

@@ -148,3 +148,29 @@ def test_install_dry_run_writes_nothing_and_bad_options_are_refused(tmp_path: Pa
     assert run_install("--watch-dir", '/srv/a"b').returncode == 2
     assert run_install("--purge").returncode == 2
     assert run_install("--bogus").returncode == 2
+
+
+def test_install_applies_the_profile_memory_ceiling(tmp_path: Path) -> None:
+    from edge_agent.profiles import resolve_profile
+
+    root = tmp_path / "root"
+    root.mkdir()
+    done = run_install("--root", str(root), "--profile", "jetson-orin-nano")
+    assert done.returncode == 0, done.stderr
+    ceiling = resolve_profile("jetson-orin-nano")[0].runtime.memory_max_mib
+    assert ceiling is not None
+    memory = root / "etc/systemd/system/edge-agent.service.d/20-memory.conf"
+    text = memory.read_text()
+    assert f"MemoryMax={ceiling}M" in text and f"MemoryHigh={ceiling * 9 // 10}M" in text
+    folder = tmp_path / "u"
+    unit_copy(folder, dropin="[Service]\n")
+    (folder / "edge-agent.service.d" / "20-memory.conf").write_text(text)
+    checked = subprocess.run(
+        [analyze(), "security", "--offline=yes", str(folder / "edge-agent.service")],
+        capture_output=True,
+        text=True,
+    )
+    assert "20-memory.conf" not in checked.stderr, checked.stderr
+    assert run_install("--root", str(root), "--profile", "no-such-board").returncode == 2
+    assert run_install("--uninstall", "--root", str(root)).returncode == 0
+    assert not memory.exists()

@@ -159,7 +159,10 @@ class OnnxRuntimeRunner:
                 providers.append((name, cuda_provider_options()))
             else:
                 providers.append(name)
-        if profile.runtime.precision != bundle.manifest.precision:
+        if (
+            profile.runtime.precision != bundle.manifest.precision
+            and not bundle.manifest.model.demo
+        ):
             logger.warning(
                 "profile %s expects a %s bundle, this bundle is %s",
                 profile.name,
