@@ -36,7 +36,6 @@ log-likelihood of those tokens and its teacher-forced token agreement are record
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -53,8 +52,16 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_agent.bundle import sha256_file
-from edge_agent.errors import ConfigError, EdgeTriageError, ExtraMissing, ResourceMissing
+from edge_agent.errors import ConfigError, ExtraMissing
 
+from .checkpoint import (
+    CheckpointError,
+    read_config,
+    refuse_remote_code,
+    require_tokenizer,
+    weight_paths,
+    weights_sha256,
+)
 from .onnx_export import (
     _import_onnx,
     _import_ort,
@@ -71,7 +78,6 @@ logger = logging.getLogger(__name__)
 Weights = Literal["int4", "int8", "fp16", "fp32"]
 FORMAT = "edge-triage-medgemma/1"
 DESCRIPTION = "medgemma.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_COPY = (
     "tokenizer.json",
@@ -95,12 +101,6 @@ PROMPTS = (
 )
 
 
-class CheckpointError(EdgeTriageError):
-    """The checkpoint folder cannot be used; the message says what is wrong with it."""
-
-    exit_code = 2
-
-
 # --- 1. checkpoint --------------------------------------------------------------------------
 
 
@@ -108,22 +108,7 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's config.json, after checking the folder has what an offline load of a
     Gemma 3 multimodal model needs. Raises :class:`CheckpointError` (or
     :class:`ResourceMissing` for a missing folder) naming the missing or wrong file."""
-    if not path.exists():
-        raise ResourceMissing(f"checkpoint folder {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {path} is not a folder (give the folder save_pretrained wrote, "
-            "with config.json, model.safetensors and the tokenizer)"
-        )
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"checkpoint {path}: config.json is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: config.json is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint {path}: config.json is not a JSON object")
+    config = read_config(path)
     model_type = config.get("model_type")
     if model_type == "gemma3_text":
         raise CheckpointError(
@@ -138,32 +123,9 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
         )
     if not isinstance(config.get("vision_config"), dict):
         raise CheckpointError(f"checkpoint {path}: config.json has no vision_config")
-    if "auto_map" in config:
-        raise CheckpointError(
-            f"checkpoint {path}: config.json asks for remote code (auto_map); refusing: "
-            "an offline export runs only the installed transformers code"
-        )
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(
-            f"checkpoint {path}: no weights ({' or '.join(WEIGHT_FILES)}); the download is "
-            "incomplete"
-        )
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: model.safetensors.index.json is not valid: {exc}"
-            ) from exc
-        for shard in shards:
-            if not (path / shard).is_file():
-                raise CheckpointError(f"checkpoint {path}: weight shard {shard} is missing")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"checkpoint {path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); prompts "
-            "cannot be tokenised without it"
-        )
+    refuse_remote_code(path, config)
+    weight_paths(path)
+    require_tokenizer(path, TOKENIZER_FILES, "prompts cannot be tokenised without it")
     return config
 
 
@@ -955,9 +917,7 @@ def describe(
         "parity": parity.summary(),
         "files": {n: sha256_file(folder / n) for n in everything},
         "bytes": _sizes(folder, everything),
-        "weights_sha256": hashlib.sha256(
-            "".join(sha256_file(p) for p in sorted(ckpt.path.glob("*.safetensors"))).encode()
-        ).hexdigest(),
+        "weights_sha256": weights_sha256(weight_paths(ckpt.path)),
     }
 
 

@@ -42,25 +42,25 @@ from edge_agent.bundle import (
     Preprocessing,
     ZeroShotHead,
     head_arrays,
-    sha256_file,
 )
-from edge_agent.errors import ConfigError, EdgeTriageError, ResourceMissing
+from edge_agent.errors import ConfigError, ResourceMissing
 
 from . import quantize
+from .checkpoint import (
+    CheckpointError,
+    read_config,
+    refuse_remote_code,
+    require_tokenizer,
+    weight_paths,
+    weights_sha256,
+)
 from .parity import Parity, ParityBar, ParityFailed, compare
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8"]
 Int8Mode = Literal["dynamic", "qdq"]
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer.model")
-
-
-class CheckpointError(EdgeTriageError):
-    """The checkpoint folder cannot be used; the message says what is wrong with it."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -157,69 +157,23 @@ def _quiet_root_logger() -> Iterator[None]:
 # --- 1. checkpoint --------------------------------------------------------------------------
 
 
-def _sha256_files(paths: list[Path]) -> str:
-    """One digest for the weights: the file's own sha256, or for shards the sha256 of their
-    sha256s in name order."""
-    if len(paths) == 1:
-        return sha256_file(paths[0])
-    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
-
-
 def check_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's config.json, after checking the folder has what an offline load needs.
 
     Raises :class:`CheckpointError` (or :class:`ResourceMissing` for a missing folder) with a
     message that names the missing or wrong file.
     """
-    if not path.exists():
-        raise ResourceMissing(f"checkpoint folder {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {path} is not a folder (give the folder save_pretrained wrote, "
-            "with config.json, model.safetensors and the tokenizer)"
-        )
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"checkpoint {path}: config.json is missing")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: config.json is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint {path}: config.json is not a JSON object")
+    config = read_config(path)
     model_type = config.get("model_type")
     if model_type != "siglip":
         raise CheckpointError(
             f"checkpoint {path}: model_type is {model_type!r}, not 'siglip' "
             "(MedSigLIP is a SigLIP model; the folder must hold the joint image-text model)"
         )
-    if "auto_map" in config:
-        raise CheckpointError(
-            f"checkpoint {path}: config.json asks for remote code (auto_map); refusing: "
-            "an offline export runs only the installed transformers code"
-        )
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise CheckpointError(
-            f"checkpoint {path}: no weights ({' or '.join(WEIGHT_FILES)}); the download is "
-            "incomplete"
-        )
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"checkpoint {path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); the text "
-            "prompts cannot be embedded without it"
-        )
+    refuse_remote_code(path, config)
+    weight_paths(path)
+    require_tokenizer(path, TOKENIZER_FILES, "the text prompts cannot be embedded without it")
     return config
-
-
-def _weight_paths(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint {path}: weight shard {missing[0]} is missing")
-        return [path / s for s in shards]
-    return [path / n for n in WEIGHT_FILES if (path / n).is_file()][:1]
 
 
 def _preprocessing(path: Path, image_size: int) -> Preprocessing:
@@ -265,7 +219,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         from edge_agent.errors import ExtraMissing
 
         raise ExtraMissing(exc.name or "transformers", "export") from exc
-    weights = _weight_paths(path)
+    weights = weight_paths(path)
     try:
         model = SiglipModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     except Exception as exc:  # safetensors, torch and transformers raise many types
@@ -290,7 +244,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         tokenizer=tokenizer,
         preprocessing=_preprocessing(path, int(vision.image_size)),
         text_positions=int(text.max_position_embeddings or positions),
-        weights_sha256=_sha256_files(weights),
+        weights_sha256=weights_sha256(weights),
     )
 
 
