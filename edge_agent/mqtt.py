@@ -135,6 +135,20 @@ class _InFlight:
     mids: set[int] = field(default_factory=set)
 
 
+class _StopRaceFilter(logging.Filter):
+    """Drops paho's "Client is not connected" error during our own stop.
+
+    disconnect() closes the socket while paho's network thread may be between two loop
+    iterations; paho then logs that error once before loop_stop() ends the thread. It says
+    nothing about delivery (the outbox already holds what was not acknowledged), and an
+    ERROR line on every clean shutdown would teach operators to ignore ERROR lines. The
+    filter is on paho's logger only between disconnect() and the end of loop_stop().
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
+
+
 class Publisher:
     """Drains the outbox to the broker; keeps the retained status; receives acks.
 
@@ -317,12 +331,16 @@ class Publisher:
                     logger.warning("could not publish the %r status: %s", state, exc)
 
         self._stopped = True
+        paho_log = logging.getLogger(f"{__name__}.paho")
+        race = _StopRaceFilter()
+        paho_log.addFilter(race)
         self._client.disconnect()
         # loop_stop() joins without a timeout; paho's thread may sit in a connect attempt or
         # a reconnect back-off. Bound the wait; the thread is a daemon either way.
         stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
         stopper.start()
         stopper.join(left() + 1.0)
+        paho_log.removeFilter(race)
         if stopper.is_alive():
             logger.warning("paho's network thread did not end in time; leaving it behind")
         self._connected.clear()

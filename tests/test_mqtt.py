@@ -520,3 +520,18 @@ def test_subscriber_helper_is_a_real_peer(subscriber) -> None:
     other.publish("t/x", b"1")
     (msg,) = sub.wait_for()
     assert (msg.topic, msg.payload, msg.retain) == ("t/x", b"1", False)
+
+
+def test_clean_stops_log_no_paho_error(make_publisher, subscriber, caplog) -> None:
+    # disconnect() races paho's network thread, which then logged "Client is not connected"
+    # at ERROR on most clean stops: noise that teaches operators to ignore ERROR lines.
+    caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt.paho")
+    sub = subscriber(f"{P}/status")
+    for _ in range(5):
+        pub = make_publisher()
+        sub.wait_for(is_state("online"))
+        pub.stop(timeout=2.0)
+        sub.wait_for(is_state("stopped"))
+        sub.messages.clear()
+    errors = [r for r in caplog.records if r.name.endswith(".paho") and r.levelno >= logging.ERROR]
+    assert errors == []
