@@ -45,7 +45,8 @@ from edge_agent.config import SelectionSettings
 from edge_agent.service import demo_bundle_path
 from edge_agent.simulate import ct_series
 from edge_agent.triage import Head
-from export.demo import embed_onnx, evaluate, fit_probe
+from export.demo import evaluate, fit_probe
+from export.quantize import embed_onnx
 
 CONVENTIONS: tuple[ct.Convention, ...] = ("lung_window", "three_windows")
 NODULE_HU = 200  # a voxel that the nodule changed by more than this
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             pixels = np.stack([ct.slab_tensor(mip, convention, spec) for _, mip in images])
             seconds[convention] += time.perf_counter() - start
             start = time.perf_counter()
-            embeddings[convention] = embed_onnx(bundle.encoder_path, pixels)
+            embeddings[convention] = embed_onnx(bundle.encoder_path, pixels, threads=2, batch=64)
             seconds["encoder"] += time.perf_counter() - start
         slab_count += len(images)
         studies.append(Study(abnormal, labels, embeddings))

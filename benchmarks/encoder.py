@@ -145,18 +145,6 @@ def structured_images(n: int, size: int, seed: int) -> np.ndarray:
     return simulate_studies(seed, 7, n, spec, matrix=max(size * 2, 256)).pixels
 
 
-def torch_embeddings(model: object, pixels: np.ndarray) -> np.ndarray:
-    import torch
-
-    from export.onnx_export import _embedding_module
-
-    module = _embedding_module(model)
-    with torch.inference_mode():
-        return np.concatenate(
-            [module(torch.from_numpy(pixels[i : i + 1])).numpy() for i in range(len(pixels))]
-        )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16, help="structured images (default 16)")
@@ -189,7 +177,7 @@ def run(args: argparse.Namespace, variants: list[str], work: Path) -> int:
     import torch
 
     from export import quantize
-    from export.onnx_export import export_image_encoder
+    from export.onnx_export import cosines, export_image_encoder, torch_embeddings
 
     torch.set_num_threads(max(1, os.cpu_count() or 1) if args.threads == 0 else args.threads)
     config = TINY if args.tiny else FULL
@@ -247,7 +235,7 @@ def run(args: argparse.Namespace, variants: list[str], work: Path) -> int:
         got = np.load(pixel_path.with_name(path.stem + ".embeddings.npy"))
         (pixel_path.with_name(path.stem + ".embeddings.npy")).unlink()
         idx = held_out if name.startswith("int8") else np.arange(len(pixels))
-        cos = quantize.cosines(got[idx], reference[idx])
+        cos = cosines(got[idx], reference[idx])
         rows[name].update(
             size_mb=quantize.file_size(path) / 1e6,
             cos_mean=float(np.mean(cos)),

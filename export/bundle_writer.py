@@ -159,13 +159,14 @@ def write_bundle(
             where = ".".join(str(p) for p in first["loc"]) or "(manifest)"
             raise BundleError(f"bundle {out_dir}: manifest {where}: {first['msg']}") from exc
         write_manifest(staging, manifest)
-        load_bundle(staging)  # the daemon's own check, before anyone can see the bundle
+        # The daemon's own check, before anyone can see the bundle. The rename below moves
+        # the verified files as they are, so they are not hashed again afterwards.
+        bundle = load_bundle(staging)
         staging.chmod(0o755)  # mkdtemp makes it 0700
         _swap_into_place(staging, out_dir, overwrite=overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    bundle = load_bundle(out_dir)
     size = sum(e.size for e in bundle.manifest.files.values())
     logger.info(
         "bundle %s written and verified (%s, %.1f MB, model sha256 %s)",

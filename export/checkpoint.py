@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from edge_agent.bundle import sha256_file
 from edge_agent.errors import EdgeTriageError, ResourceMissing
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -86,3 +90,61 @@ def weights_sha256(paths: list[Path]) -> str:
     if len(paths) == 1:
         return sha256_file(paths[0])
     return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
+
+
+def go_offline() -> None:
+    """Make sure nothing from here on reaches for the Hugging Face hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def image_normalisation(path: Path, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) from preprocessor_config.json, read as plain JSON (transformers' image
+    processor needs torchvision), else SigLIP's 0.5; its size must be the vision tower's."""
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    config_path = path / "preprocessor_config.json"
+    if not config_path.is_file():
+        logger.warning(
+            "checkpoint %s has no preprocessor_config.json; using SigLIP's mean = std = 0.5",
+            path,
+        )
+        return mean, std
+    try:
+        pre = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: preprocessor_config.json is not valid JSON: {exc}"
+        ) from exc
+    size = pre.get("size", {})
+    side = size.get("height") if isinstance(size, dict) else size
+    if side is not None and int(side) != image_size:
+        raise CheckpointError(
+            f"checkpoint {path}: preprocessor_config.json size {side} != the vision tower's "
+            f"image_size {image_size}"
+        )
+    return tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+
+
+def load_model(path: Path, model_class: Any, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained`` from the local folder only, in eval mode; any failure
+    becomes one CheckpointError line."""
+    try:
+        model = model_class.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except Exception as exc:  # safetensors, torch and transformers raise many types
+        raise CheckpointError(
+            f"checkpoint {path}: the model does not load ({type(exc).__name__}: {exc})"
+        ) from exc
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # sentencepiece and tokenizers raise many types
+        raise CheckpointError(
+            f"checkpoint {path}: the tokenizer does not load ({type(exc).__name__}: {exc})"
+        ) from exc

@@ -203,9 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
         "seed alone)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -264,9 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notice", type=Path, help="licence NOTICE file to ship in the bundle")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
     p.set_defaults(func=cmd_siglip)
 
     p = sub.add_parser(
@@ -285,9 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=_positive_int, default=64, help="at most this many images")
     _add_bar_arguments(p)
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
     p.set_defaults(func=cmd_verify)
 
     # Subcommands that live in their own modules register themselves here (each module's
@@ -297,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.register(sub)
     tensorrt.register(sub)
     medgemma.register(sub)
+    # `--debug` also after the subcommand (edge-export siglip … --debug), for every one of
+    # them; SUPPRESS keeps the top-level value when it is not given there.
+    for subparser in sub.choices.values():
+        subparser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 

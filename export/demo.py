@@ -465,35 +465,6 @@ def _train(train: Studies, settings: DemoSettings) -> tuple[Any, int, float, flo
     return model, step, time.monotonic() - started, smoothed
 
 
-def embed_torch(model: Any, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    """L2-normalised embeddings from the PyTorch tower (what the ONNX graph computes)."""
-    torch, _ = _require_export_extra()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch):
-            pooled = model(pixel_values=torch.from_numpy(pixels[i : i + batch])).pooler_output
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
-def embed_onnx(
-    onnx_path: Path, pixels: np.ndarray, *, threads: int = 2, batch: int = 64
-) -> np.ndarray:
-    """Embeddings from the exported encoder with ONNX Runtime on the CPU, as the daemon runs it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    out = [
-        session.run(["image_embeds"], {"pixel_values": pixels[i : i + batch]})[0]
-        for i in range(0, len(pixels), batch)
-    ]
-    return np.concatenate(out)
-
-
 def fit_probe(
     embeddings: np.ndarray,
     truth: np.ndarray,
@@ -588,7 +559,8 @@ def build_demo_bundle(
     """Train, export, probe, evaluate and write the demo bundle. Raises
     :class:`EdgeTriageError` (nothing written) if any AUROC is below :data:`MIN_AUROC`."""
     from .bundle_writer import write_bundle
-    from .onnx_export import export_image_encoder
+    from .onnx_export import export_image_encoder, torch_embeddings
+    from .quantize import embed_onnx
 
     settings = settings or DemoSettings()
     _require_export_extra()  # fail now, not after a minute of simulation
@@ -650,7 +622,7 @@ def build_demo_bundle(
     )
 
     logger.info("probe: embedding and fitting one logistic regression per finding")
-    head = fit_probe(embed_torch(model, train.pixels), train.truth, codes, s.seed)
+    head = fit_probe(torch_embeddings(model, train.pixels, batch=64), train.truth, codes, s.seed)
 
     with tempfile.TemporaryDirectory(prefix="edge-export-demo-") as work:
         logger.info("export: ONNX")
@@ -659,9 +631,9 @@ def build_demo_bundle(
         )
 
         logger.info("parity: ONNX Runtime vs PyTorch on the held-out images")
-        onnx_val = embed_onnx(exported.onnx_path, val.pixels, threads=s.threads)
-        onnx_test = embed_onnx(exported.onnx_path, test.pixels, threads=s.threads)
-        torch_test = embed_torch(model, test.pixels)
+        onnx_val = embed_onnx(exported.onnx_path, val.pixels, threads=s.threads, batch=64)
+        onnx_test = embed_onnx(exported.onnx_path, test.pixels, threads=s.threads, batch=64)
+        torch_test = torch_embeddings(model, test.pixels, batch=64)
         score_diff = float(
             np.abs(apply_head(head, codes, onnx_test) - apply_head(head, codes, torch_test)).max()
         )

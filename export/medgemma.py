@@ -56,6 +56,10 @@ from edge_agent.errors import ConfigError, ExtraMissing
 
 from .checkpoint import (
     CheckpointError,
+    go_offline,
+    image_normalisation,
+    load_model,
+    load_tokenizer,
     read_config,
     refuse_remote_code,
     require_tokenizer,
@@ -139,58 +143,21 @@ class Checkpoint:
     std: tuple[float, float, float]
 
 
-def _preprocessing(path: Path, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std from preprocessor_config.json (plain JSON: transformers' image processor
-    needs torchvision), else SigLIP's 0.5."""
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    config_path = path / "preprocessor_config.json"
-    if not config_path.is_file():
-        logger.warning("checkpoint %s has no preprocessor_config.json; mean = std = 0.5", path)
-        return mean, std
-    try:
-        pre = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: preprocessor_config.json is not valid JSON: {exc}"
-        ) from exc
-    size = pre.get("size", {})
-    side = size.get("height") if isinstance(size, dict) else size
-    if side is not None and int(side) != image_size:
-        raise CheckpointError(
-            f"checkpoint {path}: preprocessor_config.json size {side} != the vision tower's "
-            f"image_size {image_size}"
-        )
-    return tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
-
-
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load a Gemma 3 multimodal checkpoint offline: the model in fp32 (eager attention, the
     plainest graph to export) and its tokenizer, which must name the image tokens."""
     path = Path(path)
     check_checkpoint(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    go_offline()
     try:
         import torch
-        from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+        from transformers import Gemma3ForConditionalGeneration
     except ImportError as exc:
         raise ExtraMissing(exc.name or "transformers", "export") from exc
-    try:
-        model = Gemma3ForConditionalGeneration.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="eager"
-        )
-    except Exception as exc:  # safetensors, torch and transformers raise many types
-        raise CheckpointError(
-            f"checkpoint {path}: the model does not load ({type(exc).__name__}: {exc})"
-        ) from exc
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # sentencepiece and tokenizers raise many types
-        raise CheckpointError(
-            f"checkpoint {path}: the tokenizer does not load ({type(exc).__name__}: {exc})"
-        ) from exc
+    model = load_model(
+        path, Gemma3ForConditionalGeneration, dtype=torch.float32, attn_implementation="eager"
+    )
+    tokenizer = load_tokenizer(path)
     for attr in IMAGE_TOKENS:
         token = getattr(tokenizer, attr, None)
         if not token or tokenizer.convert_tokens_to_ids(token) == tokenizer.unk_token_id:
@@ -206,7 +173,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     vision: Any = model.config.vision_config
     image_size = int(vision.image_size)
-    mean, std = _preprocessing(path, image_size)
+    mean, std = image_normalisation(path, image_size)
     return Checkpoint(
         path=path,
         model=model,
@@ -1002,7 +969,4 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
     p.set_defaults(func=_cmd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -116,6 +117,37 @@ def _vision_tower(model: Any) -> Any:
     if hasattr(model, "text_model") and hasattr(model, "vision_model"):
         return model.vision_model
     return model
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity in float64 (NaN rows stay NaN)."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(
+            (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+        )
+
+
+def torch_embeddings(
+    model: Any,
+    pixels: np.ndarray,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    batch: int = 1,
+) -> np.ndarray:
+    """PyTorch fp32 L2-normalised embeddings (what the exported graph computes) of
+    ``pixels`` (N, 3, H, W), ``batch`` images at a time. ``model``: a SigLIP vision tower or a
+    whole SiglipModel."""
+    torch = _import_torch()
+    module = _embedding_module(_vision_tower(model))
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            out.append(module(torch.from_numpy(pixels[i : i + batch])).numpy())
+            if progress is not None:
+                progress(min(i + batch, len(pixels)), len(pixels))
+    return np.concatenate(out).astype(np.float32)
 
 
 def onnx_files(onnx_path: Path) -> list[str]:
@@ -266,8 +298,7 @@ def check_parity(
     if got.shape != ref.shape:
         raise RuntimeError(f"onnx output shape {got.shape} != torch output shape {ref.shape}")
     max_abs = float(np.abs(got - ref).max())
-    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
-    return max_abs, float(cos.min())
+    return max_abs, float(cosines(got, ref).min())
 
 
 def export_image_encoder(

@@ -17,6 +17,8 @@ from edge_agent.errors import EdgeTriageError
 from edge_agent.results import FindingResult
 from edge_agent.triage import sigmoid, triage_level
 
+from .onnx_export import cosines
+
 
 class ParityFailed(EdgeTriageError):
     """The candidate encoder does not reproduce the reference closely enough."""
@@ -92,8 +94,7 @@ def compare(
         raise ValueError(f"cannot compare {candidate.shape} with {reference.shape}")
     ref = reference.astype(np.float64)
     got = candidate.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    cos = cosines(ref, got)
     cos = np.where(np.isfinite(cos), cos, -1.0)  # NaN/inf output is as wrong as it gets
     w = weights.astype(np.float64).T
     ref_scores = sigmoid(ref @ w + biases)

@@ -53,6 +53,7 @@ from edge_agent.bundle import (
     ModelInfo,
     Preprocessing,
     load_bundle,
+    read_manifest,
 )
 from edge_agent.errors import ConfigError, ExtraMissing, InputRejected
 from edge_agent.runners.base import Runner
@@ -896,7 +897,7 @@ def build_probe_bundle(
     )
     return ProbeResult(
         bundle=Path(out_dir),
-        model_sha256=load_bundle(out_dir).sha256,
+        model_sha256=read_manifest(Path(out_dir)).model_sha256(),  # verified when written
         version=version,
         reports=reports,
         study_auroc=study_auroc,
@@ -1097,8 +1098,5 @@ def register(sub: Any) -> None:
         type=_int_at_least(1),
         default=1,
         help="threads reading and preprocessing DICOM images (default 1)",
-    )
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     p.set_defaults(func=cmd_probe)

@@ -36,6 +36,7 @@ from .onnx_export import (
     OUTPUT_NAME,
     _import_onnx,
     _import_ort,
+    cosines,
     onnx_files,
     remove_onnx,
 )
@@ -355,16 +356,6 @@ def embed_onnx(path: Path, images: np.ndarray, *, threads: int = 0, batch: int =
         for i in range(0, len(images), batch)
     ]
     return np.concatenate(outs).astype(np.float32)
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity (NaN rows stay NaN)."""
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(
-            (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-        )
 
 
 def exclusion_schedule(total: int, limit: int) -> list[int]:

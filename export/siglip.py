@@ -20,9 +20,7 @@ Stages, each with progress and timing:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -48,12 +46,17 @@ from edge_agent.errors import ConfigError, ResourceMissing
 from . import quantize
 from .checkpoint import (
     CheckpointError,
+    go_offline,
+    image_normalisation,
+    load_model,
+    load_tokenizer,
     read_config,
     refuse_remote_code,
     require_tokenizer,
     weight_paths,
     weights_sha256,
 )
+from .onnx_export import torch_embeddings
 from .parity import Parity, ParityBar, ParityFailed, compare
 
 logger = logging.getLogger(__name__)
@@ -176,73 +179,38 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     return config
 
 
-def _preprocessing(path: Path, image_size: int) -> Preprocessing:
-    """From preprocessor_config.json (plain JSON; transformers' image processor needs
-    torchvision), else SigLIP's defaults."""
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    config_path = path / "preprocessor_config.json"
-    if config_path.is_file():
-        try:
-            pre = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {path}: preprocessor_config.json is not valid JSON: {exc}"
-            ) from exc
-        mean = tuple(pre.get("image_mean", mean))
-        std = tuple(pre.get("image_std", std))
-        size = pre.get("size", {})
-        side = size.get("height") if isinstance(size, dict) else size
-        if side is not None and int(side) != image_size:
-            raise CheckpointError(
-                f"checkpoint {path}: preprocessor_config.json size {side} != the vision "
-                f"tower's image_size {image_size}"
-            )
-    else:
-        logger.warning(
-            "checkpoint %s has no preprocessor_config.json; using SigLIP's mean = std = 0.5",
-            path,
-        )
-    return Preprocessing(input_size=image_size, mean=mean, std=std, pad_to_square=True)
-
-
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load a SigLIP checkpoint folder offline: model (fp32, eval) and tokenizer."""
     path = Path(path)
     config = check_checkpoint(path)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    go_offline()
     try:
         import torch
-        from transformers import AutoTokenizer, SiglipModel
+        from transformers import SiglipModel
     except ImportError as exc:
         from edge_agent.errors import ExtraMissing
 
         raise ExtraMissing(exc.name or "transformers", "export") from exc
     weights = weight_paths(path)
-    try:
-        model = SiglipModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-    except Exception as exc:  # safetensors, torch and transformers raise many types
-        raise CheckpointError(
-            f"checkpoint {path}: the model does not load ({type(exc).__name__}: {exc})"
-        ) from exc
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # sentencepiece and tokenizers raise many types
-        raise CheckpointError(
-            f"checkpoint {path}: the tokenizer does not load ({type(exc).__name__}: {exc})"
-        ) from exc
+    model = load_model(path, SiglipModel, dtype=torch.float32)
+    tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         raise CheckpointError(f"checkpoint {path}: the tokenizer has no pad token")
     vision: Any = model.config.vision_config
     text: Any = model.config.text_config
     positions = int(config.get("text_config", {}).get("max_position_embeddings", 64))
+    # Any length other than 3 is refused by Preprocessing's validation, as before.
+    mean, std = cast(Any, image_normalisation(path, int(vision.image_size)))
     return Checkpoint(
         path=path,
         model=model,
         tokenizer=tokenizer,
-        preprocessing=_preprocessing(path, int(vision.image_size)),
+        preprocessing=Preprocessing(
+            input_size=int(vision.image_size),
+            mean=mean,
+            std=std,
+            pad_to_square=True,
+        ),
         text_positions=int(text.max_position_embeddings or positions),
         weights_sha256=weights_sha256(weights),
     )
@@ -415,24 +383,6 @@ def collect_images(settings: SiglipSettings, spec: Preprocessing, progress: Prog
 
 
 # --- 4.–7. ----------------------------------------------------------------------------------
-
-
-def torch_embeddings(
-    model: Any, pixels: np.ndarray, progress: Callable[[int, int], None] | None = None
-) -> np.ndarray:
-    """PyTorch fp32 embeddings (the reference), one image at a time."""
-    import torch
-
-    from .onnx_export import _embedding_module
-
-    module = _embedding_module(model.vision_model)
-    out = []
-    with torch.inference_mode():
-        for i in range(len(pixels)):
-            out.append(module(torch.from_numpy(pixels[i : i + 1])).numpy())
-            if progress is not None:
-                progress(i + 1, len(pixels))
-    return np.concatenate(out).astype(np.float32)
 
 
 def _model_info(settings: SiglipSettings, ckpt: Checkpoint, version: str) -> ModelInfo:

@@ -613,7 +613,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "~/.cache/edge-triage/tensorrt/ when the profile's tensorrt.timing_cache is true)",
     )
     cache.add_argument("--no-timing-cache", action="store_true", help="use no timing cache")
-    p.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )
     p.set_defaults(func=cmd_tensorrt)

@@ -83,7 +83,8 @@ def verify_bundle(
     candidate, provider = _embed_with_runner(bundle, profile, pixels)
 
     if checkpoint is not None:
-        from .siglip import load_checkpoint, torch_embeddings
+        from .onnx_export import torch_embeddings
+        from .siglip import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
         if ckpt.preprocessing.input_size != spec.input_size:
