@@ -41,7 +41,6 @@ class StateCollector(Collector):
         )
         try:
             report = read_status(self.database, last=0)
-            results = self._results_by_level()
         except (ResourceMissing, sqlite3.Error, OSError):
             up.add_metric([], 0.0)
             yield up
@@ -64,7 +63,7 @@ class StateCollector(Collector):
             f"{PREFIX}_results", "Results committed, by triage level", labels=["triage"]
         )
         for level in ("urgent", "review", "routine", "not_scored"):
-            by_level.add_metric([level], float(results.get(level, 0)))
+            by_level.add_metric([level], float(report.results_by_level.get(level, 0)))
         yield by_level
         yield _gauge("outbox_messages", "Messages waiting for the broker's PUBACK", report.outbox)
         yield _gauge("outbox_urgent_messages", "Urgent results among them", report.outbox_urgent)
@@ -85,15 +84,6 @@ class StateCollector(Collector):
             counter = CounterMetricFamily(f"{PREFIX}_{_name(key)}", f"Agent counter '{key}'")
             counter.add_metric([], float(value))
             yield counter
-
-    def _results_by_level(self) -> dict[str, int]:
-        db = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=5.0)
-        try:
-            return dict(db.execute("SELECT triage, COUNT(*) FROM results GROUP BY triage"))
-        except sqlite3.OperationalError:  # no results table yet
-            return {}
-        finally:
-            db.close()
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

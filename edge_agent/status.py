@@ -29,6 +29,7 @@ class StatusReport:
     alerts_waiting: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+    results_by_level: dict[str, int] = field(default_factory=dict)
     last_rejected: list[dict[str, Any]] = field(default_factory=list)
     last_results: list[dict[str, Any]] = field(default_factory=list)
 
@@ -100,6 +101,9 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
                 )
             ]
         if "results" in tables:
+            report.results_by_level = dict(
+                db.execute("SELECT triage, COUNT(*) FROM results GROUP BY triage").fetchall()
+            )
             rows = db.execute(
                 "SELECT r.study_instance_uid, r.revision, r.triage, r.payload, r.created_at, "
                 "COALESCE(s.modality, '') FROM results r LEFT JOIN studies s "

@@ -57,6 +57,7 @@ def test_status_reports_queue_outbox_alerts_rejects_and_results(state: Path) -> 
     report = read_status(state / "state.sqlite3", now=211.0)
     assert report.studies == {"open": 1, "complete": 1, "scored": 1}
     assert report.outbox == 1 and report.outbox_urgent == 1
+    assert report.results_by_level == {"urgent": 1}
     assert report.outbox_oldest_seconds == pytest.approx(10.0)
     assert report.rejected == 1 and report.last_rejected[0]["reason"] == "not a DICOM file"
     (last,) = report.last_results
