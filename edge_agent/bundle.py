@@ -200,6 +200,80 @@ def engine_slug(key: str) -> str:
     return slug or "engine"
 
 
+REPORT_FORMAT: Literal["edge-triage-medgemma/1"] = "edge-triage-medgemma/1"
+
+
+class ReportGraph(_Strict):
+    file: str = Field(description="ONNX file in the bundle (listed in files).")
+    precision: str = Field(description="Weights and compute, in words.")
+
+
+class ReportGraphs(_Strict):
+    vision: ReportGraph = Field(description="pixel_values (B,3,N,N) -> image_features (B,T,D).")
+    embed: ReportGraph = Field(description="input_ids (B,S) -> inputs_embeds (B,S,D).")
+    decoder: ReportGraph = Field(description="inputs_embeds, positions, masks, past KV -> logits.")
+
+
+class ReportImage(_Strict):
+    size: int = Field(gt=0, description="Square side of the vision input (896 for MedGemma).")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tokens_per_image: int = Field(gt=0)
+
+
+class ReportText(_Strict):
+    """What the generation loop needs to know about the decoder."""
+
+    hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    layer_types: list[Literal["sliding_attention", "full_attention"]] = Field(min_length=1)
+    sliding_window: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    image_token_id: int = Field(ge=0)
+    tokens_per_image: int = Field(gt=0)
+    eos_token_ids: list[int] = Field(min_length=1, description="Generation stops at these.")
+
+
+class ReportTokens(_Strict):
+    """The special tokens the prompt is written with (Gemma 3's processor conventions)."""
+
+    bos: str
+    boi: str = Field(description="Start of image, as the chat template writes it.")
+    image: str = Field(description="The image soft token, repeated tokens_per_image times.")
+    eoi: str = Field(description="End of image.")
+
+
+class ReportPrompts(_Strict):
+    radiograph: str = Field(min_length=1, description="Question asked with a CR/DX image.")
+    ct: str = Field(min_length=1, description="Question asked with a CT slab (three windows).")
+
+
+class Report(_Strict):
+    """MedGemma (or a distilled Gemma 3 student): a draft narrative for urgent studies.
+
+    Written by ``edge-export add-report`` from an ``edge-export medgemma`` export. It never
+    changes the scores, so it is not part of :meth:`Manifest.model_sha256`."""
+
+    format: Literal["edge-triage-medgemma/1"] = REPORT_FORMAT
+    name: str = Field(description="Model name published with each narrative.")
+    source: str = Field(description="Checkpoint folder name the graphs were exported from.")
+    weights_sha256: str | None = Field(default=None, description="Digest of its weight files.")
+    graphs: ReportGraphs
+    tokenizer: str = Field(description="tokenizer.json (Hugging Face tokenizers) in the bundle.")
+    chat_template: str = Field(description="The checkpoint's chat template (Jinja) in the bundle.")
+    tokens: ReportTokens
+    image: ReportImage
+    text: ReportText
+    prompts: ReportPrompts
+    max_new_tokens: int = Field(default=96, ge=1, le=1024)
+    parity: dict[str, float | int | str | bool | None] | None = None
+
+    def files(self) -> list[str]:
+        g = self.graphs
+        return [g.vision.file, g.embed.file, g.decoder.file, self.tokenizer, self.chat_template]
+
+
 class Manifest(_Strict):
     format: Literal["edge-triage-bundle/1"] = "edge-triage-bundle/1"
     model: ModelInfo
@@ -219,6 +293,10 @@ class Manifest(_Strict):
         default=None,
         description="How CT studies are scored; None: the bundle was not built for CT and CT "
         "studies are published as not_scored. Needs at least one finding for CT, and back.",
+    )
+    report: Report | None = Field(
+        default=None,
+        description="MedGemma's draft narrative for urgent studies; None: no narrative.",
     )
     engines: dict[str, Engine] = Field(
         default_factory=dict,
@@ -266,6 +344,10 @@ class Manifest(_Strict):
                     )
         if self.encoder.file not in self.files:
             raise ValueError(f"encoder file {self.encoder.file} is not listed in files")
+        if self.report is not None:
+            for name in self.report.files():
+                if name not in self.files:
+                    raise ValueError(f"report file {name} is not listed in files")
         for key, engine in self.engines.items():
             if engine.file not in self.files:
                 raise ValueError(f"engine {key}: file {engine.file} is not listed in files")

@@ -309,6 +309,20 @@ class ScpSettings(_Section):
         return Path(os.path.abspath(folder))
 
 
+class NarrativeSettings(_Section):
+    enabled: bool | None = Field(
+        default=None,
+        description="Draft narratives for urgent studies (needs a bundle with a report "
+        "section); unset: as the profile's [narrative] enabled says.",
+    )
+    time_budget_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="Seconds from the flag to its narrative, else 'timeout'; unset: the profile's.",
+    )
+
+
 class Settings(BaseSettings):
     """The agent's configuration (see README 'Configuration')."""
 
@@ -353,6 +367,7 @@ class Settings(BaseSettings):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     scp: ScpSettings = Field(default_factory=ScpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    narrative: NarrativeSettings = Field(default_factory=NarrativeSettings)
 
     _toml_file: ClassVar[Path | None] = None
 

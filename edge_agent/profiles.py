@@ -108,6 +108,48 @@ class TensorRTProfile(_Section):
         return self
 
 
+class NarrativeProfile(_Section):
+    """MedGemma's draft narrative for urgent studies (bundles with a ``report`` section)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Write draft narratives on this device (config narrative.enabled "
+        "overrides). Off where the language model does not fit beside the encoder.",
+    )
+    time_budget_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="From the flag's commit: a narrative not ready by then is published as "
+        "narrative_status 'timeout'.",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Tokens generated at most; None: the bundle's report.max_new_tokens.",
+    )
+    providers: list[ProviderName] = Field(
+        default=["CPUExecutionProvider"],
+        min_length=1,
+        description="ONNX Runtime providers for the language model, most preferred first "
+        "(TensorRT is not used for it: its KV cache shapes change every token).",
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="Threads inside one operator; 0 lets ONNX Runtime choose."
+    )
+
+    @model_validator(mode="after")
+    def _no_tensorrt(self) -> NarrativeProfile:
+        if "TensorrtExecutionProvider" in self.providers:
+            raise _KeyedProblem(
+                "narrative.providers",
+                "TensorrtExecutionProvider is not supported for the language model; use "
+                "CUDAExecutionProvider",
+            )
+        return self
+
+
 class Profile(_Section):
     name: str
     description: str
@@ -117,6 +159,7 @@ class Profile(_Section):
         description="TensorRT engine settings; needed by runner 'tensorrt' and by "
         "the TensorrtExecutionProvider.",
     )
+    narrative: NarrativeProfile = Field(default_factory=NarrativeProfile)
     source: str = Field(default="", description="File the profile was read from.")
 
     @model_validator(mode="after")

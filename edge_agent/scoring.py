@@ -31,6 +31,7 @@ from .bundle import RADIOGRAPH_MODALITIES, Bundle
 from .config import SelectionSettings
 from .errors import InputRejected
 from .intake.header import PYDICOM_ERRORS
+from .narrative import Source
 from .results import (
     FindingResult,
     InstanceCounts,
@@ -58,6 +59,8 @@ class StudyScore:
     result: StudyResult
     instance_states: dict[str, tuple[str, str | None]]
     rejected: list[tuple[InstanceRow, str]] = field(default_factory=list)
+    narrative_source: Source | None = None
+    """The image that drove an urgent result (what a draft narrative describes)."""
 
 
 @dataclass
@@ -68,6 +71,17 @@ class _Outcome:
     reason: str | None
     scored: int
     inference_ms: float
+    source: Source | None = None
+
+
+def urgent_finding(findings: list[FindingResult]) -> int | None:
+    """Index of the finding that makes the study urgent with the highest score, if any."""
+    urgent = [
+        (f.score, i)
+        for i, f in enumerate(findings)
+        if f.urgent_threshold is not None and f.score >= f.urgent_threshold
+    ]
+    return max(urgent)[1] if urgent else None
 
 
 def select_images(
@@ -181,7 +195,12 @@ class Scorer:
                 inference_ms=round(outcome.inference_ms, 1),
             ),
         )
-        return StudyScore(result=result, instance_states=states, rejected=rejected)
+        return StudyScore(
+            result=result,
+            instance_states=states,
+            rejected=rejected,
+            narrative_source=outcome.source if triage == "urgent" else None,
+        )
 
     def _reject(
         self,
@@ -222,11 +241,13 @@ class Scorer:
             return _Outcome([], "the model has no findings for radiographs (CR/DX)", 0, 0.0)
         chosen, reason = select_images(instances, self.selection)
         tensors: list[np.ndarray] = []
+        loaded: list[InstanceRow] = []
         for inst in chosen:
             if self.should_stop():
                 return None
             try:
                 tensors.append(self._load(inst))
+                loaded.append(inst)
                 states[inst.sop_instance_uid] = ("scored", None)
             except InputRejected as exc:
                 self._reject(study, inst, exc.reason, states, rejected)
@@ -239,8 +260,15 @@ class Scorer:
         if embeddings is None:
             return None
         inference_ms = (time.perf_counter() - start) * 1000
-        findings = self.head.study_findings(self.head.scores(embeddings), PROJECTION_MODALITIES)
-        return _Outcome(findings, None, len(tensors), inference_ms)
+        image_scores = self.head.scores(embeddings)
+        findings = self.head.study_findings(image_scores, PROJECTION_MODALITIES)
+        source = None
+        urgent = urgent_finding(findings)
+        if urgent is not None:
+            column = self.head.columns(PROJECTION_MODALITIES)[urgent]
+            inst = loaded[int(np.argmax(image_scores[:, column]))]
+            source = Source("radiograph", [inst.path], f"radiograph {inst.sop_instance_uid}")
+        return _Outcome(findings, None, len(tensors), inference_ms, source)
 
     # -- CT ---------------------------------------------------------------------------------
 
@@ -341,7 +369,18 @@ class Scorer:
                 score=round(float(slab_scores[best, column]), 6),
             )
             findings.append(finding_result(self.head.findings[j], score, ref))
-        return _Outcome(findings, None, len(geo.slices), inference_ms)
+        source = None
+        urgent = urgent_finding(findings)
+        if urgent is not None:
+            drove = findings[urgent].slab
+            assert drove is not None
+            slab = slabs[drove.index]
+            source = Source(
+                "ct",
+                [by_sop[s.sop_instance_uid].path for s in geo.slices[slab.first : slab.last + 1]],
+                f"CT slab {slab.index + 1} of {len(slabs)}, series {choice.series_instance_uid}",
+            )
+        return _Outcome(findings, None, len(geo.slices), inference_ms, source)
 
 
 class _SliceRejected(InputRejected):

@@ -3,6 +3,8 @@
     watch folder ─▶ intake thread ─▶ store (instances, studies) ─▶ quiet timer
         ─▶ scoring thread (imaging, runner, triage) ─▶ store (result + outbox)
         ─▶ publisher (paho) ─▶ broker ─▶ PUBACK ─▶ outbox row deleted
+    urgent result ─▶ store (narrative job) ─▶ narrative thread (MedGemma, paused while a
+        study is scored) ─▶ store (next revision + outbox) ─▶ publisher
 
 Each arrow that crosses a thread goes through the SQLite store, so a crash at any point
 resumes where it stopped: complete studies are scored again, unacknowledged messages are
@@ -29,12 +31,14 @@ from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
 from .logs import fields
 from .mqtt import Publisher
+from .narrative import NarrativeWorker
 from .notify import Notifier
 from .profiles import Profile, resolve_profile
 from .results import RejectedFile
 from .runners import Runner, open_runner
+from .runners.onnxruntime import available_providers
 from .scoring import Scorer
-from .store import Message, Store
+from .store import Message, NarrativeJob, Store
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,10 @@ class Agent:
         self.publisher = Publisher(
             settings, self.store, status=self.status_fields, on_ack=self._on_ack
         )
+        self._scoring_idle = threading.Event()
+        self._scoring_idle.set()
+        self.narrative_budget = 0.0
+        self.narrator = self._narrative_worker()
         self.notifier = Notifier()
         self._summary = "starting"
         self._metrics: Any = None
@@ -128,6 +136,42 @@ class Agent:
         self._healthy = True
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
+
+    def _narrative_worker(self) -> NarrativeWorker | None:
+        """The draft-narrative thread, when config (or else the profile) enables it and the
+        bundle has a report section."""
+        wanted = self.settings.narrative.enabled
+        if wanted is None:
+            wanted = self.profile.narrative.enabled
+        if not wanted:
+            return None
+        if self.bundle.manifest.report is None:
+            logger.warning(
+                "narratives enabled, but bundle %s has no report section (edge-export "
+                "add-report): no narratives",
+                self.bundle.root,
+            )
+            return None
+        cfg = self.profile.narrative
+        self.narrative_budget = self.settings.narrative.time_budget_seconds or (
+            cfg.time_budget_seconds
+        )
+        available = set(available_providers())
+        providers: list[str] = [p for p in cfg.providers if p in available] or [
+            "CPUExecutionProvider"
+        ]
+        return NarrativeWorker(
+            self.store,
+            self.bundle,
+            watch_dir=self.settings.watch_dir,
+            providers=providers,
+            threads=cfg.intra_op_threads,
+            max_new_tokens=cfg.max_new_tokens,
+            scoring_idle=self._scoring_idle,
+            stop=self._stop,
+            topic=lambda uid: self._topic(f"study/{uid}"),
+            published=self.publisher.wake,
+        )
 
     # -- status -----------------------------------------------------------------------------
 
@@ -298,11 +342,25 @@ class Agent:
         if study is None or study.state != "complete":
             return
         instances = self.store.instances(uid)
-        scored = self.scorer.score(study, instances, self.store.rejected_count(uid))
+        self._scoring_idle.clear()  # the narrative thread waits: flags first
+        try:
+            scored = self.scorer.score(study, instances, self.store.rejected_count(uid))
+        finally:
+            self._scoring_idle.set()
         if scored is None:
             logger.info("stopping: study %s left complete, scored at next start", uid)
             return
         result = scored.result
+        job = None
+        if self.narrator is not None and scored.narrative_source is not None:
+            result = result.model_copy(update={"narrative_status": "pending"})
+            job = NarrativeJob(
+                result.alert_id,
+                uid,
+                result.revision,
+                scored.narrative_source.to_json(),
+                time.time() + self.narrative_budget,
+            )
         rejects = [
             self._reject_message(inst.path, reason, inst.sop_instance_uid)
             for inst, reason in scored.rejected
@@ -311,7 +369,7 @@ class Agent:
             "result", self._topic(f"study/{uid}"), result.to_json_bytes(), result.alert_id
         )
         if self.store.commit_result(
-            study, result.triage, message, scored.instance_states, rejects, time.time()
+            study, result.triage, message, scored.instance_states, rejects, time.time(), job
         ):
             top = max(result.findings, key=lambda f: f.score, default=None)
             logger.info(
@@ -332,6 +390,8 @@ class Agent:
                 ),
             )
             self.publisher.wake()
+            if job is not None and self.narrator is not None:
+                self.narrator.wake()
         else:
             logger.info("study %s changed while it was scored; it will be scored again", uid)
 
@@ -373,6 +433,10 @@ class Agent:
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
             threading.Thread(target=self._scoring_loop, name="scoring", daemon=True),
         ]
+        if self.narrator is not None:
+            self._threads.append(
+                threading.Thread(target=self.narrator.run, name="narrative", daemon=True)
+            )
         for t in self._threads:
             t.start()
         model = self.bundle.manifest.model

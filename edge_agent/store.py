@@ -32,17 +32,18 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 from .results import StudyResult
+from .results import alert_id as _alert_id
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 OUTBOX_NEAR_CAP = 0.8
 """Depth, as a fraction of ``outbox_max_messages``, from which status and log say "near cap"."""
 
@@ -115,9 +116,18 @@ CREATE TABLE IF NOT EXISTS alerts (
     last_notified_at REAL,
     acked_by TEXT,
     acked_at TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    carried_from TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_study ON alerts (study_instance_uid, revision);
+CREATE TABLE IF NOT EXISTS narratives (
+    alert_id TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    deadline REAL NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -128,7 +138,19 @@ _MIGRATIONS = {
         "UPDATE outbox SET triage = (SELECT triage FROM results "
         "WHERE results.alert_id = outbox.alert_id) WHERE kind = 'result'",
     ),
+    # 2 -> 3: draft narratives (the narratives table) and the alert a narrative revision
+    # carries on (an ack of either stops both).
+    # (An alerts table that did not exist before was created with the column.)
+    2: ("ALTER TABLE alerts ADD COLUMN carried_from TEXT",),
 }
+
+
+def _column_exists(conn: sqlite3.Connection, sql: str) -> bool:
+    """True for an ``ALTER TABLE t ADD COLUMN c`` whose column is there already."""
+    words = sql.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    return any(row[1] == words[5] for row in conn.execute(f"PRAGMA table_info({words[2]})"))
 
 # What the cap drops, in this order (oldest first within each class); never urgent.
 _DROP_CLASSES = (
@@ -184,6 +206,18 @@ class InstanceRow:
     reason: str | None
 
 
+class NarrativeJob(NamedTuple):
+    """A draft narrative to write for the urgent result ``alert_id``."""
+
+    alert_id: str
+    study_instance_uid: str
+    revision: int
+    source: str
+    """JSON: the image to describe (:class:`edge_agent.narrative.Source`)."""
+    deadline: float
+    """Unix time after which the narrative is published as 'timeout'."""
+
+
 class Message(NamedTuple):
     """An outbox message to enqueue in the same transaction as the state it reports."""
 
@@ -226,7 +260,8 @@ class Store:
                 )
             while version < SCHEMA_VERSION:
                 for sql in _MIGRATIONS[version]:
-                    c.execute(sql)
+                    if not _column_exists(c, sql):
+                        c.execute(sql)
                 version += 1
                 logger.info("state database %s migrated to schema %d", path, version)
             c.execute(
@@ -513,8 +548,11 @@ class Store:
         instance_states: dict[str, tuple[str, str | None]],
         rejects: Collection[Message],
         now: float,
+        narrative: NarrativeJob | None = None,
     ) -> bool:
-        """Store a study's result, its outbox message and its instances' fate, atomically.
+        """Store a study's result, its outbox message and its instances' fate, atomically;
+        with ``narrative``, the job that will write the result's draft narrative, in the
+        same transaction (a crash cannot lose it).
 
         Returns False (and changes nothing) when the study changed while it was being
         scored: a new instance re-opened it, so it will be scored again once quiet.
@@ -564,7 +602,107 @@ class Store:
                     )
                 for msg in rejects:
                     self._enqueue(c, msg, now)
+                if narrative is not None:
+                    c.execute(
+                        "INSERT OR IGNORE INTO narratives VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            result.alert_id,
+                            study.study_instance_uid,
+                            study.revision,
+                            narrative.source,
+                            narrative.deadline,
+                            now,
+                        ),
+                    )
             return True
+
+    # -- draft narratives -------------------------------------------------------------------
+
+    def narrative_jobs(self) -> list[NarrativeJob]:
+        """Narratives still to write, oldest first (those of a crash included)."""
+        rows = self._conn().execute(
+            "SELECT alert_id, study_instance_uid, revision, source, deadline FROM narratives "
+            "ORDER BY created_at"
+        )
+        return [NarrativeJob(*row) for row in rows]
+
+    def commit_narrative(
+        self, job: NarrativeJob, build: Callable[[StudyResult, int, str], Message], now: float
+    ) -> int | None:
+        """Publish a narrative's outcome as the study's next revision, atomically: the
+        result, its outbox message, the study's new revision, and the urgent alert carried
+        over (acknowledged stays acknowledged; notification goes on under the new alert id);
+        the job is done.
+
+        ``build(flag_result, revision, alert_id)`` makes the revision's message. Returns the
+        new revision, or None when the study moved on (re-opened by a late instance, whose
+        revision gets its own narrative): the job is then dropped.
+        """
+        with self._tx() as c:
+            c.execute("DELETE FROM narratives WHERE alert_id = ?", (job.alert_id,))
+            row = c.execute(
+                "SELECT state, revision FROM studies WHERE study_instance_uid = ?",
+                (job.study_instance_uid,),
+            ).fetchone()
+            flag = c.execute(
+                "SELECT payload, triage FROM results WHERE alert_id = ?", (job.alert_id,)
+            ).fetchone()
+            if row != ("scored", job.revision) or flag is None:
+                return None
+            revision = job.revision + 1
+            previous = StudyResult.model_validate_json(flag[0])
+            msg = build(
+                previous,
+                revision,
+                _alert_id(job.study_instance_uid, revision, previous.model.sha256),
+            )
+            assert msg.alert_id is not None
+            c.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                (msg.alert_id, job.study_instance_uid, revision, flag[1], msg.payload, now),
+            )
+            c.execute(
+                "UPDATE studies SET revision = ? WHERE study_instance_uid = ?",
+                (revision, job.study_instance_uid),
+            )
+            alert = c.execute(
+                "SELECT state, notify_count, last_notified_at, acked_by, acked_at FROM alerts "
+                "WHERE alert_id = ?",
+                (job.alert_id,),
+            ).fetchone()
+            self._enqueue(c, msg._replace(triage=flag[1]), now)
+            status = StudyResult.model_validate_json(msg.payload).narrative_status
+            self._count(c, f"narrative_{status}")
+            if alert is not None:
+                state = alert[0] if alert[0] != "superseded" else "pending"
+                c.execute(
+                    "INSERT OR REPLACE INTO alerts (alert_id, study_instance_uid, revision, "
+                    "topic, state, notify_count, last_notified_at, acked_by, acked_at, "
+                    "created_at, carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        msg.alert_id,
+                        job.study_instance_uid,
+                        revision,
+                        msg.topic,
+                        state,
+                        alert[1],
+                        alert[2],
+                        alert[3],
+                        alert[4],
+                        now,
+                        job.alert_id,
+                    ),
+                )
+                if alert[0] in ("pending", "unacknowledged"):
+                    c.execute(
+                        "UPDATE alerts SET state = 'superseded' WHERE alert_id = ?",
+                        (job.alert_id,),
+                    )
+                    c.execute(
+                        "DELETE FROM outbox WHERE kind = 'renotify' AND alert_id = ?",
+                        (job.alert_id,),
+                    )
+            return revision
 
     @staticmethod
     def _supersede_alerts(conn: sqlite3.Connection, study_instance_uid: str, revision: int) -> None:
@@ -594,7 +732,8 @@ class Store:
     ) -> AckOutcome:
         """Record a dashboard's ack of ``alert_id``; it stops that alert's re-notification
         (and drops a queued one). An ack names one alert: an older revision's alert_id does
-        not silence a newer one."""
+        not silence a newer one, except the revision that only adds the alert's draft
+        narrative (same findings), which the ack of either silences."""
         with self._tx() as c:
             row = c.execute(
                 "SELECT state FROM alerts WHERE alert_id = ? AND study_instance_uid = ?",
@@ -608,10 +747,37 @@ class Store:
                 "UPDATE alerts SET acked_by = ?, acked_at = ? WHERE alert_id = ?",
                 (by, at, alert_id),
             )
-            if row[0] == "superseded":
+            # A narrative revision carries the same finding on under a new alert id: an ack
+            # of either acknowledges the whole chain (the dashboard may ack the flag while
+            # its narrative is on the way).
+            chain = [alert_id]
+            while nxt := c.execute(
+                "SELECT alert_id FROM alerts WHERE carried_from = ?", (chain[-1],)
+            ).fetchone():
+                chain.append(nxt[0])
+            first = c.execute(
+                "SELECT carried_from FROM alerts WHERE alert_id = ?", (chain[0],)
+            ).fetchone()
+            while first is not None and first[0] is not None:
+                chain.insert(0, first[0])
+                first = c.execute(
+                    "SELECT carried_from FROM alerts WHERE alert_id = ?", (first[0],)
+                ).fetchone()
+            live = [
+                a
+                for a in chain
+                if c.execute("SELECT state FROM alerts WHERE alert_id = ?", (a,)).fetchone()[0]
+                in ("pending", "unacknowledged")
+            ]
+            if row[0] == "superseded" and not live:
                 return "superseded"
-            c.execute("UPDATE alerts SET state = 'acknowledged' WHERE alert_id = ?", (alert_id,))
-            c.execute("DELETE FROM outbox WHERE kind = 'renotify' AND alert_id = ?", (alert_id,))
+            for a in live:
+                c.execute(
+                    "UPDATE alerts SET state = 'acknowledged', acked_by = ?, acked_at = ? "
+                    "WHERE alert_id = ?",
+                    (by, at, a),
+                )
+                c.execute("DELETE FROM outbox WHERE kind = 'renotify' AND alert_id = ?", (a,))
             self._count(c, "acknowledged")
             return "acknowledged"
 
@@ -737,4 +903,8 @@ class Store:
             ),
             "renotified": int(stored.get("published_renotify", 0)),
             "acknowledged": int(stored.get("acknowledged", 0)),
+            "narratives_pending": one("SELECT count(*) FROM narratives"),
+            "narratives_written": int(stored.get("narrative_ok", 0)),
+            "narratives_timeout": int(stored.get("narrative_timeout", 0)),
+            "narratives_failed": int(stored.get("narrative_failed", 0)),
         }

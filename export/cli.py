@@ -283,11 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands that live in their own modules register themselves here (each module's
     # register(sub) adds its parser and sets func); they import torch & co. only when run.
-    from . import medgemma, probe, tensorrt
+    from . import medgemma, probe, report_bundle, tensorrt
 
     probe.register(sub)
     tensorrt.register(sub)
     medgemma.register(sub)
+    report_bundle.register(sub)
     # `--debug` also after the subcommand (edge-export siglip … --debug), for every one of
     # them; SUPPRESS keeps the top-level value when it is not given there.
     for subparser in sub.choices.values():

@@ -17,8 +17,8 @@ Three graphs, all exported with ``torch.onnx.export(dynamo=True)`` (opset 18):
     ``logits`` (B, S, V) and ``present.{i}.key|value`` (B, kv_heads, P + S, head_dim).
     Batch, sequence and past axes are dynamic; P = 0 is the prefill.
 
-The masks are inputs, computed by the caller (:func:`attention_masks`), because Gemma 3's
-prefill is not causal: image tokens attend to each other both ways (the block mask
+The masks are inputs, computed by the caller (:func:`edge_agent.gemma.attention_masks`),
+because Gemma 3's prefill is not causal: image tokens attend to each other both ways (the block mask
 transformers builds from ``token_type_ids``), and local layers see only the last
 ``sliding_window`` positions. Every layer keeps its whole past; the sliding window is
 applied by the mask, which gives the same attention as transformers' sliding cache.
@@ -28,7 +28,8 @@ Runtime's weight-only ``MatMulNBits`` (symmetric, per block). fp16 is refused: G
 known to produce empty output in fp16.
 
 Parity: for each test prompt (an image and a question), the ONNX pipeline's greedy tokens
-(:class:`OnnxGemma3`, plain numpy + ONNX Runtime) must equal PyTorch's
+(:class:`edge_agent.gemma.OnnxGemma3`, plain numpy + ONNX Runtime, the loop the daemon
+runs) must equal PyTorch's
 ``generate(do_sample=False)`` token for token (fp32); the quantized decoder's mean
 log-likelihood of those tokens and its teacher-forced token agreement are recorded.
 """
@@ -53,6 +54,7 @@ import numpy as np
 
 from edge_agent.bundle import sha256_file
 from edge_agent.errors import ConfigError, ExtraMissing
+from edge_agent.gemma import OnnxGemma3, TextConfig, attention_masks, kv_names
 
 from .checkpoint import (
     CheckpointError,
@@ -68,7 +70,6 @@ from .checkpoint import (
 )
 from .onnx_export import (
     _import_onnx,
-    _import_ort,
     _import_torch,
     _normalise_layout,
     _strip_debug_metadata,
@@ -78,6 +79,8 @@ from .onnx_export import (
 from .parity import ParityFailed
 
 logger = logging.getLogger(__name__)
+_kv_names = kv_names  # TEMPORARY: benchmarks/medgemma.py imports it from here
+__all__ = ["OnnxGemma3", "TextConfig", "attention_masks"]
 
 Weights = Literal["int4", "int8", "fp16", "fp32"]
 FORMAT = "edge-triage-medgemma/1"
@@ -93,9 +96,10 @@ TOKENIZER_COPY = (
     "generation_config.json",
     "preprocessor_config.json",
 )
+# Always written: the template the model was trained with, which the daemon renders.
+CHAT_TEMPLATE = "chat_template.jinja"
 IMAGE_TOKENS = ("boi_token", "image_token", "eoi_token")
 OPSET = 18
-MASKED = float(np.finfo(np.float32).min)
 # Protobuf refuses messages over 2 GiB; larger graphs keep their weights in <name>.data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 PROMPTS = (
@@ -130,7 +134,45 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
     refuse_remote_code(path, config)
     weight_paths(path)
     require_tokenizer(path, TOKENIZER_FILES, "prompts cannot be tokenised without it")
+    if read_chat_template(path) is None:
+        raise CheckpointError(
+            f"checkpoint {path}: no chat template ({CHAT_TEMPLATE}, or chat_template in "
+            "tokenizer_config.json or chat_template.json); refusing: generation must use the "
+            "template the model was trained with"
+        )
     return config
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The checkpoint's chat template (Jinja text), where transformers looks for it:
+    chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or a list
+    of named templates: "default"), else the processor's chat_template.json. None if none."""
+
+    def pick(value: Any) -> str | None:
+        if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+            value = named.get("default")
+        return value if isinstance(value, str) and value.strip() else None
+
+    jinja = path / CHAT_TEMPLATE
+    if jinja.is_file():
+        try:
+            return pick(jinja.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: {CHAT_TEMPLATE} is not readable: {exc}"
+            ) from exc
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if not (path / name).is_file():
+            continue
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {path}: {name} is not valid JSON: {exc}") from exc
+        template = pick(data.get("chat_template")) if isinstance(data, dict) else None
+        if template is not None:
+            return template
+    return None
 
 
 @dataclass
@@ -171,6 +213,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"checkpoint {path}: the tokenizer's image_token id {image_id} != config.json's "
             f"image_token_id {model.config.image_token_id}"
         )
+    _warn_if_template_differs(path, tokenizer, int(model.config.mm_tokens_per_image))
     vision: Any = model.config.vision_config
     image_size = int(vision.image_size)
     mean, std = image_normalisation(path, image_size)
@@ -184,44 +227,57 @@ def load_checkpoint(path: Path) -> Checkpoint:
     )
 
 
+def _warn_if_template_differs(path: Path, tokenizer: Any, tokens_per_image: int) -> None:
+    """The parity gate's prompts are :func:`image_prompt`; the daemon renders the chat
+    template. Say so if the checkpoint's template writes an image turn otherwise."""
+    template = read_chat_template(path)
+    question = "Describe this image."
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    try:
+        rendered = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # jinja2 and transformers raise many types
+        raise CheckpointError(
+            f"checkpoint {path}: the chat template does not render an image turn "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    image = f"{tokenizer.boi_token}{tokenizer.image_token * tokens_per_image}{tokenizer.eoi_token}"
+    expanded = str(rendered).replace(tokenizer.boi_token, f"\n\n{image}\n\n")
+    if expanded != image_prompt(tokenizer, question, tokens_per_image):
+        logger.warning(
+            "checkpoint %s: its chat template writes an image turn differently from Gemma 3's; "
+            "the parity gate's prompts follow Gemma 3's, the daemon will follow the template",
+            path,
+        )
+
+
 # --- 2. prompts and masks (shared by the ONNX pipeline and the PyTorch reference) ------------
 
 
-@dataclass(frozen=True)
-class TextConfig:
-    """What the ONNX pipeline needs to know about the decoder."""
-
-    hidden_size: int
-    vocab_size: int
-    layer_types: tuple[str, ...]
-    sliding_window: int
-    num_key_value_heads: int
-    head_dim: int
-    image_token_id: int
-    tokens_per_image: int
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def of(cls, model: Any, tokenizer: Any) -> TextConfig:
-        text = model.config.text_config
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        eos_ids = (eos,) if isinstance(eos, int) else tuple(eos)
-        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        if end_of_turn is not None and end_of_turn != tokenizer.unk_token_id:
-            eos_ids = tuple(dict.fromkeys((*eos_ids, end_of_turn)))
-        return cls(
-            hidden_size=int(text.hidden_size),
-            vocab_size=int(text.vocab_size),
-            layer_types=tuple(text.layer_types),
-            sliding_window=int(text.sliding_window),
-            num_key_value_heads=int(text.num_key_value_heads),
-            head_dim=int(text.head_dim),
-            image_token_id=int(model.config.image_token_id),
-            tokens_per_image=int(model.config.mm_tokens_per_image),
-            eos_token_ids=eos_ids,
-        )
+def text_config(model: Any, tokenizer: Any) -> TextConfig:
+    """What the generation loop needs to know about the checkpoint's decoder."""
+    text = model.config.text_config
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = (eos,) if isinstance(eos, int) else tuple(eos)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if end_of_turn is not None and end_of_turn != tokenizer.unk_token_id:
+        eos_ids = tuple(dict.fromkeys((*eos_ids, end_of_turn)))
+    return TextConfig(
+        hidden_size=int(text.hidden_size),
+        vocab_size=int(text.vocab_size),
+        layer_types=tuple(text.layer_types),
+        sliding_window=int(text.sliding_window),
+        num_key_value_heads=int(text.num_key_value_heads),
+        head_dim=int(text.head_dim),
+        image_token_id=int(model.config.image_token_id),
+        tokens_per_image=int(model.config.mm_tokens_per_image),
+        eos_token_ids=eos_ids,
+    )
 
 
 def image_prompt(tokenizer: Any, question: str, tokens_per_image: int) -> str:
@@ -233,31 +289,6 @@ def image_prompt(tokenizer: Any, question: str, tokens_per_image: int) -> str:
         f"{tokenizer.bos_token}<start_of_turn>user\n{image}{question}<end_of_turn>\n"
         "<start_of_turn>model\n"
     )
-
-
-def attention_masks(
-    token_type: np.ndarray, past: int, sliding_window: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(full, sliding) additive masks (1, 1, S, past + S) for S new tokens after ``past``.
-
-    ``token_type``: (past + S,) 1 where the token is an image token. As transformers builds
-    them for Gemma 3: global layers OR(causal, same image block); local layers additionally
-    AND a window of ``sliding_window`` positions.
-    """
-    total = token_type.shape[0]
-    q = np.arange(past, total)[:, None]
-    k = np.arange(total)[None, :]
-    is_image = token_type.astype(bool)
-    starts = is_image & ~np.concatenate([[False], is_image[:-1]])
-    block = np.where(is_image, np.cumsum(starts) - 1, -1)
-    same_block = (block[past:, None] == block[None, :]) & (block[past:, None] >= 0)
-    full = (k <= q) | same_block
-    sliding = full & (k > q - sliding_window)
-
-    def additive(allowed: np.ndarray) -> np.ndarray:
-        return np.where(allowed, 0.0, MASKED).astype(np.float32)[None, None]
-
-    return additive(full), additive(sliding)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -358,12 +389,6 @@ def export_embedding(model: Any, path: Path) -> list[str]:
     )
 
 
-def _kv_names(layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return past, present
-
-
 def export_decoder(model: Any, path: Path) -> list[str]:
     """The language model and LM head with a KV cache; see the module docstring."""
     torch = _import_torch()
@@ -416,7 +441,7 @@ def export_decoder(model: Any, path: Path) -> list[str]:
     total = torch.export.Dim.DYNAMIC
     shapes: list[Any] = [{0: b, 1: s}, {0: b, 1: s}, {0: b, 2: s, 3: total}, {0: b, 2: s, 3: total}]
     shapes.append(tuple({0: b, 2: p} for _ in past))  # *past is one tuple to torch.export
-    past_names, present_names = _kv_names(layers)
+    past_names, present_names = kv_names(layers)
     return _export(
         module,
         example,
@@ -434,132 +459,42 @@ def export_decoder(model: Any, path: Path) -> list[str]:
     )
 
 
-# --- 4. the ONNX pipeline -------------------------------------------------------------------
-
-
-class OnnxGemma3:
-    """Greedy generation with the three graphs on ONNX Runtime, in plain numpy, batch 1."""
-
-    def __init__(
-        self,
-        vision: Path,
-        embed: Path,
-        decoder: Path,
-        config: TextConfig,
-        *,
-        threads: int = 0,
-    ) -> None:
-        ort = _import_ort()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-
-        def session(path: Path) -> Any:
-            return ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-
-        self.vision = session(vision)
-        self.embed = session(embed)
-        self.decoder = session(decoder)
-        self.config = config
-        self.past_names, self.present_names = _kv_names(len(config.layer_types))
-
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        out = self.vision.run(["image_features"], {"pixel_values": pixel_values.astype(np.float32)})
-        return np.asarray(out[0])
-
-    def prompt_embeds(
-        self, input_ids: np.ndarray, pixel_values: np.ndarray, image_positions: np.ndarray
-    ) -> np.ndarray:
-        """Token embeddings with the image features put at ``image_positions`` (a boolean
-        mask over ``input_ids`` (S,)), in order, as transformers' ``masked_scatter`` does."""
-        cfg = self.config
-        ids = input_ids.astype(np.int64)
-        # An image token id outside the vocabulary reads as 0 (its embedding is replaced).
-        out_of_vocabulary = (ids == cfg.image_token_id) & (cfg.image_token_id >= cfg.vocab_size)
-        lookup = np.where(out_of_vocabulary, 0, ids)
-        embeds = self.embed.run(["inputs_embeds"], {"input_ids": lookup[None]})[0][0]
-        if image_positions.any():
-            features = self.image_features(pixel_values).reshape(-1, cfg.hidden_size)
-            if features.shape[0] != int(image_positions.sum()):
-                raise ValueError(
-                    f"{int(image_positions.sum())} image tokens in the prompt, "
-                    f"{features.shape[0]} image features"
-                )
-            embeds[image_positions] = features
-        return np.asarray(embeds)
-
-    def _step(
-        self, embeds: np.ndarray, token_type: np.ndarray, past: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        cfg = self.config
-        past_len = past[0].shape[2]
-        seq = embeds.shape[0]
-        full, sliding = attention_masks(token_type, past_len, cfg.sliding_window)
-        feeds = {
-            "inputs_embeds": embeds[None].astype(np.float32),
-            "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None],
-            "full_attention_mask": full,
-            "sliding_attention_mask": sliding,
-        }
-        feeds.update(zip(self.past_names, past, strict=True))
-        logits, *present = self.decoder.run(["logits", *self.present_names], feeds)
-        return logits[0], present
-
-    def _empty_past(self) -> list[np.ndarray]:
-        cfg = self.config
-        shape = (1, cfg.num_key_value_heads, 0, cfg.head_dim)
-        return [np.zeros(shape, np.float32) for _ in self.past_names]
-
-    def generate(
-        self, input_ids: np.ndarray, pixel_values: np.ndarray, max_new_tokens: int
-    ) -> list[int]:
-        """Greedy tokens after the prompt (stops at an end-of-turn/eos token, included)."""
-        cfg = self.config
-        token_type = (input_ids == cfg.image_token_id).astype(np.int64)
-        embeds = self.prompt_embeds(input_ids, pixel_values, token_type.astype(bool))
-        logits, past = self._step(embeds, token_type, self._empty_past())
-        tokens: list[int] = []
-        while len(tokens) < max_new_tokens:
-            token = int(np.argmax(logits[-1]))
-            tokens.append(token)
-            if token in cfg.eos_token_ids:
-                break
-            token_type = np.append(token_type, 0)  # a generated image token is a plain token
-            embeds = self.embed.run(["inputs_embeds"], {"input_ids": np.array([[token]])})[0][0]
-            logits, past = self._step(embeds, token_type, past)
-        return tokens
-
-    def continuation_logits(
-        self, input_ids: np.ndarray, pixel_values: np.ndarray, continuation: Sequence[int]
-    ) -> np.ndarray:
-        """Logits (len(continuation), V) predicting each continuation token, teacher-forced
-        in one pass over prompt + continuation. Only the prompt's image tokens take image
-        features (a generated image token is a plain token, as in generation)."""
-        ids = np.concatenate([input_ids, np.asarray(continuation[:-1], np.int64)])
-        token_type = np.zeros(len(ids), np.int64)
-        token_type[: len(input_ids)] = input_ids == self.config.image_token_id
-        embeds = self.prompt_embeds(ids, pixel_values, token_type.astype(bool))
-        logits, _ = self._step(embeds, token_type, self._empty_past())
-        return logits[len(input_ids) - 1 :]
+# --- 4. the ONNX pipeline: edge_agent.gemma.OnnxGemma3 (the daemon runs the same loop) --
 
 
 # --- 5. int4 / int8 -------------------------------------------------------------------------
 
 
-def quantize_decoder(src: Path, dst: Path, *, bits: int, block_size: int) -> list[str]:
+def quantize_decoder(
+    src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int | None = None
+) -> list[str]:
     """Weight-only MatMulNBits (symmetric, per ``block_size`` along K) for every MatMul with
-    a constant weight, the LM head included; activations and everything else stay fp32."""
+    a constant weight, the LM head included; activations and everything else stay fp32.
+    ``accuracy_level``: MatMulNBits' minimum compute precision (None: fp32; 4: int8
+    activations, quantized per block at run time)."""
     onnx = _import_onnx()
+    from onnx.external_data_helper import (
+        _get_all_tensors,
+        load_external_data_for_tensor,
+        uses_external_data,
+    )
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    model = onnx.load(str(src), load_external_data=True)
+    # The fp32 weights stay on disk: the quantizer reads each one through onnx_ir, which
+    # memory-maps it, resolving its location from the current directory (hence absolute
+    # locations here). Loading them all would hold the fp32 decoder (~16 GB for 4B) in memory
+    # beside the quantized one.
+    folder = src.resolve().parent
+    model = onnx.load(str(src), load_external_data=False)
+    for tensor in _get_all_tensors(model):
+        for entry in tensor.external_data if uses_external_data(tensor) else []:
+            if entry.key == "location":
+                entry.value = str(folder / entry.value)
     config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=None, bits=bits
+        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits
     )
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     root = logging.getLogger()
@@ -572,6 +507,13 @@ def quantize_decoder(src: Path, dst: Path, *, bits: int, block_size: int) -> lis
         root.setLevel(level)
     remove_onnx(dst)
     quantized = quantizer.model.model
+    # What was not quantized (norms, small constants) is read into the model from src.
+    for tensor in _get_all_tensors(quantized):
+        if uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.relpath(entry.value, folder)
+            load_external_data_for_tensor(tensor, str(folder))
     # ByteSize() itself fails past 2 GiB: count the weights.
     weights = sum(len(t.raw_data) for t in quantized.graph.initializer)
     if weights > EXTERNAL_DATA_THRESHOLD:
@@ -793,7 +735,7 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
     stages: list[tuple[str, float]] = []
     with _stage(stages, f"loading checkpoint {settings.checkpoint}"):
         ckpt = load_checkpoint(settings.checkpoint)
-    cfg = TextConfig.of(ckpt.model, ckpt.tokenizer)
+    cfg = text_config(ckpt.model, ckpt.tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
@@ -839,6 +781,13 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
         for name in TOKENIZER_COPY:
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, staging / name)
+        if not (staging / CHAT_TEMPLATE).is_file():  # it was in tokenizer_config.json
+            template = read_chat_template(ckpt.path)
+            assert template is not None  # check_checkpoint refuses a checkpoint without one
+            (staging / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+        backend = getattr(ckpt.tokenizer, "backend_tokenizer", None)
+        if not (staging / "tokenizer.json").is_file() and backend is not None:
+            backend.save(str(staging / "tokenizer.json"))  # the daemon reads tokenizer.json
         description = describe(ckpt, cfg, settings, files, parity, staging)
         (staging / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
         _replace_folder(staging, out, overwrite=settings.overwrite)
@@ -881,6 +830,13 @@ def describe(
             "tokens_per_image": cfg.tokens_per_image,
         },
         "text": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "tokens": {
+            "bos": ckpt.tokenizer.bos_token,
+            "boi": ckpt.tokenizer.boi_token,
+            "image": ckpt.tokenizer.image_token,
+            "eoi": ckpt.tokenizer.eoi_token,
+        },
+        "chat_template": CHAT_TEMPLATE,
         "parity": parity.summary(),
         "files": {n: sha256_file(folder / n) for n in everything},
         "bytes": _sizes(folder, everything),

@@ -24,6 +24,7 @@ pytest.importorskip("onnxruntime")
 from tiny_gemma3 import SLIDING_WINDOW, TOKENS_PER_IMAGE, make_checkpoint  # noqa: E402
 from transformers import AutoTokenizer, Gemma3ForConditionalGeneration  # noqa: E402
 
+from edge_agent.gemma import OnnxGemma3, TextConfig, attention_masks  # noqa: E402
 from export import cli, medgemma  # noqa: E402
 
 pytestmark = pytest.mark.export
@@ -64,14 +65,12 @@ def int4_export(work: Path, checkpoint: Path) -> Path:
         return _export(work, checkpoint, "int4")
 
 
-def _pipeline(out: Path) -> medgemma.OnnxGemma3:
+def _pipeline(out: Path) -> OnnxGemma3:
     description = json.loads((out / medgemma.DESCRIPTION).read_text())
     graphs = description["graphs"]
     text = description["text"]
-    config = medgemma.TextConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in text.items()}
-    )
-    return medgemma.OnnxGemma3(
+    config = TextConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in text.items()})
+    return OnnxGemma3(
         out / graphs["vision"]["file"],
         out / graphs["embed"]["file"],
         out / graphs["decoder"]["file"],
@@ -192,7 +191,7 @@ def test_parity_gate_refuses_a_decoder_that_generates_otherwise(
 def test_attention_masks_follow_gemma3() -> None:
     # tokens: text, image, image, image, text, text; window 2
     token_type = np.array([0, 1, 1, 1, 0, 0])
-    full, sliding = medgemma.attention_masks(token_type, 0, 2)
+    full, sliding = attention_masks(token_type, 0, 2)
     allowed_full = full[0, 0] == 0
     allowed_sliding = sliding[0, 0] == 0
     assert allowed_full[1, 3] and allowed_full[3, 1]  # image tokens see each other both ways
@@ -200,7 +199,7 @@ def test_attention_masks_follow_gemma3() -> None:
     assert allowed_full[5, 0] and not allowed_sliding[5, 0]  # the window is local only
     assert allowed_sliding[5, 4] and allowed_sliding[5, 5]
     # decode: one new token after five, no image block for it
-    full, sliding = medgemma.attention_masks(token_type, 5, 2)
+    full, sliding = attention_masks(token_type, 5, 2)
     assert full.shape == (1, 1, 1, 6) and (full == 0).all()
     assert ((sliding[0, 0, 0] == 0) == np.array([0, 0, 0, 0, 1, 1], bool)).all()
 

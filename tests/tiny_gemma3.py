@@ -8,10 +8,11 @@ embeddings. The sliding window (8) is shorter than the test prompts, so it is ex
 
 The tokenizer is a real ``GemmaTokenizer`` (byte-fallback BPE, character level here) whose
 vocabulary holds Gemma 3's special tokens, with ``extra_special_tokens`` for the image
-tokens, as the Gemma 3 processor needs. Weights are drawn with a larger spread than the
-default initialisation so that the next-token distribution is peaked: greedy decoding of a
-random model with near-uniform logits would hang on float noise. Only the export tests
-import this (it needs the [export] extra).
+tokens, as the Gemma 3 processor needs, and Gemma 3's own chat template
+(:data:`CHAT_TEMPLATE`, saved as chat_template.jinja). Weights are drawn with a larger spread
+than the default initialisation so that the next-token distribution is peaked: greedy
+decoding of a random model with near-uniform logits would hang on float noise. Only the
+export tests import this (it needs the [export] extra).
 """
 
 from __future__ import annotations
@@ -49,6 +50,53 @@ PROMPTS = [
     "Is there a pneumothorax?",
     "Findings:",
 ]
+# google/gemma-3-4b-it's chat template, verbatim (tokenizer_config.json "chat_template"; its
+# '\n\n' and '\n' are real newlines there too): bos, a system prompt folded into the first
+# user turn, alternating roles (assistant -> "model"), an image item -> <start_of_image>,
+# which the processor then expands (see export.medgemma.image_prompt).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    '    {%- set first_user_prefix = "" -%}\n'
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    '        {{ raise_exception("Conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n'
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    '        {%- set role = "model" -%}\n'
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    '        {{ raise_exception("Invalid content type") }}\n'
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
 
 
 def _vocab() -> dict[str, int]:
@@ -66,6 +114,7 @@ def make_tokenizer(folder: Path) -> GemmaTokenizer:
         extra_special_tokens=EXTRA_SPECIAL_TOKENS,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[5:]})
+    tokenizer.chat_template = CHAT_TEMPLATE  # saved as chat_template.jinja
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(folder))
     return tokenizer

@@ -1,0 +1,410 @@
+"""Draft narratives: MedGemma's description of the image behind an urgent flag, after it.
+
+Real pieces: the tiny Gemma 3 checkpoint (tests/tiny_gemma3.py) exported by the real
+``edge-export medgemma`` and put into the tiny bundle by ``edge-export add-report``; the
+daemon (``edge_agent.service.Agent``) with its own threads; a real Mosquitto; PyTorch's
+``generate`` as the reference for what the narrative must say.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+from brokers import Subscriber
+from tiny_bundle import make_bundle
+from tiny_gemma3 import make_checkpoint
+
+from edge_agent.bundle import load_bundle
+from edge_agent.config import load_settings
+from edge_agent.devbroker import Mosquitto
+from edge_agent.narrative import NarrativeModel, NarrativeWorker, Source
+from edge_agent.profiles import load_profile_file, profile_dirs
+from edge_agent.results import StudyResult
+from edge_agent.simulate import chest_instance, write_instance
+from edge_agent.store import NarrativeJob, Store
+from export import cli, medgemma
+from export.report_bundle import AddReportSettings, add_report
+
+pytestmark = pytest.mark.export
+
+TOKENS = 12
+SITE, DEVICE = "s", "d"
+BASE = f"edge-triage/v1/{SITE}/{DEVICE}"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("narrative")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(work: Path) -> Path:
+    return make_checkpoint(work / "tiny-gemma3")
+
+
+@pytest.fixture(scope="module")
+def bundle(work: Path, checkpoint: Path) -> Path:
+    """The tiny bundle ('bright' is urgent at 0.9) with the tiny MedGemma as its report."""
+    export = work / "medgemma"
+    argv = ["medgemma", "--checkpoint", str(checkpoint), "--out", str(export)]
+    assert cli.main([*argv, "--weights", "fp32", "--threads", "1", "--parity-tokens", "4"]) == 0
+    out = work / "bundle-with-report"
+    add_report(
+        AddReportSettings(
+            bundle=make_bundle(work / "bundle"),
+            report=export,
+            out=out,
+            max_new_tokens=TOKENS,
+        )
+    )
+    return out
+
+
+def bright_radiograph(folder: Path, seed: int = 1) -> pydicom.Dataset:
+    """A CR whose image is nearly all bright: the tiny bundle scores it urgent."""
+    ds = chest_instance(np.random.default_rng(seed), findings={}, rows=96, cols=80)
+    pixels = np.full((96, 80), 3000, np.uint16)
+    pixels[:20, :20] = 0
+    pixels[40:60, 30:50] = 1500  # something to describe
+    ds.PixelData = pixels.tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "RescaleSlope"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    write_instance(ds, folder)
+    return ds
+
+
+def torch_narrative(checkpoint: Path, pixels: np.ndarray, ids: np.ndarray) -> tuple[list, str]:
+    """(tokens, text) PyTorch's greedy generate gives for the same image tensor and prompt."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    model = Gemma3ForConditionalGeneration.from_pretrained(
+        str(checkpoint), attn_implementation="eager"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    input_ids = torch.from_numpy(ids)[None]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            token_type_ids=(input_ids == model.config.image_token_id).long(),
+            pixel_values=torch.from_numpy(pixels),
+            max_new_tokens=TOKENS,
+            do_sample=False,
+        )
+    tokens = out[0, ids.shape[0] :].tolist()
+    return tokens, str(tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+
+
+class Running:
+    """The daemon in this process, its threads running, stopped at the end."""
+
+    def __init__(self, **settings: Any) -> None:
+        from edge_agent.service import Agent
+
+        self.agent = Agent(load_settings(None, **settings))
+        self.thread = threading.Thread(target=self.agent.run, daemon=True)
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        assert self.agent.started.wait(60)
+        return self.agent
+
+    def __exit__(self, *exc: object) -> None:
+        self.agent.stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
+def daemon_settings(tmp_path: Path, broker: Mosquitto, bundle: Path, **extra: Any) -> dict:
+    watch = tmp_path / "incoming"
+    watch.mkdir(exist_ok=True)
+    return {
+        "watch_dir": watch,
+        "state_dir": tmp_path / "state",
+        "bundle": bundle,
+        "profile": "x86-cpu",
+        "site": SITE,
+        "device_id": DEVICE,
+        "study_quiet_seconds": 0.5,
+        "intake": {"file_stable_seconds": 0, "poll_interval_seconds": 0.2},
+        "mqtt": {"host": broker.host, "port": broker.port},
+        **extra,
+    }
+
+
+def results(sub: Subscriber, count: int, timeout: float = 60) -> list[dict]:
+    got = sub.wait_for(lambda m: "/study/" in m.topic, timeout=timeout, count=count)
+    return [json.loads(m.payload) for m in got]
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+def test_urgent_flag_first_then_its_narrative_as_the_next_revision(
+    tmp_path: Path, bundle: Path, checkpoint: Path
+) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        sub = Subscriber(broker, f"{BASE}/study/#")
+        settings = daemon_settings(tmp_path, broker, bundle, narrative={"enabled": True})
+        with Running(**settings) as agent:
+            ds = bright_radiograph(settings["watch_dir"])
+            flag, follow = results(sub, 2)
+            counters = agent.store.counters()
+        sub.close()
+
+    assert flag["triage"] == "urgent" and flag["revision"] == 1
+    assert flag["narrative_status"] == "pending" and "narrative" not in flag
+    assert follow["revision"] == 2 and follow["alert_id"] != flag["alert_id"]
+    assert follow["narrative_status"] == "ok"
+    for same in ("triage", "findings", "model", "instances", "study_instance_uid"):
+        assert follow[same] == flag[same]
+    narrative = follow["narrative"]
+    assert narrative["draft"] is True and "not a radiology report" in narrative["disclaimer"]
+    assert narrative["model"] == "medgemma-tiny-gemma3"
+    assert narrative["source"] == f"radiograph {ds.SOPInstanceUID}"
+    assert 0 < narrative["tokens"] <= TOKENS
+    StudyResult.model_validate(follow)  # the strict model reads it back
+
+    # What it says is what PyTorch's generate says for that image and the template's prompt.
+    model = NarrativeModel(load_bundle(bundle), providers=["CPUExecutionProvider"], threads=1)
+    source = Source("radiograph", [f"{ds.SOPInstanceUID}.dcm"], "")
+    pixels = model.pixels(source, lambda p: pydicom.dcmread(settings["watch_dir"] / p))
+    tokens, text = torch_narrative(checkpoint, pixels, model.ids["radiograph"])
+    assert narrative["text"] == text and narrative["tokens"] == len(tokens)
+    # (the tiny model writes byte tokens, so compare the tokens themselves too)
+    assert model.llm.generate(model.ids["radiograph"], pixels, TOKENS) == tokens
+    assert counters["narratives_written"] == 1 and counters["narratives_pending"] == 0
+
+
+def test_narrative_not_ready_within_the_budget_is_published_as_timeout(
+    tmp_path: Path, bundle: Path
+) -> None:
+    with Mosquitto(tmp_path / "broker") as broker:
+        sub = Subscriber(broker, f"{BASE}/study/#")
+        narrative = {"enabled": True, "time_budget_seconds": 0.001}
+        settings = daemon_settings(tmp_path, broker, bundle, narrative=narrative)
+        with Running(**settings):
+            bright_radiograph(settings["watch_dir"])
+            flag, follow = results(sub, 2)
+        sub.close()
+    assert flag["narrative_status"] == "pending"
+    assert follow["narrative_status"] == "timeout" and "narrative" not in follow
+    assert follow["triage"] == "urgent" and follow["revision"] == 2
+
+
+def test_no_narrative_unless_enabled_and_the_bundle_has_a_report(
+    tmp_path: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge_agent.service import Agent
+
+    with Mosquitto(tmp_path / "broker") as broker:
+        off = Agent(load_settings(None, **daemon_settings(tmp_path, broker, bundle)))
+        assert off.narrator is None  # x86-cpu's profile leaves it off; config did not ask
+        off.store.close()
+        plain = make_bundle(tmp_path / "plain")
+        on = daemon_settings(tmp_path, broker, plain, narrative={"enabled": True})
+        agent = Agent(load_settings(None, **on))
+        assert agent.narrator is None
+        agent.store.close()
+    assert "has no report section" in caplog.text
+
+
+def test_orin_nano_profile_has_narratives_off() -> None:
+    profiles = {p.stem: p for d in profile_dirs() for p in d.glob("*.toml")}
+    assert load_profile_file(profiles["jetson-orin-nano"]).narrative.enabled is False
+    assert load_profile_file(profiles["jetson-agx-orin"]).narrative.enabled is True
+
+
+# -- the worker and the store, without a broker ------------------------------------------
+
+
+@pytest.fixture
+def flagged(tmp_path: Path, bundle: Path) -> Iterator[tuple[Store, NarrativeJob, Path]]:
+    """A store holding one urgent result with its narrative job, as scoring leaves it."""
+    from edge_agent.service import Agent
+
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    settings = load_settings(
+        None,
+        watch_dir=watch,
+        state_dir=tmp_path / "state",
+        bundle=bundle,
+        profile="x86-cpu",
+        narrative={"enabled": True},
+        intake={"file_stable_seconds": 0, "watch_mode": "polling"},
+    )
+    agent = Agent(settings)
+    bright_radiograph(watch)
+    for f in agent.watcher.scan(1.0):
+        agent._handle_file(f)
+    (uid,) = agent.store.complete_quiet_studies(0.0, now=time.time() + 1)
+    agent._score_one(uid)
+    (job,) = agent.store.narrative_jobs()
+    agent.store.close()
+    store = Store(tmp_path / "state" / "state.sqlite3")
+    yield store, job, watch
+    store.close()
+
+
+def worker(store: Store, bundle: Path, watch: Path, idle: threading.Event) -> NarrativeWorker:
+    return NarrativeWorker(
+        store,
+        load_bundle(bundle),
+        watch_dir=watch,
+        providers=["CPUExecutionProvider"],
+        threads=1,
+        max_new_tokens=None,
+        scoring_idle=idle,
+        stop=threading.Event(),
+        topic=lambda uid: f"{BASE}/study/{uid}",
+        published=lambda: None,
+    )
+
+
+def outbox_results(store: Store) -> list[dict]:
+    return [json.loads(m.payload) for m in store.outbox_messages()]
+
+
+def test_a_pending_narrative_survives_a_restart_and_waits_for_scoring(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, job, watch = flagged  # a new Store on the same file: the job is still there
+    assert store.narrative_jobs() == [job]
+    idle = threading.Event()  # a study is being scored
+    w = worker(store, bundle, watch, idle)
+    thread = threading.Thread(target=w.run, daemon=True)
+    thread.start()
+    assert w.ready.wait(30) and w.model is not None
+    time.sleep(1.0)
+    assert store.narrative_jobs() == [job], "no token while a study is being scored"
+    idle.set()
+    deadline = time.monotonic() + 30
+    while store.narrative_jobs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop.set()
+    thread.join(5)
+    flag, follow = outbox_results(store)
+    assert flag["narrative_status"] == "pending"
+    assert follow["narrative_status"] == "ok" and follow["revision"] == 2
+    study = store.study(job.study_instance_uid)
+    assert study is not None and study.revision == 2
+
+
+def test_expired_job_at_restart_is_published_as_timeout_without_generating(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, _job, watch = flagged
+    w = worker(store, bundle, watch, threading.Event())  # scoring "busy": a token would hang
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE narratives SET deadline = 0")
+    (expired,) = store.narrative_jobs()
+    w._do(expired)  # the model is not even loaded
+    assert outbox_results(store)[-1]["narrative_status"] == "timeout"
+
+
+def test_image_gone_is_published_as_failed_with_the_reason(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, job, watch = flagged
+    for f in watch.glob("*.dcm"):
+        f.unlink()
+    idle = threading.Event()
+    idle.set()
+    w = worker(store, bundle, watch, idle)
+    w._load()
+    w._do(job)
+    follow = outbox_results(store)[-1]
+    assert follow["narrative_status"] == "failed"
+    assert follow["narrative_error"] == "the image is no longer in the watch folder"
+
+
+def test_late_instance_drops_the_old_narrative(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, job, _watch = flagged
+    with sqlite3.connect(store.path) as db:  # what add_instance does to a scored study
+        db.execute("UPDATE studies SET state = 'open', revision = revision + 1")
+    assert store.commit_narrative(job, lambda *a: pytest.fail("built"), time.time()) is None
+    assert store.narrative_jobs() == []
+    assert len(outbox_results(store)) == 1
+
+
+def test_ack_of_the_flag_also_silences_its_narrative_revision(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, job, watch = flagged
+    idle = threading.Event()
+    idle.set()
+    w = worker(store, bundle, watch, idle)
+    w._load()
+    w._do(job)
+    follow = outbox_results(store)[-1]
+    new = store.alert(follow["alert_id"])
+    assert new is not None and new["state"] == "pending"
+    assert store.alert(job.alert_id)["state"] == "superseded"  # type: ignore[index]
+    # the dashboard acks the flag it saw first: the narrative revision is silenced too
+    assert store.acknowledge(job.study_instance_uid, job.alert_id, "dr", "t") == "acknowledged"
+    assert store.alert(follow["alert_id"])["state"] == "acknowledged"  # type: ignore[index]
+    assert store.enqueue_renotifications(time.time() + 10_000, 1, 10) == 0
+
+
+def test_acknowledged_flag_stays_acknowledged_in_its_narrative_revision(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, job, watch = flagged
+    assert store.acknowledge(job.study_instance_uid, job.alert_id, "dr", "t") == "acknowledged"
+    idle = threading.Event()
+    idle.set()
+    w = worker(store, bundle, watch, idle)
+    w._load()
+    w._do(job)
+    follow = outbox_results(store)[-1]
+    assert store.alert(follow["alert_id"])["state"] == "acknowledged"  # type: ignore[index]
+
+
+def test_state_database_of_schema_2_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    Store(path).close()
+    with sqlite3.connect(path) as db:  # schema 2: alerts without carried_from, no narratives
+        db.executescript(
+            "DROP TABLE narratives; ALTER TABLE alerts DROP COLUMN carried_from;"
+            "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
+        )
+    store = Store(path)
+    columns = [r[1] for r in store._conn().execute("PRAGMA table_info(alerts)")]
+    assert "carried_from" in columns and store.narrative_jobs() == []
+    store.close()
+
+
+def test_prompt_without_transformers_equals_the_export_prompt(
+    bundle: Path, checkpoint: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    model = NarrativeModel(load_bundle(bundle), providers=["CPUExecutionProvider"], threads=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    report = load_bundle(bundle).manifest.report
+    assert report is not None
+    for kind, question in (("radiograph", report.prompts.radiograph), ("ct", report.prompts.ct)):
+        text = medgemma.image_prompt(tokenizer, question, report.image.tokens_per_image)
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert model.ids[kind].tolist() == expected
