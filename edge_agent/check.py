@@ -171,6 +171,30 @@ def run_check(config_file: Path | None) -> int:
             _line(False, "providers", str(exc))
             resource_problems.append(exc)
 
+    if profile is not None and bundle is not None:
+        wanted = settings.narrative.enabled
+        if wanted is None:
+            wanted = profile.narrative.enabled
+        report = bundle.manifest.report
+        if not wanted:
+            detail = "off" + (f" (the bundle has {report.name})" if report else "")
+            _line(True, "narrative", detail)
+        elif report is None:
+            err = ConfigError(
+                "narrative.enabled",
+                "narratives are enabled but the bundle has no report section "
+                "(edge-export add-report)",
+            )
+            _line(False, "narrative", str(err))
+            config_problems.append(err)
+        else:
+            budget = settings.narrative.time_budget_seconds or profile.narrative.time_budget_seconds
+            _line(
+                True,
+                "narrative",
+                f"{report.name}, {report.graphs.decoder.precision}; budget {budget:g} s",
+            )
+
     if settings.scp.enabled:
         _check_scp(settings, config_problems, resource_problems)
 

@@ -227,6 +227,23 @@ def test_no_narrative_unless_enabled_and_the_bundle_has_a_report(
     assert "has no report section" in caplog.text
 
 
+def test_check_names_the_key_when_narratives_are_on_without_a_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.check import run_check
+
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'watch_dir = "{watch}"\nstate_dir = "{tmp_path / "state"}"\nprofile = "x86-cpu"\n'
+        f'bundle = "{make_bundle(tmp_path / "plain")}"\n[narrative]\nenabled = true\n'
+        "[mqtt]\nport = 1\n"
+    )
+    assert run_check(config) == 2
+    assert "narrative.enabled" in capsys.readouterr().out
+
+
 def test_orin_nano_profile_has_narratives_off() -> None:
     profiles = {p.stem: p for d in profile_dirs() for p in d.glob("*.toml")}
     assert load_profile_file(profiles["jetson-orin-nano"]).narrative.enabled is False
@@ -408,3 +425,53 @@ def test_prompt_without_transformers_equals_the_export_prompt(
         text = medgemma.image_prompt(tokenizer, question, report.image.tokens_per_image)
         expected = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert model.ids[kind].tolist() == expected
+
+
+def test_ct_narrative_describes_the_slab_that_drove_the_urgent_finding(
+    tmp_path: Path, bundle: Path
+) -> None:
+    from pydicom.uid import generate_uid
+    from test_ct import chest_phantom, ct_bundle, ct_datasets, ingest, scorer_for
+
+    from edge_agent.bundle import MANIFEST, Manifest, write_manifest
+
+    watch = tmp_path / "in"
+    datasets = ct_datasets(chest_phantom(nodule_slice=25), study_uid=generate_uid())
+    for ds in datasets:
+        write_instance(ds, watch)
+    store = Store(tmp_path / "state.sqlite3")
+    uid = ingest(store, watch)
+    root = ct_bundle(tmp_path / "ct-bundle")
+    raw = json.loads((root / MANIFEST).read_text())
+    for finding in raw["findings"]:
+        if finding["code"] == "dense":  # any CT score is urgent
+            finding["review_threshold"] = finding["urgent_threshold"] = 0.0
+    write_manifest(root, Manifest.model_validate(raw))
+
+    study = store.study(uid)
+    assert study is not None
+    scored = scorer_for(root, watch).score(study, store.instances(uid), 0)
+    assert scored is not None and scored.result.triage == "urgent"
+    (dense,) = [f for f in scored.result.findings if f.code == "dense"]
+    source = scored.narrative_source
+    assert source is not None and source.kind == "ct" and dense.slab is not None
+    sops = [d.SOPInstanceUID for d in datasets]
+    ends = (
+        sops.index(dense.slab.first_sop_instance_uid),
+        sops.index(dense.slab.last_sop_instance_uid),
+    )
+    inside = sops[min(ends) : max(ends) + 1]  # the slab's slices, in the series' order
+    assert sorted(source.paths) == sorted(f"{sop}.dcm" for sop in inside) and len(inside) > 1
+    assert source.label == (
+        f"CT slab {dense.slab.index + 1} of {dense.slab.count}, "
+        f"series {dense.slab.series_instance_uid}"
+    )
+    model = NarrativeModel(load_bundle(bundle), providers=["CPUExecutionProvider"], threads=1)
+    pixels = model.pixels(source, lambda p: pydicom.dcmread(watch / p))
+    size = model.report.image.size
+    assert pixels.shape == (1, 3, size, size)
+    # three HU windows as RGB: wide, soft tissue and brain differ on a chest slab
+    assert not np.allclose(pixels[0, 0], pixels[0, 1]) and not np.allclose(
+        pixels[0, 1], pixels[0, 2]
+    )
+    store.close()
