@@ -437,6 +437,14 @@ def verify_files(root: Path, manifest: Manifest) -> None:
             raise BundleError(f"bundle {root}: sha256 of {name} does not match the manifest")
 
 
+def invalid(exc: ValidationError, where: str, what: str = "manifest") -> BundleError:
+    """A one-line BundleError for the first problem pydantic found: '<where>: <what>
+    <field path>: <message>'."""
+    first = exc.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or f"({what})"
+    return BundleError(f"{where}: {what} {path}: {first['msg']}")
+
+
 def read_manifest(root: Path) -> Manifest:
     path = root / MANIFEST
     if not root.is_dir():
@@ -454,9 +462,7 @@ def read_manifest(root: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(manifest)"
-        raise BundleError(f"bundle {root}: {MANIFEST} {where}: {first['msg']}") from exc
+        raise invalid(exc, f"bundle {root}", MANIFEST) from exc
 
 
 @dataclass(frozen=True)

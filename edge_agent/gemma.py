@@ -141,6 +141,10 @@ class OnnxGemma3:
         self.embed = session(embed)
         self.decoder = session(decoder)
         self.provider = str(self.decoder.get_providers()[0])
+        # Decoders exported with a ``logits_positions`` input compute the LM head only where
+        # asked (the last position while generating): for MedGemma's 262k vocabulary that
+        # saves ~300 MB and a sixth of the prefill's work on a 300-token prompt.
+        self.selects_logits = "logits_positions" in {i.name for i in self.decoder.get_inputs()}
         self.config = config
         self.past_names, self.present_names = kv_names(len(config.layer_types))
 
@@ -174,8 +178,15 @@ class OnnxGemma3:
         return embeds
 
     def _step(
-        self, embeds: np.ndarray, token_type: np.ndarray, past: list[np.ndarray]
+        self,
+        embeds: np.ndarray,
+        token_type: np.ndarray,
+        past: list[np.ndarray],
+        *,
+        last_only: bool = False,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decoder call: (logits (S, V), or (1, V) for the last position only when
+        ``last_only`` and the graph can, present keys/values)."""
         cfg = self.config
         past_len = past[0].shape[2]
         seq = embeds.shape[0]
@@ -186,6 +197,9 @@ class OnnxGemma3:
             "full_attention_mask": full,
             "sliding_attention_mask": sliding,
         }
+        if self.selects_logits:
+            first = seq - 1 if last_only else 0
+            feeds["logits_positions"] = np.arange(first, seq, dtype=np.int64)
         feeds.update(zip(self.past_names, past, strict=True))
         logits, *present = self.decoder.run(["logits", *self.present_names], feeds)
         return logits[0], present
@@ -224,7 +238,7 @@ class OnnxGemma3:
         token_type = (input_ids == cfg.image_token_id).astype(np.int64)
         embeds = self.prompt_embeds(input_ids, pixel_values, token_type.astype(bool))
         checkpoint(tokens)
-        logits, past = self._step(embeds, token_type, self._empty_past())
+        logits, past = self._step(embeds, token_type, self._empty_past(), last_only=True)
         while len(tokens) < max_new_tokens:
             token = int(np.argmax(logits[-1]))
             tokens.append(token)

@@ -45,6 +45,9 @@ from .store import Message, NarrativeJob, Store
 
 logger = logging.getLogger(__name__)
 
+RETRY_SECONDS = 5.0
+"""After a job could not be committed (the store failed), the worker waits this long."""
+
 
 @dataclass(frozen=True)
 class Source:
@@ -177,6 +180,7 @@ class NarrativeWorker:
         self.published = published
         self.model: NarrativeModel | None = None
         self.load_error: str | None = None
+        self.last_error: str | None = None
         self._wake = threading.Event()
         self.ready = threading.Event()
 
@@ -201,6 +205,15 @@ class NarrativeWorker:
                         job.study_instance_uid,
                     )
                     return
+                except Exception as exc:  # e.g. the store failed; the job stays
+                    self.last_error = f"narrative: {type(exc).__name__}: {exc}"
+                    logger.exception(
+                        "narrative of study %s could not be published; retried in %g s",
+                        job.study_instance_uid,
+                        RETRY_SECONDS,
+                    )
+                    self.stop.wait(RETRY_SECONDS)
+                    break
             if not jobs:
                 self._wake.wait(0.5)
 

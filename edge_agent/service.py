@@ -187,6 +187,8 @@ class Agent:
             last_error=self.last_error,
             mqtt_last_error=self.publisher.last_error,
         )
+        if self.narrator is not None:
+            fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
         return fields
 
     def _on_ack(self, study_instance_uid: str, ack: dict[str, Any]) -> None:

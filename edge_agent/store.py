@@ -152,6 +152,7 @@ def _column_exists(conn: sqlite3.Connection, sql: str) -> bool:
         return False
     return any(row[1] == words[5] for row in conn.execute(f"PRAGMA table_info({words[2]})"))
 
+
 # What the cap drops, in this order (oldest first within each class); never urgent.
 _DROP_CLASSES = (
     "kind = 'rejected' OR triage IN ('routine', 'not_scored')",

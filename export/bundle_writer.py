@@ -29,6 +29,7 @@ from edge_agent.bundle import (
     ModelInfo,
     Preprocessing,
     file_entries,
+    invalid,
     load_bundle,
     write_manifest,
 )
@@ -155,9 +156,7 @@ def write_bundle(
                 files=file_entries(staging, names),
             )
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(manifest)"
-            raise BundleError(f"bundle {out_dir}: manifest {where}: {first['msg']}") from exc
+            raise invalid(exc, f"bundle {out_dir}") from exc
         write_manifest(staging, manifest)
         # The daemon's own check, before anyone can see the bundle. The rename below moves
         # the verified files as they are, so they are not hashed again afterwards.

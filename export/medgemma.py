@@ -478,10 +478,7 @@ def quantize_decoder(
         load_external_data_for_tensor,
         uses_external_data,
     )
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
     # The fp32 weights stay on disk: the quantizer reads each one through onnx_ir, which
     # memory-maps it, resolving its location from the current directory (hence absolute
@@ -496,6 +493,45 @@ def quantize_decoder(
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, bits=bits
     )
+    quantized = _weight_only(model, config)
+    # What was not quantized (norms, small constants) is read into the model from src.
+    for tensor in _get_all_tensors(quantized):
+        if uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.relpath(entry.value, folder)
+            load_external_data_for_tensor(tensor, str(folder))
+    return _save_quantized(quantized, dst)
+
+
+def quantize_embedding(src: Path, dst: Path, *, bits: int = 4, block_size: int = 32) -> list[str]:
+    """The token embedding's ``Gather`` as ONNX Runtime's ``GatherBlockQuantized``
+    (com.microsoft): weights int4, symmetric, one fp32 scale per ``block_size`` values along
+    the hidden axis; the √D scale stays fp32. ONNX Runtime's quantizer makes int4 only."""
+    if bits != 4:
+        raise ValueError("GatherBlockQuantized is made in int4 only (ONNX Runtime's quantizer)")
+    onnx = _import_onnx()
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    model = onnx.load(str(src), load_external_data=True)  # one table: 2.7 GB for 4B
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=True,
+        bits=bits,
+        op_types_to_quantize=("Gather",),
+        quant_axes=(("Gather", 1),),  # blocks along the hidden axis of (vocabulary, hidden)
+    )
+    quantized = _weight_only(model, config)
+    ops = [n.op_type for n in quantized.graph.node]
+    if "Gather" in ops or "GatherBlockQuantized" not in ops:
+        raise RuntimeError(f"{src}: the embedding's Gather was not quantized ({ops})")
+    return _save_quantized(quantized, dst)
+
+
+def _weight_only(model: Any, config: Any) -> Any:
+    """Run ONNX Runtime's weight-only quantizer (``MatMulNBitsQuantizer``) on ``model``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     root = logging.getLogger()
     level = root.level
@@ -505,15 +541,12 @@ def quantize_decoder(
             quantizer.process()
     finally:
         root.setLevel(level)
+    return quantizer.model.model
+
+
+def _save_quantized(quantized: Any, dst: Path) -> list[str]:
+    onnx = _import_onnx()
     remove_onnx(dst)
-    quantized = quantizer.model.model
-    # What was not quantized (norms, small constants) is read into the model from src.
-    for tensor in _get_all_tensors(quantized):
-        if uses_external_data(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = os.path.relpath(entry.value, folder)
-            load_external_data_for_tensor(tensor, str(folder))
     # ByteSize() itself fails past 2 GiB: count the weights.
     weights = sum(len(t.raw_data) for t in quantized.graph.initializer)
     if weights > EXTERNAL_DATA_THRESHOLD:
@@ -885,7 +918,8 @@ def _block_size(text: str) -> int:
     return value
 
 
-def _tokens(text: str) -> int:
+def token_count(text: str) -> int:
+    """argparse type: a number of tokens, 1..1024."""
     value = int(text)
     if not 1 <= value <= 1024:
         raise argparse.ArgumentTypeError("must be within 1..1024")
@@ -919,7 +953,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--parity-tokens",
-        type=_tokens,
+        type=token_count,
         default=16,
         help="greedy tokens compared per test prompt (default 16)",
     )

@@ -33,6 +33,7 @@ from edge_agent.bundle import (
     FileEntry,
     Manifest,
     Report,
+    invalid,
     load_bundle,
     sha256_file,
     write_manifest,
@@ -40,10 +41,11 @@ from edge_agent.bundle import (
 from edge_agent.errors import BundleError, ConfigError
 
 from .bundle_writer import _swap_into_place
+from .medgemma import DESCRIPTION, token_count
 
 logger = logging.getLogger(__name__)
 
-DESCRIPTION = "medgemma.json"  # what edge-export medgemma writes beside its graphs
+
 REPORT_DIR = "report"
 DEFAULT_RADIOGRAPH_PROMPT = (
     "Describe the findings of this chest X-ray in two or three short sentences."
@@ -177,9 +179,7 @@ def build_report(
     try:
         return Report.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(report)"
-        raise BundleError(f"report export {folder}: {DESCRIPTION} {where}: {first['msg']}") from exc
+        raise invalid(exc, f"report export {folder}", DESCRIPTION) from exc
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -262,9 +262,7 @@ def add_report(s: AddReportSettings) -> AddReportResult:
             }
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(manifest)"
-        raise BundleError(f"bundle {s.out}: manifest {where}: {first['msg']}") from exc
+        raise invalid(exc, f"bundle {s.out}") from exc
 
     s.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{s.out.name}.tmp-", dir=s.out.parent))
@@ -336,13 +334,6 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokens(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError("must be within 1..1024")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``add-report`` subcommand to edge-export's subparsers."""
     p = sub.add_parser(
@@ -378,7 +369,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_tokens,
+        type=token_count,
         default=DEFAULT_MAX_NEW_TOKENS,
         metavar="N",
         help=f"longest narrative in tokens (default {DEFAULT_MAX_NEW_TOKENS})",

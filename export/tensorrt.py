@@ -41,6 +41,7 @@ from edge_agent.bundle import (
     Manifest,
     engine_slug,
     fsync_dir,
+    invalid,
     load_bundle,
     read_manifest,
     write_manifest,
@@ -441,9 +442,7 @@ def install_engine(root: Path, plan: Any, record: Engine) -> tuple[Engine, str |
         write_manifest(root, updated)
     except ValidationError as exc:
         target.unlink(missing_ok=True)
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(manifest)"
-        raise BundleError(f"bundle {root}: manifest {where}: {first['msg']}") from exc
+        raise invalid(exc, f"bundle {root}") from exc
     except BaseException:
         _discard_unless_listed(root, name)
         raise

@@ -297,6 +297,16 @@ def worker(store: Store, bundle: Path, watch: Path, idle: threading.Event) -> Na
     )
 
 
+def narrate(store: Store, job: NarrativeJob, bundle: Path, watch: Path) -> dict:
+    """Load the model and do ``job`` now, nothing being scored; the published revision."""
+    idle = threading.Event()
+    idle.set()
+    w = worker(store, bundle, watch, idle)
+    w._load()
+    w._do(job)
+    return outbox_results(store)[-1]
+
+
 def outbox_results(store: Store) -> list[dict]:
     return [json.loads(m.payload) for m in store.outbox_messages()]
 
@@ -344,12 +354,7 @@ def test_image_gone_is_published_as_failed_with_the_reason(
     store, job, watch = flagged
     for f in watch.glob("*.dcm"):
         f.unlink()
-    idle = threading.Event()
-    idle.set()
-    w = worker(store, bundle, watch, idle)
-    w._load()
-    w._do(job)
-    follow = outbox_results(store)[-1]
+    follow = narrate(store, job, bundle, watch)
     assert follow["narrative_status"] == "failed"
     assert follow["narrative_error"] == "the image is no longer in the watch folder"
 
@@ -369,12 +374,7 @@ def test_ack_of_the_flag_also_silences_its_narrative_revision(
     flagged: tuple[Store, NarrativeJob, Path], bundle: Path
 ) -> None:
     store, job, watch = flagged
-    idle = threading.Event()
-    idle.set()
-    w = worker(store, bundle, watch, idle)
-    w._load()
-    w._do(job)
-    follow = outbox_results(store)[-1]
+    follow = narrate(store, job, bundle, watch)
     new = store.alert(follow["alert_id"])
     assert new is not None and new["state"] == "pending"
     assert store.alert(job.alert_id)["state"] == "superseded"  # type: ignore[index]
@@ -389,12 +389,7 @@ def test_acknowledged_flag_stays_acknowledged_in_its_narrative_revision(
 ) -> None:
     store, job, watch = flagged
     assert store.acknowledge(job.study_instance_uid, job.alert_id, "dr", "t") == "acknowledged"
-    idle = threading.Event()
-    idle.set()
-    w = worker(store, bundle, watch, idle)
-    w._load()
-    w._do(job)
-    follow = outbox_results(store)[-1]
+    follow = narrate(store, job, bundle, watch)
     assert store.alert(follow["alert_id"])["state"] == "acknowledged"  # type: ignore[index]
 
 
