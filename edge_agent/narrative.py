@@ -11,8 +11,9 @@ a draft marker), ``"timeout"`` (not ready by the deadline: generation is abandon
 ``"failed"`` (``narrative_error`` says why: the image was gone, the model could not load).
 
 Scoring has priority: before every generated token the worker waits while a study is being
-scored, so on a box with a few cores the encoder never shares them with the language model
-(the deadline keeps counting). A crash or a stop loses no job: pending jobs are in the state
+scored (the deadline keeps counting), and the worker and its ONNX Runtime threads run niced
+(profile ``narrative.nice``), so a token step already under way when a study arrives takes
+the smaller share of the cores. A crash or a stop loses no job: pending jobs are in the state
 database and resume at the next start (or time out there).
 
 What the model sees: for a radiograph, the image of the urgent finding with the highest
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -163,6 +165,7 @@ class NarrativeWorker:
         providers: list[str],
         threads: int,
         max_new_tokens: int | None,
+        nice: int = 0,
         scoring_idle: threading.Event,
         stop: threading.Event,
         topic: Callable[[str], str],
@@ -174,6 +177,7 @@ class NarrativeWorker:
         self.providers = providers
         self.threads = threads
         self.max_new_tokens = max_new_tokens
+        self.nice = nice
         self.scoring_idle = scoring_idle
         self.stop = stop
         self.topic = topic
@@ -190,6 +194,7 @@ class NarrativeWorker:
     # -- the thread ---------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._lower_priority()
         self._load()
         while not self.stop.is_set():
             self._wake.clear()
@@ -216,6 +221,18 @@ class NarrativeWorker:
                     break
             if not jobs:
                 self._wake.wait(0.5)
+
+    def _lower_priority(self) -> None:
+        """Nice this thread; ONNX Runtime's threads, created by it when the model loads,
+        inherit the value (Linux schedules threads, and nice is per thread). Between two
+        tokens the worker waits for scoring; during one (a prefill can take seconds on a
+        CPU) the encoder's threads get the larger share of the cores."""
+        if not self.nice:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except (OSError, AttributeError) as exc:  # not Linux, or not allowed
+            logger.warning("narratives: could not lower their CPU priority: %s", exc)
 
     def _load(self) -> None:
         report = self.bundle.manifest.report

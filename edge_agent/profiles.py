@@ -138,6 +138,13 @@ class NarrativeProfile(_Section):
     intra_op_threads: int = Field(
         default=0, ge=0, description="Threads inside one operator; 0 lets ONNX Runtime choose."
     )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU priority of the narrative thread and its ONNX Runtime threads, "
+        "relative to the rest of the agent (Linux nice): the encoder's threads win the cores.",
+    )
 
     @model_validator(mode="after")
     def _no_tensorrt(self) -> NarrativeProfile:

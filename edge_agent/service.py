@@ -167,6 +167,7 @@ class Agent:
             providers=providers,
             threads=cfg.intra_op_threads,
             max_new_tokens=cfg.max_new_tokens,
+            nice=cfg.nice,
             scoring_idle=self._scoring_idle,
             stop=self._stop,
             topic=lambda uid: self._topic(f"study/{uid}"),

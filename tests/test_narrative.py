@@ -9,6 +9,7 @@ daemon (``edge_agent.service.Agent``) with its own threads; a real Mosquitto; Py
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -282,14 +283,17 @@ def flagged(tmp_path: Path, bundle: Path) -> Iterator[tuple[Store, NarrativeJob,
     store.close()
 
 
-def worker(store: Store, bundle: Path, watch: Path, idle: threading.Event) -> NarrativeWorker:
+def worker(
+    store: Store, bundle: Path, watch: Path, idle: threading.Event, **kwargs: Any
+) -> NarrativeWorker:
     return NarrativeWorker(
         store,
         load_bundle(bundle),
         watch_dir=watch,
         providers=["CPUExecutionProvider"],
-        threads=1,
+        threads=kwargs.pop("threads", 1),
         max_new_tokens=None,
+        **kwargs,
         scoring_idle=idle,
         stop=threading.Event(),
         topic=lambda uid: f"{BASE}/study/{uid}",
@@ -307,6 +311,15 @@ def narrate(store: Store, job: NarrativeJob, bundle: Path, watch: Path) -> dict:
     return outbox_results(store)[-1]
 
 
+def _nice(task: Path) -> int:
+    """A thread's nice value from /proc (field 19 of stat, after the command name)."""
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
 def outbox_results(store: Store) -> list[dict]:
     return [json.loads(m.payload) for m in store.outbox_messages()]
 
@@ -317,10 +330,15 @@ def test_a_pending_narrative_survives_a_restart_and_waits_for_scoring(
     store, job, watch = flagged  # a new Store on the same file: the job is still there
     assert store.narrative_jobs() == [job]
     idle = threading.Event()  # a study is being scored
-    w = worker(store, bundle, watch, idle)
+    w = worker(store, bundle, watch, idle, threads=2, nice=7)
     thread = threading.Thread(target=w.run, daemon=True)
     thread.start()
     assert w.ready.wait(30) and w.model is not None
+    # the worker and the ONNX Runtime thread it created run niced; this thread does not
+    assert os.getpriority(os.PRIO_PROCESS, thread.native_id or 0) == 7
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+    niced = [t for t in Path("/proc/self/task").iterdir() if _nice(t) == 7]
+    assert len(niced) >= 2, "ONNX Runtime's pool thread inherits the worker's nice"
     time.sleep(1.0)
     assert store.narrative_jobs() == [job], "no token while a study is being scored"
     idle.set()
