@@ -54,7 +54,7 @@ import numpy as np
 
 from edge_agent.bundle import sha256_file
 from edge_agent.errors import ConfigError, ExtraMissing
-from edge_agent.gemma import OnnxGemma3, TextConfig, attention_masks, kv_names
+from edge_agent.gemma import OnnxGemma3, TextConfig, kv_names
 
 from .checkpoint import (
     CheckpointError,
@@ -79,8 +79,6 @@ from .onnx_export import (
 from .parity import ParityFailed
 
 logger = logging.getLogger(__name__)
-_kv_names = kv_names  # TEMPORARY: benchmarks/medgemma.py imports it from here
-__all__ = ["OnnxGemma3", "TextConfig", "attention_masks"]
 
 Weights = Literal["int4", "int8", "fp16", "fp32"]
 FORMAT = "edge-triage-medgemma/1"
@@ -404,7 +402,13 @@ def export_decoder(model: Any, path: Path) -> list[str]:
             self.lm_head = lm_head
 
         def forward(
-            self, inputs_embeds: Any, position_ids: Any, full: Any, sliding: Any, *past: Any
+            self,
+            inputs_embeds: Any,
+            position_ids: Any,
+            full: Any,
+            sliding: Any,
+            logits_positions: Any,
+            *past: Any,
         ) -> Any:
             # A cache without a config keeps every layer's whole past (no sliding layers):
             # the window is in the mask.
@@ -416,7 +420,9 @@ def export_decoder(model: Any, path: Path) -> list[str]:
                 cache=cache,
                 use_cache=True,
             )
-            logits = self.lm_head(out.last_hidden_state)
+            # The LM head only where asked: the last position while generating, every
+            # position for the parity gate's teacher-forced scoring.
+            logits = self.lm_head(out.last_hidden_state.index_select(1, logits_positions))
             presents = []
             for layer in out.cache.layers:
                 presents += [layer.keys, layer.values]
@@ -432,6 +438,7 @@ def export_decoder(model: Any, path: Path) -> list[str]:
         torch.arange(past_len, past_len + seq)[None],
         torch.zeros(batch, 1, seq, past_len + seq),
         torch.zeros(batch, 1, seq, past_len + seq),
+        torch.arange(1, seq),  # fewer than seq: torch.export must not tie the two axes
         *past,
     )
     b = torch.export.Dim("batch", min=1, max=64)
@@ -439,7 +446,14 @@ def export_decoder(model: Any, path: Path) -> list[str]:
     p = torch.export.Dim("past", min=0, max=int(text.max_position_embeddings))
     # The masks' key axis is past + sequence: left for torch.export to relate (DYNAMIC).
     total = torch.export.Dim.DYNAMIC
-    shapes: list[Any] = [{0: b, 1: s}, {0: b, 1: s}, {0: b, 2: s, 3: total}, {0: b, 2: s, 3: total}]
+    k = torch.export.Dim("logits", min=1, max=int(text.max_position_embeddings))
+    shapes: list[Any] = [
+        {0: b, 1: s},
+        {0: b, 1: s},
+        {0: b, 2: s, 3: total},
+        {0: b, 2: s, 3: total},
+        {0: k},
+    ]
     shapes.append(tuple({0: b, 2: p} for _ in past))  # *past is one tuple to torch.export
     past_names, present_names = kv_names(layers)
     return _export(
@@ -452,6 +466,7 @@ def export_decoder(model: Any, path: Path) -> list[str]:
             "position_ids",
             "full_attention_mask",
             "sliding_attention_mask",
+            "logits_positions",
             *past_names,
         ],
         output_names=["logits", *present_names],
@@ -713,6 +728,9 @@ class MedgemmaSettings:
     parity_tokens: int = 16
     overwrite: bool = False
     threads: int = 0
+    compute: Literal["fp32", "int8"] = "int8"
+    """int4/int8 decoders: MatMulNBits' compute on CPUs (int8: accuracy_level 4, activations
+    quantized per block at run time; GPU providers ignore it)."""
 
 
 @dataclass
@@ -775,9 +793,18 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
         files: dict[str, list[str]] = {}
         with _stage(stages, "exporting vision encoder + projector (torch.onnx dynamo)"):
             files["vision"] = export_vision(ckpt.model, ckpt.image_size, staging / "vision.onnx")
-        with _stage(stages, "exporting token embedding (torch.onnx dynamo)"):
-            files["embed"] = export_embedding(ckpt.model, staging / "embed.onnx")
         quantize = settings.weights in ("int4", "int8")
+        embed = staging / "embed.onnx"
+        # int4: the embedding table too (a quarter of MedGemma's 2.7 GB fp32 table would
+        # still be ~0.7 GB in int8; ONNX Runtime's GatherBlockQuantized takes int4).
+        fp32_embed = staging / "embed.fp32.onnx" if settings.weights == "int4" else embed
+        with _stage(stages, "exporting token embedding (torch.onnx dynamo)"):
+            files["embed"] = export_embedding(ckpt.model, fp32_embed)
+        if fp32_embed != embed:
+            with _stage(stages, "quantizing the token embedding to int4 (GatherBlockQuantized)"):
+                files["embed"] = quantize_embedding(
+                    fp32_embed, embed, bits=4, block_size=settings.block_size
+                )
         decoder = staging / "decoder.onnx"
         # The fp32 decoder is the parity reference; with int4/int8 it is dropped afterwards.
         fp32_decoder = staging / "decoder.fp32.onnx" if quantize else decoder
@@ -790,12 +817,13 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
                     decoder,
                     bits=4 if settings.weights == "int4" else 8,
                     block_size=settings.block_size,
+                    accuracy_level=4 if settings.compute == "int8" else None,
                 )
 
-        def pipeline(decoder_path: Path) -> OnnxGemma3:
+        def pipeline(embed_path: Path, decoder_path: Path) -> OnnxGemma3:
             return OnnxGemma3(
                 staging / "vision.onnx",
-                staging / "embed.onnx",
+                embed_path,
                 decoder_path,
                 cfg,
                 threads=settings.threads,
@@ -804,13 +832,15 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
         with _stage(stages, "parity: greedy tokens, ONNX Runtime vs PyTorch"):
             parity = check_parity(
                 ckpt,
-                pipeline(fp32_decoder),
-                pipeline(decoder) if quantize else None,
+                pipeline(fp32_embed, fp32_decoder),
+                pipeline(embed, decoder) if quantize else None,
                 max_new_tokens=settings.parity_tokens,
             )
         parity_gate(parity)
         if quantize:
             remove_onnx(fp32_decoder)
+        if fp32_embed != embed:
+            remove_onnx(fp32_embed)
         for name in TOKENIZER_COPY:
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, staging / name)
@@ -846,11 +876,17 @@ def describe(
         "source": ckpt.path.name,
         "graphs": {
             "vision": {"file": files["vision"][0], "precision": "fp32"},
-            "embed": {"file": files["embed"][0], "precision": "fp32"},
+            "embed": {
+                "file": files["embed"][0],
+                "precision": f"int4 weights (GatherBlockQuantized, block {settings.block_size}, "
+                "symmetric)"
+                if weights == "int4"
+                else "fp32",
+            },
             "decoder": {
                 "file": files["decoder"][0],
                 "precision": f"{weights} weights (MatMulNBits, block {settings.block_size}, "
-                "symmetric), fp32 compute"
+                f"symmetric), {settings.compute} compute on CPUs"
                 if weights in ("int4", "int8")
                 else "fp32",
             },
@@ -906,6 +942,7 @@ def _cmd(args: argparse.Namespace) -> int:
         parity_tokens=args.parity_tokens,
         overwrite=args.overwrite,
         threads=args.threads,
+        compute=args.compute,
     )
     print(summary(export_medgemma(settings)))
     return 0
@@ -956,6 +993,14 @@ def register(sub: Any) -> None:
         type=token_count,
         default=16,
         help="greedy tokens compared per test prompt (default 16)",
+    )
+    p.add_argument(
+        "--compute",
+        choices=["int8", "fp32"],
+        default="int8",
+        help="int4/int8 decoders on CPUs: int8 (default; ONNX Runtime's accuracy_level 4, "
+        "activations quantized per block, ~1.5x the tokens/s of fp32 compute on the 4B "
+        "architecture) or fp32; GPU providers ignore it",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

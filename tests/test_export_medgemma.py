@@ -134,14 +134,33 @@ def test_fp32_onnx_greedy_equals_pytorch_token_for_token(
     other = pipeline.continuation_logits(ids, -pixels, expected)[0]
     assert np.abs(other - first_logits).max() > 1e-2
 
+    # Generating, the decoder computes the LM head at the last position only.
+    assert pipeline.selects_logits
+    embeds = pipeline.prompt_embeds(ids, pixels, ids == pipeline.config.image_token_id)
+    token_type = (ids == pipeline.config.image_token_id).astype(np.int64)
+    last, _ = pipeline._step(embeds, token_type, pipeline._empty_past(), last_only=True)
+    assert last.shape == (1, pipeline.config.vocab_size)
+    assert np.abs(last[0] - first_logits).max() < 1e-4
+
 
 def test_int4_decoder_runs_and_stays_close(int4_export: Path, fp32_export: Path) -> None:
     import onnx
 
     description = json.loads((int4_export / medgemma.DESCRIPTION).read_text())
     decoder = int4_export / description["graphs"]["decoder"]["file"]
-    ops = {n.op_type for n in onnx.load(str(decoder)).graph.node}
-    assert "MatMulNBits" in ops
+    nodes = onnx.load(str(decoder)).graph.node
+    assert {n.op_type for n in nodes} >= {"MatMulNBits"}
+    levels = {
+        a.i
+        for n in nodes
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+    assert levels == {4}, "int8 compute (accuracy_level 4) by default"
+    embed = int4_export / description["graphs"]["embed"]["file"]
+    assert "GatherBlockQuantized" in {n.op_type for n in onnx.load(str(embed)).graph.node}
+    assert description["graphs"]["embed"]["precision"].startswith("int4 weights")
     files = description["files"]
     assert {"vision.onnx.data", "embed.onnx.data", "decoder.onnx.data"} <= set(files)
     assert not list(int4_export.glob("decoder.fp32*"))
