@@ -262,6 +262,9 @@ class Report(_Strict):
     graphs: ReportGraphs
     tokenizer: str = Field(description="tokenizer.json (Hugging Face tokenizers) in the bundle.")
     chat_template: str = Field(description="The checkpoint's chat template (Jinja) in the bundle.")
+    notice: str | None = Field(
+        default=None, description="The weights' licence NOTICE in the bundle, if given."
+    )
     tokens: ReportTokens
     image: ReportImage
     text: ReportText
@@ -271,7 +274,8 @@ class Report(_Strict):
 
     def files(self) -> list[str]:
         g = self.graphs
-        return [g.vision.file, g.embed.file, g.decoder.file, self.tokenizer, self.chat_template]
+        named = [g.vision.file, g.embed.file, g.decoder.file, self.tokenizer, self.chat_template]
+        return named + ([self.notice] if self.notice else [])
 
 
 class Manifest(_Strict):

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_agent.bundle import sha256_file
-from edge_agent.errors import ConfigError, ExtraMissing
+from edge_agent.errors import ConfigError, ExtraMissing, ResourceMissing
 from edge_agent.gemma import OnnxGemma3, TextConfig, kv_names
 
 from .checkpoint import (
@@ -83,6 +83,7 @@ logger = logging.getLogger(__name__)
 Weights = Literal["int4", "int8", "fp16", "fp32"]
 FORMAT = "edge-triage-medgemma/1"
 DESCRIPTION = "medgemma.json"
+NOTICE = "NOTICE"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_COPY = (
     "tokenizer.json",
@@ -728,6 +729,8 @@ class MedgemmaSettings:
     parity_tokens: int = 16
     overwrite: bool = False
     threads: int = 0
+    notice: Path | None = None
+    """The weights' licence NOTICE, shipped as NOTICE (MedGemma's terms ask for it)."""
     compute: Literal["fp32", "int8"] = "int8"
     """int4/int8 decoders: MatMulNBits' compute on CPUs (int8: accuracy_level 4, activations
     quantized per block at run time; GPU providers ignore it)."""
@@ -780,6 +783,8 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
     out = Path(settings.out)
     if out.exists() and not settings.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if settings.notice is not None and not settings.notice.is_file():
+        raise ResourceMissing(f"notice file {settings.notice} does not exist")
     torch = _import_torch()
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -844,6 +849,8 @@ def export_medgemma(settings: MedgemmaSettings) -> MedgemmaResult:
         for name in TOKENIZER_COPY:
             if (ckpt.path / name).is_file():
                 shutil.copy2(ckpt.path / name, staging / name)
+        if settings.notice is not None:
+            shutil.copy2(settings.notice, staging / NOTICE)
         if not (staging / CHAT_TEMPLATE).is_file():  # it was in tokenizer_config.json
             template = read_chat_template(ckpt.path)
             assert template is not None  # check_checkpoint refuses a checkpoint without one
@@ -869,11 +876,12 @@ def describe(
 ) -> dict[str, Any]:
     """The contents of ``medgemma.json``: what each graph is, how to drive it, parity."""
     everything = [n for names in files.values() for n in names]
-    everything += [n for n in TOKENIZER_COPY if (folder / n).is_file()]
+    everything += [n for n in (*TOKENIZER_COPY, NOTICE) if (folder / n).is_file()]
     weights = settings.weights
     return {
         "format": FORMAT,
         "source": ckpt.path.name,
+        "notice": NOTICE if (folder / NOTICE).is_file() else None,
         "graphs": {
             "vision": {"file": files["vision"][0], "precision": "fp32"},
             "embed": {
@@ -943,6 +951,7 @@ def _cmd(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         threads=args.threads,
         compute=args.compute,
+        notice=args.notice,
     )
     print(summary(export_medgemma(settings)))
     return 0
@@ -1001,6 +1010,12 @@ def register(sub: Any) -> None:
         help="int4/int8 decoders on CPUs: int8 (default; ONNX Runtime's accuracy_level 4, "
         "activations quantized per block, ~1.5x the tokens/s of fp32 compute on the 4B "
         "architecture) or fp32; GPU providers ignore it",
+    )
+    p.add_argument(
+        "--notice",
+        type=Path,
+        help="the weights' licence NOTICE file, shipped with the export and the bundle "
+        "(MedGemma's terms ask for it)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -153,7 +153,9 @@ def build_report(
     graphs = description.get("graphs")
     if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
         raise BundleError(f"report export {folder}: {DESCRIPTION} graphs is not a mapping")
+    notice = description.get("notice")
     needed = [g.get("file") for g in graphs.values()] + ["tokenizer.json", template]
+    needed += [notice] if notice is not None else []
     for name in needed:
         if not isinstance(name, str) or name not in files:
             raise BundleError(
@@ -169,6 +171,7 @@ def build_report(
         "graphs": {k: {**g, "file": _in_bundle(g["file"])} for k, g in graphs.items()},
         "tokenizer": _in_bundle("tokenizer.json"),
         "chat_template": _in_bundle(template),
+        "notice": _in_bundle(notice) if notice is not None else None,
         "tokens": tokens,
         "image": description.get("image"),
         "text": description.get("text"),

@@ -43,6 +43,7 @@ from export.report_bundle import AddReportSettings, add_report
 pytestmark = pytest.mark.export
 
 TOKENS = 12
+NOTICE_TEXT = "Modified derivative of the tiny test model; the terms' sentence goes here.\n"
 SITE, DEVICE = "s", "d"
 BASE = f"edge-triage/v1/{SITE}/{DEVICE}"
 
@@ -61,7 +62,10 @@ def checkpoint(work: Path) -> Path:
 def bundle(work: Path, checkpoint: Path) -> Path:
     """The tiny bundle ('bright' is urgent at 0.9) with the tiny MedGemma as its report."""
     export = work / "medgemma"
+    notice = work / "NOTICE"
+    notice.write_text(NOTICE_TEXT)
     argv = ["medgemma", "--checkpoint", str(checkpoint), "--out", str(export)]
+    argv += ["--notice", str(notice)]
     assert cli.main([*argv, "--weights", "fp32", "--threads", "1", "--parity-tokens", "4"]) == 0
     out = work / "bundle-with-report"
     add_report(
@@ -243,6 +247,14 @@ def test_check_names_the_key_when_narratives_are_on_without_a_report(
     )
     assert run_check(config) == 2
     assert "narrative.enabled" in capsys.readouterr().out
+
+
+def test_the_weights_notice_travels_into_the_bundle(bundle: Path) -> None:
+    loaded = load_bundle(bundle)  # hashes checked, NOTICE included
+    report = loaded.manifest.report
+    assert report is not None and report.notice == "report/NOTICE"
+    assert (bundle / report.notice).read_text() == NOTICE_TEXT
+    assert report.notice in loaded.manifest.files
 
 
 def test_orin_nano_profile_has_narratives_off() -> None:
