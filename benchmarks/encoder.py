@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,17 +73,26 @@ def log(message: str) -> None:
 # --- measuring child ------------------------------------------------------------------------
 
 
-def measure(model: Path, images: Path, threads: int, repeat4: int) -> dict[str, object]:
-    """Run in a fresh process: load, warm up, time batch 1 and batch 4, report peak RSS."""
+def cpu_session(model: Path, threads: int, **config: str) -> tuple[Any, float]:
+    """(ONNX Runtime CPU session with ``threads`` intra-op threads and the session config
+    entries ``config``, seconds it took to load)."""
     import onnxruntime as ort
 
-    pixels = np.load(images)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
     t0 = time.perf_counter()
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    load_s = time.perf_counter() - t0
+    return session, time.perf_counter() - t0
+
+
+def measure(model: Path, images: Path, threads: int, repeat4: int) -> dict[str, object]:
+    """Run in a fresh process: load, warm up, time batch 1 and batch 4, report peak RSS."""
+    pixels = np.load(images)
+    session, load_s = cpu_session(model, threads)
     session.run(None, {"pixel_values": pixels[:1]})
     b1, outputs = [], []
     for i in range(len(pixels)):

@@ -54,7 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from encoder import _ort_version, _peak_rss_mb, cpu_description
+from encoder import _ort_version, _peak_rss_mb, cpu_description, cpu_session
 
 FULL = {
     "hidden_size": 2560,
@@ -264,7 +264,6 @@ def stage_measure(
     prepacking: bool,
     seed: int,
 ) -> dict[str, Any]:
-    import onnxruntime as ort
 
     from edge_agent.gemma import attention_masks, kv_names
 
@@ -273,15 +272,8 @@ def stage_measure(
     kv_heads, head_dim = int(config["num_key_value_heads"]), int(config["head_dim"])
     window = int(config["sliding_window"])
     past_names, present_names = kv_names(layers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if not prepacking:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    t0 = time.perf_counter()
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    load_s = time.perf_counter() - t0
+    config = {} if prepacking else {"session.disable_prepacking": "1"}
+    session, load_s = cpu_session(model, threads, **config)
     rss_load = _peak_rss_mb()
     log(f"  session loaded in {load_s:.1f} s (RSS peak {_size(rss_load * 2**20)})")
     rng = np.random.default_rng(seed)
@@ -375,14 +367,8 @@ def stage_embed_measure(
 ) -> dict[str, Any]:
     """Lookup latency of a prompt and of one token; the embeddings of fixed ids are saved
     beside the model for the parent to compare."""
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    t0 = time.perf_counter()
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    load_s = time.perf_counter() - t0
+    session, load_s = cpu_session(model, threads)
     rng = np.random.default_rng(seed)
     vocab = int(config["vocab_size"])
 

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.encoder import cpu_description, log
+from benchmarks.encoder import cpu_description, cpu_session, log
 
 ENCODER = {
     "full": {
@@ -150,18 +150,12 @@ class Generating:
         self.thread.join()
 
     def _run(self) -> None:
-        import onnxruntime as ort
 
         from edge_agent.gemma import attention_masks, kv_names
 
         if self.nice:  # what NarrativeWorker._lower_priority does, before the session exists
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(
-            str(self.decoder), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        session, _ = cpu_session(self.decoder, self.threads)
         cfg = DECODER[self.size]
         past_names, present_names = kv_names(cfg["num_hidden_layers"])
         rng = np.random.default_rng(0)
@@ -221,12 +215,7 @@ def main() -> int:
             f"prompt {PROMPT[size]} tokens then {DECODE} decode steps, repeated; "
             f"{args.threads} threads each"
         )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.log_severity_level = 3
-        encoder = ort.InferenceSession(
-            str(work / "encoder.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        encoder, _ = cpu_session(work / "encoder.onnx", args.threads)
         n = ENCODER[size]["image_size"]
         images = np.random.default_rng(1).standard_normal((args.images, 3, n, n), np.float32)
         encoder_latencies(encoder, images[:2])  # warm-up
