@@ -27,6 +27,8 @@ class StatusReport:
     outbox_urgent: int = 0
     outbox_oldest_seconds: float | None = None
     alerts_waiting: int = 0
+    narratives_pending: int | None = None
+    """Draft narratives not written yet (None: a database from before narratives)."""
     counters: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
     results_by_level: dict[str, int] = field(default_factory=dict)
@@ -49,15 +51,18 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _top_finding(payload: bytes) -> tuple[str | None, float | None]:
+def _summary(payload: bytes) -> tuple[str | None, float | None, str | None]:
+    """(top finding code, its score, narrative status) of a stored result."""
     try:
-        findings = json.loads(payload).get("findings") or []
+        body = json.loads(payload)
+        findings = body.get("findings") or []
     except (ValueError, AttributeError):
-        return None, None
+        return None, None, None
+    narrative = body.get("narrative_status")
     if not findings:
-        return None, None
+        return None, None, narrative
     best = max(findings, key=lambda f: f.get("score", 0.0))
-    return best.get("code"), best.get("score")
+    return best.get("code"), best.get("score"), narrative
 
 
 def read_status(database: Path, *, last: int = 5, now: float | None = None) -> StatusReport:
@@ -86,6 +91,8 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             (report.alerts_waiting,) = db.execute(
                 "SELECT COUNT(*) FROM alerts WHERE state IN ('pending', 'unacknowledged')"
             ).fetchone()
+        if "narratives" in tables:
+            (report.narratives_pending,) = db.execute("SELECT COUNT(*) FROM narratives").fetchone()
         if "counters" in tables:
             report.counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
         if "files" in tables:
@@ -112,7 +119,7 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
                 (last,),
             ).fetchall()
             for uid, revision, triage, payload, created, modality in rows:
-                code, score = _top_finding(payload)
+                code, score, narrative = _summary(payload)
                 report.last_results.append(
                     {
                         "at": _iso(created),
@@ -122,6 +129,7 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
                         "triage": triage,
                         "top_finding": code,
                         "top_score": score,
+                        "narrative": narrative,
                     }
                 )
         return report
@@ -146,6 +154,13 @@ def format_status(report: StatusReport) -> str:
         f"{age}; urgent among them {report.outbox_urgent}"
     )
     lines.append(f"alerts     {report.alerts_waiting} urgent result(s) not acknowledged yet")
+    c = report.counters
+    if report.narratives_pending or any(k.startswith("narrative_") for k in c):
+        lines.append(
+            f"narratives {report.narratives_pending or 0} being written; written "
+            f"{c.get('narrative_ok', 0)}, timed out {c.get('narrative_timeout', 0)}, "
+            f"failed {c.get('narrative_failed', 0)}"
+        )
     if report.counters:
         lines.append(
             "counters   " + ", ".join(f"{k} {v}" for k, v in sorted(report.counters.items()))
@@ -160,8 +175,9 @@ def format_status(report: StatusReport) -> str:
             if r["top_finding"] is not None and r["top_score"] is not None
             else ""
         )
+        narrative = f"  narrative {r['narrative']}" if r.get("narrative") else ""
         lines.append(
             f"  {r['at']}  {r['triage']:<10} {r['modality']:<3} rev {r['revision']}  "
-            f"{r['study_instance_uid']}  {top}".rstrip()
+            f"{r['study_instance_uid']}  {top}{narrative}".rstrip()
         )
     return "\n".join(lines)

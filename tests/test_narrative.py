@@ -389,6 +389,23 @@ def test_image_gone_is_published_as_failed_with_the_reason(
     assert follow["narrative_error"] == "the image is no longer in the watch folder"
 
 
+def test_status_shows_narratives_being_written_and_their_outcome(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    from edge_agent.status import format_status, read_status
+
+    store, job, watch = flagged
+    before = format_status(read_status(store.path))
+    assert "narratives 1 being written; written 0" in before
+    assert "urgent" in before and "narrative pending" in before
+    narrate(store, job, bundle, watch)
+    after = read_status(store.path)
+    assert after.narratives_pending == 0
+    assert after.last_results[0]["revision"] == 2
+    assert after.last_results[0]["narrative"] == "ok"
+    assert "narratives 0 being written; written 1, timed out 0, failed 0" in format_status(after)
+
+
 def test_late_instance_drops_the_old_narrative(
     flagged: tuple[Store, NarrativeJob, Path], bundle: Path
 ) -> None:
