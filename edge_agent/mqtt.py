@@ -217,6 +217,7 @@ class Publisher:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._connected = threading.Event()
+        self._acks_subscribed = threading.Event()  # the broker's SUBACK for P/ack/+
         self._next_status_at = 0.0
         self._connect_failures = 0
         self._refused_logged = False
@@ -266,6 +267,11 @@ class Publisher:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_acks_subscribed(self, timeout: float) -> bool:
+        """True once the broker has granted the subscription to dashboards' acks (acks
+        published before that are not delivered to this session)."""
+        return self._acks_subscribed.wait(timeout)
 
     @property
     def in_flight(self) -> int:
@@ -571,6 +577,7 @@ class Publisher:
         try:
             was_connected = self._connected.is_set()
             self._connected.clear()
+            self._acks_subscribed.clear()
             with self._settled:
                 self._settled.notify_all()  # stop() need not wait for PUBACKs any more
             if self._stopped:
@@ -689,6 +696,8 @@ class Publisher:
                     self._ack_filter,
                     refused[0],
                 )
+            else:
+                self._acks_subscribed.set()
         except Exception:
             logger.exception("error in the MQTT subscribe handler")
 

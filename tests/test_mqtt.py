@@ -357,7 +357,8 @@ def test_refused_publish_kept_logged_once_and_retried(
 
 def test_ack_reaches_on_ack(make_publisher, subscriber) -> None:
     acks: list[tuple[str, dict[str, Any]]] = []
-    make_publisher(on_ack=lambda uid, ack: acks.append((uid, ack)))
+    pub = make_publisher(on_ack=lambda uid, ack: acks.append((uid, ack)))
+    assert pub.wait_acks_subscribed(5)
     dashboard = subscriber(f"{P}/#")
     ack = {"alert_id": "a-1", "by": "dashboard-3", "at": "2025-01-01T00:00:00Z"}
     dashboard.publish(f"{P}/ack/1.2.840.99", json.dumps(ack))
@@ -377,6 +378,7 @@ def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
             raise RuntimeError("on_ack broke")
 
     pub = make_publisher(on_ack=on_ack)
+    assert pub.wait_acks_subscribed(5)  # else the first bad ack may reach no subscriber
     dashboard = subscriber(f"{P}/study/+")
     for bad in (b"{not json " + SECRET.encode(), b"\xff\xfe", b'["a"]', b'{"by": "x"}', b""):
         dashboard.publish(f"{P}/ack/1.9.1", bad)
