@@ -158,6 +158,7 @@ class Generating:
         session, _ = cpu_session(self.decoder, self.threads)
         cfg = DECODER[self.size]
         past_names, present_names = kv_names(cfg["num_hidden_layers"])
+        selects_logits = "logits_positions" in {i.name for i in session.get_inputs()}
         rng = np.random.default_rng(0)
         self.loaded.set()
         while not self.stop.is_set():
@@ -177,7 +178,7 @@ class Generating:
                     "sliding_attention_mask": sliding,
                     **dict(zip(past_names, past, strict=True)),
                 }
-                if "logits_positions" in {i.name for i in session.get_inputs()}:
+                if selects_logits:
                     feeds["logits_positions"] = np.array([seq - 1], np.int64)
                 _, *past = session.run(["logits", *present_names], feeds)
                 self.steps += 1

@@ -77,7 +77,7 @@ def run_check(config_file: Path | None) -> int:
     from .bundle import Bundle, load_bundle
     from .config import config_errors, load_settings
     from .mqtt import check_broker
-    from .profiles import resolve_profile
+    from .profiles import narrative_wanted, resolve_profile
     from .runners.onnxruntime import available_providers, choose_providers
     from .service import bundle_path
 
@@ -172,9 +172,7 @@ def run_check(config_file: Path | None) -> int:
             resource_problems.append(exc)
 
     if profile is not None and bundle is not None:
-        wanted = settings.narrative.enabled
-        if wanted is None:
-            wanted = profile.narrative.enabled
+        wanted, budget = narrative_wanted(settings.narrative, profile)
         report = bundle.manifest.report
         if not wanted:
             detail = "off" + (f" (the bundle has {report.name})" if report else "")
@@ -188,7 +186,6 @@ def run_check(config_file: Path | None) -> int:
             _line(False, "narrative", str(err))
             config_problems.append(err)
         else:
-            budget = settings.narrative.time_budget_seconds or profile.narrative.time_budget_seconds
             _line(
                 True,
                 "narrative",

@@ -43,7 +43,7 @@ from .gemma import ChatPrompt, GenerationStopped, GenerationTimeout, OnnxGemma3,
 from .intake.header import PYDICOM_ERRORS
 from .logs import fields
 from .results import Narrative, NarrativeStatus, StudyResult, iso
-from .store import Message, NarrativeJob, Store
+from .store import NarrativeJob, Store
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class NarrativeWorker:
         threads: int,
         max_new_tokens: int | None,
         nice: int = 0,
+        budget_seconds: float = 120.0,
         scoring_idle: threading.Event,
         stop: threading.Event,
         topic: Callable[[str], str],
@@ -178,6 +179,8 @@ class NarrativeWorker:
         self.threads = threads
         self.max_new_tokens = max_new_tokens
         self.nice = nice
+        self.budget_seconds = budget_seconds
+        """From a flag to its narrative; the scoring thread sets each job's deadline with it."""
         self.scoring_idle = scoring_idle
         self.stop = stop
         self.topic = topic
@@ -275,12 +278,10 @@ class NarrativeWorker:
 
     def _do(self, job: NarrativeJob) -> None:
         outcome = self._outcome(job)
-        report = self.bundle.manifest.report
-        assert report is not None
         now = time.time()
 
-        def build(flag: StudyResult, revision: int, alert_id: str) -> Message:
-            result = flag.with_narrative(
+        def build(flag: StudyResult, revision: int, alert_id: str) -> StudyResult:
+            return flag.with_narrative(
                 revision=revision,
                 alert_id=alert_id,
                 status=outcome.status,
@@ -288,11 +289,9 @@ class NarrativeWorker:
                 narrative=outcome.narrative,
                 error=outcome.error,
             )
-            return Message(
-                "result", self.topic(job.study_instance_uid), result.to_json_bytes(), alert_id
-            )
 
-        revision = self.store.commit_narrative(job, build, now)
+        topic = self.topic(job.study_instance_uid)
+        revision = self.store.commit_narrative(job, topic, build, now)
         if revision is None:
             logger.info(
                 "narrative of study %s revision %d dropped: the study was re-opened",

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import read_toml
+from .config import NarrativeSettings, read_toml
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,14 @@ class NarrativeProfile(_Section):
                 "CUDAExecutionProvider",
             )
         return self
+
+
+def narrative_wanted(settings: NarrativeSettings, profile: Profile) -> tuple[bool, float]:
+    """(narratives enabled, time budget in seconds): the agent config's ``[narrative]`` where
+    it sets them, else the profile's."""
+    enabled = settings.enabled if settings.enabled is not None else profile.narrative.enabled
+    budget = settings.time_budget_seconds or profile.narrative.time_budget_seconds
+    return enabled, budget
 
 
 class Profile(_Section):

@@ -33,7 +33,7 @@ from .logs import fields
 from .mqtt import Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
-from .profiles import Profile, resolve_profile
+from .profiles import Profile, narrative_wanted, resolve_profile
 from .results import RejectedFile
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
@@ -127,7 +127,6 @@ class Agent:
         )
         self._scoring_idle = threading.Event()
         self._scoring_idle.set()
-        self.narrative_budget = 0.0
         self.narrator = self._narrative_worker()
         self.notifier = Notifier()
         self._summary = "starting"
@@ -140,9 +139,7 @@ class Agent:
     def _narrative_worker(self) -> NarrativeWorker | None:
         """The draft-narrative thread, when config (or else the profile) enables it and the
         bundle has a report section."""
-        wanted = self.settings.narrative.enabled
-        if wanted is None:
-            wanted = self.profile.narrative.enabled
+        wanted, budget = narrative_wanted(self.settings.narrative, self.profile)
         if not wanted:
             return None
         if self.bundle.manifest.report is None:
@@ -153,9 +150,6 @@ class Agent:
             )
             return None
         cfg = self.profile.narrative
-        self.narrative_budget = self.settings.narrative.time_budget_seconds or (
-            cfg.time_budget_seconds
-        )
         available = set(available_providers())
         providers: list[str] = [p for p in cfg.providers if p in available] or [
             "CPUExecutionProvider"
@@ -168,6 +162,7 @@ class Agent:
             threads=cfg.intra_op_threads,
             max_new_tokens=cfg.max_new_tokens,
             nice=cfg.nice,
+            budget_seconds=budget,
             scoring_idle=self._scoring_idle,
             stop=self._stop,
             topic=lambda uid: self._topic(f"study/{uid}"),
@@ -362,7 +357,7 @@ class Agent:
                 uid,
                 result.revision,
                 scored.narrative_source.to_json(),
-                time.time() + self.narrative_budget,
+                time.time() + self.narrator.budget_seconds,
             )
         rejects = [
             self._reject_message(inst.path, reason, inst.sop_instance_uid)

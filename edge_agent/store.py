@@ -628,14 +628,19 @@ class Store:
         return [NarrativeJob(*row) for row in rows]
 
     def commit_narrative(
-        self, job: NarrativeJob, build: Callable[[StudyResult, int, str], Message], now: float
+        self,
+        job: NarrativeJob,
+        topic: str,
+        build: Callable[[StudyResult, int, str], StudyResult],
+        now: float,
     ) -> int | None:
         """Publish a narrative's outcome as the study's next revision, atomically: the
         result, its outbox message, the study's new revision, and the urgent alert carried
         over (acknowledged stays acknowledged; notification goes on under the new alert id);
         the job is done.
 
-        ``build(flag_result, revision, alert_id)`` makes the revision's message. Returns the
+        ``build(flag_result, revision, alert_id)`` makes the revision's result, published on
+        ``topic``. Returns the
         new revision, or None when the study moved on (re-opened by a late instance, whose
         revision gets its own narrative): the job is then dropped.
         """
@@ -652,12 +657,12 @@ class Store:
                 return None
             revision = job.revision + 1
             previous = StudyResult.model_validate_json(flag[0])
-            msg = build(
+            result = build(
                 previous,
                 revision,
                 _alert_id(job.study_instance_uid, revision, previous.model.sha256),
             )
-            assert msg.alert_id is not None
+            msg = Message("result", topic, result.to_json_bytes(), result.alert_id)
             c.execute(
                 "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
                 (msg.alert_id, job.study_instance_uid, revision, flag[1], msg.payload, now),
@@ -672,8 +677,7 @@ class Store:
                 (job.alert_id,),
             ).fetchone()
             self._enqueue(c, msg._replace(triage=flag[1]), now)
-            status = StudyResult.model_validate_json(msg.payload).narrative_status
-            self._count(c, f"narrative_{status}")
+            self._count(c, f"narrative_{result.narrative_status}")
             if alert is not None:
                 state = alert[0] if alert[0] != "superseded" else "pending"
                 c.execute(
@@ -748,27 +752,17 @@ class Store:
                 "UPDATE alerts SET acked_by = ?, acked_at = ? WHERE alert_id = ?",
                 (by, at, alert_id),
             )
-            # A narrative revision carries the same finding on under a new alert id: an ack
-            # of either acknowledges the whole chain (the dashboard may ack the flag while
-            # its narrative is on the way).
-            chain = [alert_id]
-            while nxt := c.execute(
-                "SELECT alert_id FROM alerts WHERE carried_from = ?", (chain[-1],)
-            ).fetchone():
-                chain.append(nxt[0])
-            first = c.execute(
-                "SELECT carried_from FROM alerts WHERE alert_id = ?", (chain[0],)
-            ).fetchone()
-            while first is not None and first[0] is not None:
-                chain.insert(0, first[0])
-                first = c.execute(
-                    "SELECT carried_from FROM alerts WHERE alert_id = ?", (first[0],)
-                ).fetchone()
+            # A narrative revision carries the flag's alert on under a new alert id (and is
+            # never narrated itself): an ack of either acknowledges both (the dashboard may
+            # ack the flag while its narrative is on the way).
             live = [
-                a
-                for a in chain
-                if c.execute("SELECT state FROM alerts WHERE alert_id = ?", (a,)).fetchone()[0]
-                in ("pending", "unacknowledged")
+                r[0]
+                for r in c.execute(
+                    "SELECT alert_id FROM alerts WHERE state IN ('pending', 'unacknowledged') "
+                    "AND (alert_id = :a OR carried_from = :a "
+                    "OR alert_id = (SELECT carried_from FROM alerts WHERE alert_id = :a))",
+                    {"a": alert_id},
+                )
             ]
             if row[0] == "superseded" and not live:
                 return "superseded"
