@@ -54,7 +54,7 @@ import numpy as np
 
 from edge_agent.bundle import sha256_file
 from edge_agent.errors import ConfigError, ExtraMissing, ResourceMissing
-from edge_agent.gemma import OnnxGemma3, TextConfig, kv_names
+from edge_agent.gemma import OnnxGemma3, TextConfig, expand_image, kv_names
 
 from .checkpoint import (
     CheckpointError,
@@ -243,8 +243,13 @@ def _warn_if_template_differs(path: Path, tokenizer: Any, tokens_per_image: int)
             f"checkpoint {path}: the chat template does not render an image turn "
             f"({type(exc).__name__}: {exc})"
         ) from exc
-    image = f"{tokenizer.boi_token}{tokenizer.image_token * tokens_per_image}{tokenizer.eoi_token}"
-    expanded = str(rendered).replace(tokenizer.boi_token, f"\n\n{image}\n\n")
+    expanded = expand_image(
+        str(rendered),
+        tokenizer.boi_token,
+        tokenizer.image_token,
+        tokenizer.eoi_token,
+        tokens_per_image,
+    )
     if expanded != image_prompt(tokenizer, question, tokens_per_image):
         logger.warning(
             "checkpoint %s: its chat template writes an image turn differently from Gemma 3's; "
