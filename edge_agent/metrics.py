@@ -60,7 +60,9 @@ class StateCollector(Collector):
             studies.add_metric([state], float(report.studies.get(state, 0)))
         yield studies
         by_level = CounterMetricFamily(
-            f"{PREFIX}_results", "Results committed, by triage level", labels=["triage"]
+            f"{PREFIX}_results",
+            "Results committed, by triage level (a narrative revision is not counted again)",
+            labels=["triage"],
         )
         for level in ("urgent", "review", "routine", "not_scored"):
             by_level.add_metric([level], float(report.results_by_level.get(level, 0)))

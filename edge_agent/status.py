@@ -45,6 +45,10 @@ def _tables(db: sqlite3.Connection) -> set[str]:
     return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -108,8 +112,17 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
                 )
             ]
         if "results" in tables:
+            # A narrative revision repeats its flag's triage; it is not one more result.
+            narrated = (
+                "WHERE alert_id NOT IN "
+                "(SELECT alert_id FROM alerts WHERE carried_from IS NOT NULL) "
+                if "carried_from" in _columns(db, "alerts")
+                else ""
+            )
             report.results_by_level = dict(
-                db.execute("SELECT triage, COUNT(*) FROM results GROUP BY triage").fetchall()
+                db.execute(
+                    f"SELECT triage, COUNT(*) FROM results {narrated}GROUP BY triage"
+                ).fetchall()
             )
             rows = db.execute(
                 "SELECT r.study_instance_uid, r.revision, r.triage, r.payload, r.created_at, "

@@ -403,6 +403,7 @@ def test_status_shows_narratives_being_written_and_their_outcome(
     assert after.narratives_pending == 0
     assert after.last_results[0]["revision"] == 2
     assert after.last_results[0]["narrative"] == "ok"
+    assert after.results_by_level == {"urgent": 1}  # the narrative revision is no new result
     assert "narratives 0 being written; written 1, timed out 0, failed 0" in format_status(after)
 
 
