@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -309,16 +309,18 @@ class ScpSettings(_Section):
         return Path(os.path.abspath(folder))
 
 
+NarrativeBudget = Annotated[float, Field(gt=0, le=3600)]
+"""Seconds from an urgent flag to its narrative (config and profile take the same bounds)."""
+
+
 class NarrativeSettings(_Section):
     enabled: bool | None = Field(
         default=None,
         description="Draft narratives for urgent studies (needs a bundle with a report "
         "section); unset: as the profile's [narrative] enabled says.",
     )
-    time_budget_seconds: float | None = Field(
+    time_budget_seconds: NarrativeBudget | None = Field(
         default=None,
-        gt=0,
-        le=3600,
         description="Seconds from the flag to its narrative, else 'timeout'; unset: the profile's.",
     )
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import NarrativeSettings, read_toml
+from .config import NarrativeBudget, NarrativeSettings, read_toml
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,8 @@ class NarrativeProfile(_Section):
         description="Write draft narratives on this device (config narrative.enabled "
         "overrides). Off where the language model does not fit beside the encoder.",
     )
-    time_budget_seconds: float = Field(
+    time_budget_seconds: NarrativeBudget = Field(
         default=120.0,
-        gt=0,
-        le=3600,
         description="From the flag's commit: a narrative not ready by then is published as "
         "narrative_status 'timeout'.",
     )
