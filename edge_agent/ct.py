@@ -38,7 +38,7 @@ import fnmatch
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -403,10 +403,21 @@ def iter_slab_images(
         for i in range(slab.first, slab.last + 1):
             if i not in held:
                 held[i] = read(i)
-        mip = held[slab.first].copy()
-        for i in range(slab.first + 1, slab.last + 1):
-            np.maximum(mip, held[i], out=mip)
-        yield slab, mip
+        yield slab, max_projection(held[i] for i in range(slab.first, slab.last + 1))
+
+
+def max_projection(slices: Iterable[np.ndarray]) -> np.ndarray:
+    """The maximum-intensity projection of ``slices`` (HU, one shape), as a new array.
+    InputRejected when there are none."""
+    mip: np.ndarray | None = None
+    for image in slices:
+        if mip is None:
+            mip = image.copy()
+        else:
+            np.maximum(mip, image, out=mip)
+    if mip is None:
+        raise InputRejected("the CT slab has no slices")
+    return mip
 
 
 def _window_dataset(rows: int, columns: int, centre: float, width: float) -> pydicom.Dataset:

@@ -124,12 +124,7 @@ class NarrativeModel:
         """(1, 3, N, N) float32 model input for ``source``; InputRejected if unusable."""
         if source.kind == "radiograph":
             return imaging.preprocess(read(source.paths[0]), self.spec)[None]
-        mip: np.ndarray | None = None
-        for path in source.paths:
-            hu = ct.slice_hu(read(path))
-            mip = hu if mip is None else np.maximum(mip, hu)
-        if mip is None:
-            raise InputRejected("the CT slab has no slices")
+        mip = ct.max_projection(ct.slice_hu(read(path)) for path in source.paths)
         return ct.slab_tensor(mip, "three_windows", self.spec)[None]
 
     def write(
