@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import pydicom.data
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polling import wait_until
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -485,15 +486,6 @@ def test_mutated_files_give_a_reason_never_a_crash(
 # --- the daemon: the whole corpus dropped into its watch folder -----------------------------
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture
 def daemon(tmp_path: Path, mosquitto) -> Iterator[tuple[Path, Path, subprocess.Popen, str]]:
     watch, state = tmp_path / "incoming", tmp_path / "state"
@@ -533,7 +525,7 @@ def test_the_daemon_handles_the_whole_corpus_and_stays_healthy(daemon, subscribe
     rejected_topic = subscriber(f"{base}/rejected")
     results_topic = subscriber(f"{base}/study/#")
     status_topic = subscriber(f"{base}/status")
-    wait_for(
+    wait_until(
         lambda: any(m.json()["state"] == "online" for m in status_topic.messages), 60, "online"
     )
     for path in CORPUS:
@@ -549,7 +541,7 @@ def test_the_daemon_handles_the_whole_corpus_and_stays_healthy(daemon, subscribe
             bool(files) and files[0][0] == len(CORPUS) and pending[0][0] == 0 and not outbox[0][0]
         )
 
-    wait_for(settled, 240, "every corpus file handled and every study published")
+    wait_until(settled, 240, "every corpus file handled and every study published", poll=0.2)
     assert proc.poll() is None, "the daemon died"
 
     files = query(db, "SELECT path, status, reason FROM files")
@@ -574,14 +566,14 @@ def test_the_daemon_handles_the_whole_corpus_and_stays_healthy(daemon, subscribe
     print(f"\ndaemon, {len(files)} corpus files: {dict(summary)}")
     rejected_files = sum(1 for _, status, _ in files if status == "rejected")
     rejected_instances = sum(1 for state, _ in instances.values() if state == "rejected")
-    wait_for(
+    wait_until(
         lambda: len(rejected_topic.messages) >= rejected_files + rejected_instances,
         30,
         "a P/rejected message per rejected file",
     )
     assert all(m.json()["reason"] for m in rejected_topic.messages)
     studies = query(db, "SELECT count(*) FROM studies")[0][0]
-    wait_for(lambda: len(results_topic.messages) >= studies, 30, "a result per study")
+    wait_until(lambda: len(results_topic.messages) >= studies, 30, "a result per study")
     for message in results_topic.messages:
         result = message.json()
         assert result["triage"] != "not_scored" or result["reason"]

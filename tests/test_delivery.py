@@ -20,12 +20,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from brokers import Mosquitto, Received, Subscriber
+from polling import wait_until
 from test_e2e import MATRIX, Daemon, check_payload
 
 from edge_agent.config import Settings
@@ -57,14 +58,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def make_result(uid: str, revision: int, triage: str) -> StudyResult:

@@ -21,6 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from polling import wait_until
 
 from edge_agent.devbroker import Mosquitto
 from edge_agent.simulate import simulate
@@ -66,12 +67,7 @@ class Collector:
             return [json.loads(p) for t, p, _ in self.messages if t == f"{BASE}/{leaf}"]
 
     def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        wait_until(predicate, timeout, what, poll=0.1)
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from brokers import Mosquitto, Subscriber, free_port
+from polling import wait_until
 
 from edge_agent.config import Settings
 from edge_agent.errors import BrokerUnreachable, ConfigError
@@ -80,14 +81,6 @@ class SqliteOutbox:
 
 def settings_for(host: str, port: int, **mqtt: Any) -> Settings:
     return Settings(site=SITE, device_id=DEVICE, mqtt={"host": host, "port": port, **mqtt})
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 def is_state(state: str) -> Callable[[Any], bool]:

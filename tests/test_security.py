@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from polling import wait_until
 
 from edge_agent.config import Settings
 from edge_agent.devbroker import HOST, Mosquitto, Pki, free_port, write_password_file
@@ -301,14 +302,6 @@ def tls_settings(
 ) -> dict[str, Path]:
     cert_path, key_path = cert or pki.box
     return {"tls_ca": ca or pki.ca, "tls_cert": cert_path, "tls_key": key_path}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def is_study(base: str) -> Callable[[str], bool]:
