@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +54,13 @@ RETRY_SECONDS = 5.0
 @dataclass(frozen=True)
 class Source:
     """The image a narrative is written from: instance paths as the store records them
-    (relative to the watch folder)."""
+    (relative to the watch folder) and their SOP Instance UIDs, checked when the files are
+    read again (jobs stored before the UIDs were recorded have none: no check)."""
 
     kind: str  # "radiograph" | "ct"
     paths: list[str]
     label: str  # published as narrative.source; UIDs only, never PHI
+    uids: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -263,13 +265,16 @@ class NarrativeWorker:
         if self.stop.is_set():
             raise GenerationStopped
 
-    def _read(self, relpath: str) -> pydicom.Dataset:
+    def _read(self, relpath: str, sop_instance_uid: str | None) -> pydicom.Dataset:
         try:
-            return pydicom.dcmread(self.watch_dir / relpath)
+            ds = pydicom.dcmread(self.watch_dir / relpath)
         except FileNotFoundError as exc:
             raise InputRejected("the image is no longer in the watch folder") from exc
         except PYDICOM_ERRORS as exc:
             raise InputRejected(f"the image is no longer readable ({type(exc).__name__})") from exc
+        if sop_instance_uid and str(ds.get("SOPInstanceUID", "")).strip() != sop_instance_uid:
+            raise InputRejected("the image was replaced by another instance since it was scored")
+        return ds
 
     def _do(self, job: NarrativeJob) -> None:
         outcome = self._outcome(job)
@@ -324,7 +329,8 @@ class NarrativeWorker:
         start = time.perf_counter()
         try:
             self._gate()
-            pixels = self.model.pixels(source, self._read)
+            uids = dict(zip(source.paths, source.uids, strict=False))
+            pixels = self.model.pixels(source, lambda path: self._read(path, uids.get(path)))
             text, tokens, truncated = self.model.write(
                 source, pixels, deadline=deadline, before_step=self._gate
             )

@@ -267,7 +267,12 @@ class Scorer:
         if urgent is not None:
             column = self.head.columns(PROJECTION_MODALITIES)[urgent]
             inst = loaded[int(np.argmax(image_scores[:, column]))]
-            source = Source("radiograph", [inst.path], f"radiograph {inst.sop_instance_uid}")
+            source = Source(
+                "radiograph",
+                [inst.path],
+                f"radiograph {inst.sop_instance_uid}",
+                [inst.sop_instance_uid],
+            )
         return _Outcome(findings, None, len(tensors), inference_ms, source)
 
     # -- CT ---------------------------------------------------------------------------------
@@ -375,10 +380,12 @@ class Scorer:
             drove = findings[urgent].slab
             assert drove is not None
             slab = slabs[drove.index]
+            inside = [s.sop_instance_uid for s in geo.slices[slab.first : slab.last + 1]]
             source = Source(
                 "ct",
-                [by_sop[s.sop_instance_uid].path for s in geo.slices[slab.first : slab.last + 1]],
+                [by_sop[uid].path for uid in inside],
                 f"CT slab {slab.index + 1} of {len(slabs)}, series {choice.series_instance_uid}",
+                inside,
             )
         return _Outcome(findings, None, len(geo.slices), inference_ms, source)
 

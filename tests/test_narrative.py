@@ -389,6 +389,23 @@ def test_image_gone_is_published_as_failed_with_the_reason(
     assert follow["narrative_error"] == "the image is no longer in the watch folder"
 
 
+def test_image_replaced_by_another_instance_is_not_described(
+    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
+) -> None:
+    store, job, watch = flagged
+    (path,) = watch.glob("*.dcm")
+    other = bright_radiograph(watch, seed=2)  # another instance, written under the same name
+    path.unlink()
+    next(p for p in watch.glob("*.dcm")).rename(path)
+    assert pydicom.dcmread(path).SOPInstanceUID == other.SOPInstanceUID
+    follow = narrate(store, job, bundle, watch)
+    assert follow["narrative_status"] == "failed"
+    assert follow["narrative_error"] == (
+        "the image was replaced by another instance since it was scored"
+    )
+    assert "narrative" not in follow or follow["narrative"] is None
+
+
 def test_status_shows_narratives_being_written_and_their_outcome(
     flagged: tuple[Store, NarrativeJob, Path], bundle: Path
 ) -> None:
@@ -506,6 +523,7 @@ def test_ct_narrative_describes_the_slab_that_drove_the_urgent_finding(
     )
     inside = sops[min(ends) : max(ends) + 1]  # the slab's slices, in the series' order
     assert sorted(source.paths) == sorted(f"{sop}.dcm" for sop in inside) and len(inside) > 1
+    assert sorted(source.uids) == sorted(inside)  # checked when the slab is read again
     assert source.label == (
         f"CT slab {dense.slab.index + 1} of {dense.slab.count}, "
         f"series {dense.slab.series_instance_uid}"
