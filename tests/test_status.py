@@ -181,3 +181,28 @@ def test_status_piped_into_head_exits_quietly(tmp_path: Path) -> None:
     agent.stderr.close()
     assert agent.wait(60) == 141, err
     assert err == ""
+
+
+def test_status_file_finds_an_instance_rejected_when_its_study_was_scored(
+    tmp_path: Path,
+) -> None:
+    """P/rejected also names files whose image failed at scoring: --file says so."""
+    database = tmp_path / "state.sqlite3"
+    store = Store(database)
+    try:
+        record = InstanceRecord("1.2.7.1", "1.2.7", "1.2.7.9", "CR", "frontal")  # type: ignore[arg-type]
+        store.add_instance("room 2/img.dcm", 10, 1, record, now=100.0)
+        store.complete_quiet_studies(10.0, now=200.0)
+        study = store.study("1.2.7")
+        assert study is not None
+        message = Message("result", "p/study/1.2.7", result_payload("not_scored"), "alert-7")
+        states = {"1.2.7.1": ("rejected", "pixel data cannot be decoded")}
+        assert store.commit_result(study, "not_scored", message, states, [], 201.0)
+        fid = file_id(store.secret(FILE_ID_KEY), "room 2/img.dcm")
+    finally:
+        store.close()
+    found = find_file(database, fid)
+    assert found is not None
+    assert found["path"] == "room 2/img.dcm" and found["status"] == "rejected"
+    assert found["reason"] == "pixel data cannot be decoded"
+    assert found["study_instance_uid"] == "1.2.7" and found["sop_instance_uid"] == "1.2.7.1"
