@@ -26,7 +26,7 @@ from . import __version__
 from .bundle import Bundle, load_bundle
 from .config import Settings
 from .errors import ConfigError, EdgeTriageError, InputRejected
-from .identifiers import FILE_ID_KEY, file_id, topic
+from .identifiers import FILE_ID_KEY, file_id, topic, uid_problem, valid_uid
 from .intake.header import Skipped, read_header
 from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
@@ -354,6 +354,16 @@ class Agent:
     def _score_one(self, uid: str) -> None:
         study = self.store.study(uid)
         if study is None or study.state != "complete":
+            return
+        problem = uid_problem(uid)
+        if problem is not None or valid_uid(uid) != uid:
+            # Recorded by an earlier version, whose check let a trailing newline through: its
+            # result could only go out on a topic the broker refuses. Said once per start.
+            logger.error(
+                "a study recorded by an earlier version has a malformed StudyInstanceUID "
+                "(%s): not scored",
+                problem or "padding",
+            )
             return
         instances = self.store.instances(uid)
         self._scoring_idle.clear()  # the narrative thread waits: flags first

@@ -227,3 +227,32 @@ def test_the_agent_builds_only_checked_topics(tmp_path: Path) -> None:
                 agent._topic("study", bad)
     finally:
         agent.store.close()
+
+
+def test_a_malformed_uid_recorded_by_an_earlier_version_is_not_scored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old check stored '1.2.3\\n' as a StudyInstanceUID; after an upgrade that study is
+    refused in one line instead of failing with a traceback at the topic."""
+    import logging
+
+    from edge_agent.service import Agent
+    from edge_agent.store import InstanceRecord, Store
+
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    old = Store(tmp_path / "state" / "state.sqlite3")
+    record = InstanceRecord("1.2.3.1", "1.2.3\n", None, "CR", "frontal")  # type: ignore[arg-type]
+    old.add_instance("a.dcm", 1, 1, record, now=1.0)
+    assert old.complete_quiet_studies(1.0, now=10.0) == ["1.2.3\n"]
+    old.close()
+    settings = load_settings(None, watch_dir=watch, state_dir=tmp_path / "state", profile="x86-cpu")
+    agent = Agent(settings)
+    try:
+        with caplog.at_level(logging.INFO, logger="edge_agent"):
+            agent._score_one("1.2.3\n")
+        assert not any(r.exc_info for r in caplog.records)
+        assert "malformed StudyInstanceUID (holds a control character): not scored" in caplog.text
+        assert agent.store.outbox_depth() == 0
+    finally:
+        agent.store.close()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.logs import (
     JournalHandler,
@@ -215,3 +217,16 @@ def test_pydicom_warnings_never_reach_the_log(tmp_path: Path, order: str) -> Non
     assert "WARNING edge_agent.test: ours still logged" in run.stderr
     assert "DOE" not in run.stderr and "DOE" not in run.stdout, run.stderr
     assert "pydicom" not in run.stderr, run.stderr
+
+
+@given(st.text())
+def test_escaped_text_holds_no_control_or_invisible_character(text: str) -> None:
+    import unicodedata
+
+    for keep in (False, True):
+        shown = escape_controls(text, keep_newlines=keep)
+        bad = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+        assert all(unicodedata.category(c) not in bad or (keep and c == "\n") for c in shown)
+        shown.encode("utf-8")  # printable anywhere: no lone surrogate left
+        if text.isprintable():
+            assert shown == text
