@@ -6,9 +6,9 @@ place that builds a topic, asks here; nothing else decides.
 components of ASCII digits separated by single dots, at most 64 characters. Padding is
 spaces and NULs at either end (writers pad UIDs to an even length with a NUL, some with a
 space; pydicom, reading a file, already strips trailing whitespace and one NUL, and the
-rule applies to what it read). Nothing else is removed:
-a newline, tab, any other control character or any other character anywhere makes the value
-malformed, because a UID becomes a file name and an MQTT topic level. Leading zeros in a
+rule applies to what it read). Nothing else is removed: a newline, tab, any other control
+character or any other character anywhere makes the value malformed, because a UID
+becomes a file name and an MQTT topic level. Leading zeros in a
 component (``1.2.03``) are not allowed by the standard but real scanners write them: they
 are accepted unchanged, since the UID is an identity and rewriting it would make another.
 
