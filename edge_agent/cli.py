@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -27,9 +28,8 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pydicom's warnings about non-conforming files can quote element values, which may be
-    # patient data: keep them out of the log (our own reject reasons say what went wrong).
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # pydicom's warnings quote element values (patient data): the handler's filter drops
+    # them (edge_agent/logs.py), since importing pydicom resets its logger's level.
     # pynetdicom narrates every association at INFO (no PHI, but three lines per C-STORE).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)
@@ -92,11 +92,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from .status import format_status, read_status
+    from .status import find_file, format_file, format_status, read_status
 
     settings = _load(args)
     database = settings.state_dir / "state.sqlite3"
     try:
+        if args.file is not None:
+            found = find_file(database, args.file)
+            if found is None:
+                raise EdgeTriageError(f"no file with id {args.file!r} in {database}")
+            print(json.dumps(found, indent=2) if args.json else format_file(found))
+            return 0
         report = read_status(database, last=args.last)
     except PermissionError as exc:
         raise ConfigError(
@@ -155,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path)
     p.add_argument("--last", type=int, default=5, help="recent results and rejects (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--file",
+        metavar="FILE_ID",
+        help="show the file a P/rejected message's file_id names (its path, status, reason)",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", help="validate config, bundle, providers and broker")
@@ -184,11 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (captured): nothing left to flush
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not as noise at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (edge-agent status | head): stop quietly, as a command killed
+        # by SIGPIPE would, without the daemon's sockets ever being exposed to SIGPIPE.
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
     except ConfigError as exc:
         if args.debug:
             raise

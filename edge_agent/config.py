@@ -24,10 +24,10 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .identifiers import topic_prefix, topic_segment
 
 ENV_PREFIX = "EDGE_AGENT_"
 ENV_CONFIG_FILE = "EDGE_AGENT_CONFIG"
-SEGMENT = r"^[A-Za-z0-9_-]+$"
 # DICOM AE VR: at most 16 characters of the default repertoire without backslash or controls
 # (PS3.5 6.2); leading and trailing spaces are not significant.
 AE_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"\\"}
@@ -54,7 +54,9 @@ class MqttSettings(_Section):
     tls_cert: Path | None = Field(default=None, description="Client certificate (PEM), optional.")
     tls_key: Path | None = Field(default=None, description="Client private key (PEM), optional.")
     topic_prefix: str = Field(
-        default="edge-triage/v1", description="First topic levels, before site and device_id."
+        default="edge-triage/v1",
+        description="First topic levels, before site and device_id: levels of letters, "
+        "digits, '_', '-', separated by '/'.",
     )
     client_id: str | None = Field(
         default=None, description="MQTT client id; default edge-agent-{site}-{device_id}."
@@ -86,9 +88,7 @@ class MqttSettings(_Section):
     @field_validator("topic_prefix")
     @classmethod
     def _topic(cls, v: str) -> str:
-        if not v or any(c in v for c in "#+\0") or v.startswith("/") or v.endswith("/"):
-            raise ValueError("must be topic levels without wildcards or leading/trailing '/'")
-        return v
+        return topic_prefix(v)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MqttSettings:
@@ -204,6 +204,12 @@ class PhiSettings(_Section):
     publish_accession_number: bool = Field(
         default=False,
         description="Put AccessionNumber in results (needed by some worklists). Off by default.",
+    )
+    publish_paths: bool = Field(
+        default=False,
+        description="Put the file's path in P/rejected messages (and in the log lines that "
+        "name a file). Off by default: folders are often named after the patient; messages "
+        "carry a file_id that 'edge-agent status --file' resolves on the box.",
     )
 
 
@@ -351,9 +357,11 @@ class Settings(BaseSettings):
         default="auto",
         description="Device profile: a name in firmware_configs/, a file path, or 'auto'.",
     )
-    site: str = Field(default="site", pattern=SEGMENT, description="Topic segment for the site.")
+    site: str = Field(
+        default="site", description="Topic segment for the site: letters, digits, '_', '-'."
+    )
     device_id: str = Field(
-        default="box", pattern=SEGMENT, description="Topic segment for this device."
+        default="box", description="Topic segment for this device: letters, digits, '_', '-'."
     )
     study_quiet_seconds: float = Field(
         default=30.0,
@@ -372,6 +380,11 @@ class Settings(BaseSettings):
     narrative: NarrativeSettings = Field(default_factory=NarrativeSettings)
 
     _toml_file: ClassVar[Path | None] = None
+
+    @field_validator("site", "device_id")
+    @classmethod
+    def _segment(cls, v: str) -> str:
+        return topic_segment(v)
 
     @classmethod
     def settings_customise_sources(

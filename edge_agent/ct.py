@@ -51,6 +51,7 @@ from . import imaging
 from .bundle import CTInput, Preprocessing
 from .config import SelectionSettings
 from .errors import ImageRejected, InputRejected
+from .identifiers import valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,8 @@ def slice_from_dataset(ds: pydicom.Dataset, path: str = "") -> CTSlice:
     Raises :class:`InputRejected` when the SOPInstanceUID or the image size is missing.
     """
     try:
-        sop = str(ds.get("SOPInstanceUID", "")).strip()
-        series = str(ds.get("SeriesInstanceUID", "")).strip() or None
+        sop = valid_uid(ds.get("SOPInstanceUID"))
+        series = valid_uid(ds.get("SeriesInstanceUID"))
         position = _floats(ds.get("ImagePositionPatient"), 3)
         orientation = _floats(ds.get("ImageOrientationPatient"), 6)
         spacing = _floats(ds.get("PixelSpacing"), 2)
@@ -130,8 +131,8 @@ def slice_from_dataset(ds: pydicom.Dataset, path: str = "") -> CTSlice:
         series_number = _number(ds.get("SeriesNumber"))
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise InputRejected(f"corrupt DICOM element ({type(exc).__name__})") from exc
-    if not sop:
-        raise InputRejected("missing SOPInstanceUID")
+    if sop is None:
+        raise InputRejected("missing or malformed SOPInstanceUID")
     if not rows or not columns:
         raise InputRejected("missing Rows/Columns")
     if isinstance(kernel_value, MultiValue):

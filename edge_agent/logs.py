@@ -14,6 +14,17 @@ appended as ``key=value``.
 
 Only the keys of :data:`FIELDS` are accepted: identifiers the contract already publishes
 (UIDs, alert ids) and measurements, never patient name, ID or birth date.
+
+What comes from outside is data, also in a log line: file names, element values and peer
+titles can hold terminal escapes or newlines. Both formats pass every message, field and
+traceback through :func:`escape_controls`, so ``\x1b`` and ``\n`` are shown escaped and one
+record stays one line (a traceback keeps its own line breaks).
+
+pydicom's warnings about non-conforming files quote element values, which may be patient
+data. :class:`PydicomFilter`, on the handler itself, drops them (and ``warnings`` they
+raise) whatever pydicom does to its own logger: ``import pydicom`` resets that logger's
+level, so a level set before the import does not hold. Our reject reasons say what was
+wrong without quoting values.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import socket
 import struct
 import sys
 import traceback
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +60,66 @@ def fields(**values: Any) -> dict[str, dict[str, str]]:
     return {_EXTRA: {k: str(v) for k, v in values.items() if v is not None}}
 
 
+# Characters shown escaped: controls (C0, DEL, C1 such as CSI), format characters (bidi
+# overrides and the like), line and paragraph separators, and lone surrogates (names that
+# were not UTF-8).
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(c: str) -> str:
+    if unicodedata.category(c) not in _ESCAPED_CATEGORIES:
+        return c
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control or invisible formatting character written out (``\\x1b``,
+    ``\\n``, ``\\t``, ``\\u202e`` …): safe to print on a terminal or in a one-line log
+    record. ``keep_newlines`` leaves line breaks (a traceback's). Display only: a
+    backslash is not doubled, so the escaped text is not meant to be parsed back."""
+    if text.isprintable():
+        return text  # the usual case, without a look at each character
+    if keep_newlines:
+        return "\n".join(escape_controls(line) for line in text.split("\n"))
+    return "".join(_escape_char(c) for c in text)
+
+
+class PydicomFilter(logging.Filter):
+    """Drops pydicom's records and the Python warnings it raises (they quote element
+    values); counts them in ``dropped``. Set on a handler, so no logger level matters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name == "pydicom" or name.startswith("pydicom."):
+            self.dropped += 1
+            return False
+        if name == "py.warnings" and _from_pydicom(record):
+            self.dropped += 1
+            return False
+        return True
+
+
+def _from_pydicom(record: logging.LogRecord) -> bool:
+    """A captured warning raised inside pydicom (its text starts with pydicom's file)."""
+    try:
+        text = record.getMessage()
+    except Exception:  # a record that cannot be formatted: not ours to judge here
+        return False
+    return f"{os.sep}pydicom{os.sep}" in text.split(":", 1)[0]
+
+
 def record_fields(record: logging.LogRecord) -> dict[str, str]:
     value = getattr(record, _EXTRA, None)
     return dict(value) if isinstance(value, dict) else {}
@@ -70,12 +142,22 @@ class TextFormatter(logging.Formatter):
         fmt = "%(levelname)s %(name)s: %(message)s"
         super().__init__(f"%(asctime)s {fmt}" if timestamps else fmt)
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return escape_controls(super().formatException(ei), keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_controls(super().formatStack(stack_info), keep_newlines=True)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extra = record_fields(record)
         if extra:
             first, sep, rest = line.partition("\n")
-            pairs = " ".join(f"{k}={v}" for k, v in extra.items())
+            pairs = " ".join(f"{k}={escape_controls(v)}" for k, v in extra.items())
             line = f"{first} {pairs}{sep}{rest}"
         return line
 
@@ -90,9 +172,10 @@ def _encode(name: str, value: str) -> bytes:
 
 def journal_message(record: logging.LogRecord, identifier: str) -> bytes:
     """One record in journald's native protocol."""
-    message = record.getMessage()
+    message = escape_controls(record.getMessage())
     if record.exc_info:
-        message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        trace = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        message += "\n" + escape_controls(trace, keep_newlines=True)
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + " …(cut)"
     parts = [
@@ -105,7 +188,7 @@ def journal_message(record: logging.LogRecord, identifier: str) -> bytes:
         ("CODE_LINE", str(record.lineno)),
         ("CODE_FUNC", record.funcName),
     ]  # empty or None values are left out
-    parts += [(f"EDGE_{k.upper()}", v) for k, v in record_fields(record).items()]
+    parts += [(f"EDGE_{k.upper()}", escape_controls(v)) for k, v in record_fields(record).items()]
     return b"".join(_encode(k, str(v)) for k, v in parts if v not in (None, ""))
 
 
@@ -139,10 +222,14 @@ class JournalHandler(logging.Handler):
 def make_handler(
     environ: dict[str, str] | None = None, journal_socket: Path = JOURNAL_SOCKET
 ) -> logging.Handler:
-    """The journal when systemd connected our output to it, else lines on stderr."""
+    """The journal when systemd connected our output to it, else lines on stderr; either
+    way without pydicom's records (:class:`PydicomFilter`)."""
     env = os.environ if environ is None else environ
+    handler: logging.Handler
     if env.get("JOURNAL_STREAM") and journal_socket.exists():
-        return JournalHandler(journal_socket)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(TextFormatter(timestamps=not env.get("JOURNAL_STREAM")))
+        handler = JournalHandler(journal_socket)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(TextFormatter(timestamps=not env.get("JOURNAL_STREAM")))
+    handler.addFilter(PydicomFilter())
     return handler

@@ -40,6 +40,7 @@ from . import ct, imaging
 from .bundle import Bundle, Preprocessing, Report
 from .errors import EdgeTriageError, InputRejected
 from .gemma import ChatPrompt, GenerationStopped, GenerationTimeout, OnnxGemma3, TextConfig
+from .identifiers import valid_uid
 from .intake.header import PYDICOM_ERRORS
 from .logs import fields
 from .results import Narrative, NarrativeStatus, StudyResult, iso
@@ -272,7 +273,7 @@ class NarrativeWorker:
             raise InputRejected("the image is no longer in the watch folder") from exc
         except PYDICOM_ERRORS as exc:
             raise InputRejected(f"the image is no longer readable ({type(exc).__name__})") from exc
-        if sop_instance_uid and str(ds.get("SOPInstanceUID", "")).strip() != sop_instance_uid:
+        if sop_instance_uid and valid_uid(ds.get("SOPInstanceUID")) != sop_instance_uid:
             raise InputRejected("the image was replaced by another instance since it was scored")
         return ds
 

@@ -231,9 +231,16 @@ def json_schema_text() -> str:
 class RejectedFile(_Payload):
     """Payload on P/rejected: one input file that could not be used."""
 
-    path: str = Field(
-        description="Path relative to watch_dir, or received/<study>/<sop>.dcm for an "
-        "instance received over C-STORE."
+    path: str | None = Field(
+        default=None,
+        description="Only when phi.publish_paths is true (file and folder names can hold "
+        "patient data): the path relative to watch_dir, or received/<study>/<sop>.dcm for an "
+        "instance received over C-STORE.",
+    )
+    file_id: str = Field(
+        pattern=r"^[0-9a-f]{16}$",
+        description="The file's id on this box: 'edge-agent status --file FILE_ID' shows its "
+        "path there. A keyed hash that tells nothing about the path elsewhere.",
     )
     sop_instance_uid: str | None = Field(default=None)
     reason: str = Field(description="Why the file could not be used; never holds PHI.")

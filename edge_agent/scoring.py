@@ -30,6 +30,7 @@ from . import ct, imaging
 from .bundle import RADIOGRAPH_MODALITIES, Bundle
 from .config import SelectionSettings
 from .errors import InputRejected
+from .identifiers import valid_uid
 from .intake.header import PYDICOM_ERRORS
 from .narrative import Source
 from .results import (
@@ -144,7 +145,7 @@ class Scorer:
             raise InputRejected("not a DICOM file any more (replaced before scoring)") from exc
         except PYDICOM_ERRORS as exc:  # everything pydicom raises on a corrupt file
             raise InputRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc
-        if str(ds.get("SOPInstanceUID", "")).strip() != inst.sop_instance_uid:
+        if valid_uid(ds.get("SOPInstanceUID")) != inst.sop_instance_uid:
             raise InputRejected("file was replaced by another instance before scoring")
         return ds
 

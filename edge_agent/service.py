@@ -26,6 +26,7 @@ from . import __version__
 from .bundle import Bundle, load_bundle
 from .config import Settings
 from .errors import ConfigError, EdgeTriageError, InputRejected
+from .identifiers import FILE_ID_KEY, file_id, topic, uid_problem, valid_uid
 from .intake.header import Skipped, read_header
 from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
@@ -89,6 +90,7 @@ class Agent:
             settings.state_dir / "state.sqlite3",
             outbox_max_messages=settings.mqtt.outbox_max_messages,
         )
+        self._file_id_key = self.store.secret(FILE_ID_KEY)
         self.runner: Runner = open_runner(
             self.bundle, self.profile, cache_dir=settings.state_dir / "engine-cache"
         )
@@ -165,7 +167,7 @@ class Agent:
             budget_seconds=budget,
             scoring_idle=self._scoring_idle,
             stop=self._stop,
-            topic=lambda uid: self._topic(f"study/{uid}"),
+            topic=lambda uid: self._topic("study", uid),
             published=self.publisher.wake,
         )
 
@@ -230,14 +232,26 @@ class Agent:
 
     # -- intake -----------------------------------------------------------------------------
 
-    def _topic(self, leaf: str) -> str:
-        return f"{self.settings.topic_base}/{leaf}"
+    def _topic(self, *levels: str) -> str:
+        """``P/level/…``: every level checked (a topic segment, or a UID for study topics),
+        so that no control character or wildcard from a file ever reaches the broker."""
+        return topic(self.settings.topic_base, *levels)
 
     def _reject_message(self, relpath: str, reason: str, sop_uid: str | None) -> Message:
+        """``P/rejected``: the file by its id; by its path too when phi.publish_paths."""
         payload = RejectedFile(
-            path=published_path(relpath), sop_instance_uid=sop_uid, reason=reason
+            path=published_path(relpath) if self.settings.phi.publish_paths else None,
+            file_id=file_id(self._file_id_key, relpath),
+            sop_instance_uid=sop_uid,
+            reason=reason,
         )
         return Message("rejected", self._topic("rejected"), payload.to_json_bytes())
+
+    def _file_name(self, relpath: str) -> str:
+        """How a log line names a file: by its id (``edge-agent status --file``), and by
+        its path only when phi.publish_paths (folders are often named after the patient)."""
+        name = f"file {file_id(self._file_id_key, relpath)}"
+        return f"{name} ({relpath})" if self.settings.phi.publish_paths else name
 
     def _on_received(self, path: Path) -> None:
         """The SCP stored an instance (an association thread): wake the intake."""
@@ -263,13 +277,15 @@ class Agent:
         try:
             record = read_header(f.path)
         except Skipped as exc:
-            logger.info("skipped %s: %s", f.relpath, exc.reason)
+            logger.info("skipped %s: %s", self._file_name(f.relpath), exc.reason)
             self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
         except InputRejected as exc:
             if not source.still_same(f):
-                logger.info("%s changed while it was read; will read it again", f.relpath)
+                logger.info(
+                    "%s changed while it was read; will read it again", self._file_name(f.relpath)
+                )
                 return
-            logger.warning("rejected %s: %s", f.relpath, exc.reason)
+            logger.warning("rejected %s: %s", self._file_name(f.relpath), exc.reason)
             self.store.record_file(
                 f.relpath,
                 f.size,
@@ -339,6 +355,16 @@ class Agent:
         study = self.store.study(uid)
         if study is None or study.state != "complete":
             return
+        problem = uid_problem(uid)
+        if problem is not None or valid_uid(uid) != uid:
+            # Recorded by an earlier version, whose check let a trailing newline through: its
+            # result could only go out on a topic the broker refuses. Said once per start.
+            logger.error(
+                "a study recorded by an earlier version has a malformed StudyInstanceUID "
+                "(%s): not scored",
+                problem or "padding",
+            )
+            return
         instances = self.store.instances(uid)
         self._scoring_idle.clear()  # the narrative thread waits: flags first
         try:
@@ -364,7 +390,7 @@ class Agent:
             for inst, reason in scored.rejected
         ]
         message = Message(
-            "result", self._topic(f"study/{uid}"), result.to_json_bytes(), result.alert_id
+            "result", self._topic("study", uid), result.to_json_bytes(), result.alert_id
         )
         if self.store.commit_result(
             study, result.triage, message, scored.instance_states, rejects, time.time(), job

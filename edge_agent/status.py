@@ -3,7 +3,11 @@
 Reads ``state_dir/state.sqlite3`` read-only (SQLite WAL lets it do so while the agent runs,
 without blocking it): studies by state, the outbox and how old its oldest message is, urgent
 alerts waiting for an acknowledgement, rejected files, the counters and the last results.
-Never prints patient data: UIDs, levels, scores and reasons only (no accession number).
+Never prints patient data it does not have to: UIDs, levels, scores and reasons (no
+accession number). File paths are shown here, on the box, because this is where a
+``P/rejected`` message's ``file_id`` is resolved (``--file``); what came from outside (paths,
+element values) is shown with control characters escaped, so a file named with a terminal
+escape cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResourceMissing
+from .identifiers import FILE_ID_KEY, file_id, is_file_id
+from .logs import escape_controls
 
 
 @dataclass
@@ -69,12 +75,76 @@ def _summary(payload: bytes) -> tuple[str | None, float | None, str | None]:
     return best.get("code"), best.get("score"), narrative
 
 
-def read_status(database: Path, *, last: int = 5, now: float | None = None) -> StatusReport:
-    """The report for the state database at ``database``. Raises ResourceMissing if absent."""
+def _file_id_key(db: sqlite3.Connection, tables: set[str]) -> bytes | None:
+    """The key the agent made file ids with (None: it has not made any yet)."""
+    if "meta" not in tables:
+        return None
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (FILE_ID_KEY,)).fetchone()
+    return bytes.fromhex(row[0]) if row else None
+
+
+def _open(database: Path) -> sqlite3.Connection:
     if not database.is_file():
         raise ResourceMissing(f"no state database at {database} (has the agent run here?)")
+    return sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5.0)
+
+
+def find_file(database: Path, wanted: str) -> dict[str, Any] | None:
+    """The file whose id (``P/rejected``'s ``file_id``) is ``wanted``: its path as recorded,
+    status, reason and UIDs; None when no file recorded here has that id."""
+    wanted = wanted.strip().lower()
+    db = _open(database)
+    try:
+        tables = _tables(db)
+        key = _file_id_key(db, tables)
+        if key is None or not is_file_id(wanted) or "files" not in tables:
+            return None
+        found: dict[str, Any] | None = None
+        for path, status, reason, sop, study, at in db.execute(
+            "SELECT path, status, reason, sop_instance_uid, study_instance_uid, seen_at FROM files"
+        ):
+            if file_id(key, path) == wanted:
+                found = {
+                    "file_id": wanted,
+                    "path": path,
+                    "status": status,
+                    "reason": reason,
+                    "sop_instance_uid": sop,
+                    "study_instance_uid": study,
+                    "at": _iso(at),
+                }
+                break
+        if found is not None and "instances" in tables:
+            # read, then rejected when its study was scored: that is what P/rejected said
+            row = db.execute(
+                "SELECT reason FROM instances WHERE path = ? AND state = 'rejected'",
+                (found["path"],),
+            ).fetchone()
+            if row is not None:
+                found.update(status="rejected", reason=row[0])
+        return found
+    finally:
+        db.close()
+
+
+def format_file(found: dict[str, Any]) -> str:
+    lines = [
+        f"file       {found['file_id']}",
+        f"path       {found['path']}",
+        f"status     {found['status']}" + (f": {found['reason']}" if found["reason"] else ""),
+        f"seen       {found['at']}",
+    ]
+    if found["study_instance_uid"]:
+        lines.append(f"study      {found['study_instance_uid']}")
+    if found["sop_instance_uid"]:
+        lines.append(f"instance   {found['sop_instance_uid']}")
+    return "\n".join(escape_controls(line) for line in lines)
+
+
+def read_status(database: Path, *, last: int = 5, now: float | None = None) -> StatusReport:
+    """The report for the state database at ``database``. Raises ResourceMissing if absent."""
     now = time.time() if now is None else now
-    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5.0)
+    db = _open(database)
     try:
         tables = _tables(db)
         report = StatusReport(database=database)
@@ -103,8 +173,14 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             (report.rejected,) = db.execute(
                 "SELECT COUNT(*) FROM files WHERE status = 'rejected'"
             ).fetchone()
+            key = _file_id_key(db, tables)
             report.last_rejected = [
-                {"at": _iso(at), "path": path, "reason": reason}
+                {
+                    "at": _iso(at),
+                    "file_id": file_id(key, path) if key is not None else None,
+                    "path": path,
+                    "reason": reason,
+                }
                 for path, reason, at in db.execute(
                     "SELECT path, reason, seen_at FROM files WHERE status = 'rejected' "
                     "ORDER BY seen_at DESC LIMIT ?",
@@ -180,7 +256,7 @@ def format_status(report: StatusReport) -> str:
         )
     lines.append(f"rejected   {report.rejected} file(s)")
     for r in report.last_rejected:
-        lines.append(f"  {r['at']}  {r['path']}: {r['reason']}")
+        lines.append(f"  {r['at']}  {r['file_id'] or '-'}  {r['path']}: {r['reason']}")
     lines.append("last results" if report.last_results else "last results: none yet")
     for r in report.last_results:
         top = (
@@ -193,4 +269,5 @@ def format_status(report: StatusReport) -> str:
             f"  {r['at']}  {r['triage']:<10} {r['modality']:<3} rev {r['revision']}  "
             f"{r['study_instance_uid']}  {top}{narrative}".rstrip()
         )
-    return "\n".join(lines)
+    # Paths, reasons, UIDs and modalities came from files: shown, never obeyed.
+    return "\n".join(escape_controls(line) for line in lines)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -397,6 +398,17 @@ class Store:
             )
         return near
 
+    def secret(self, name: str) -> bytes:
+        """A random 32-byte secret of this database, kept in ``meta`` under ``name`` and
+        created on first use (the key of ``P/rejected``'s file ids)."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                (name, secrets.token_hex(32)),
+            )
+            (value,) = c.execute("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+        return bytes.fromhex(value)
+
     # -- intake -----------------------------------------------------------------------------
 
     def file_signatures(self) -> dict[str, tuple[int, int]]:
@@ -410,13 +422,16 @@ class Store:
         """Record a readable instance and restart its study's quiet timer.
 
         A study that was already scored is re-opened as the next revision. The same
-        SOPInstanceUID seen again is recorded as a duplicate and changes nothing else.
+        SOPInstanceUID seen again is recorded as a duplicate and changes nothing else;
+        seen again in the instance's own file (a C-STORE sent twice is written over the
+        same ``<Study>/<SOP>.dcm``, a modality rewrites a file in place), the file stays
+        'accepted': it is still that instance's file, not a copy of it.
         """
         with self._tx() as c:
             dup = c.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+                "SELECT path FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
             ).fetchone()
-            status: FileStatus = "duplicate" if dup else "accepted"
+            status: FileStatus = "duplicate" if dup and dup[0] != path else "accepted"
             c.execute(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
                 (path, size, mtime_ns, status, inst.sop_instance_uid, inst.study_instance_uid, now),

@@ -33,7 +33,6 @@ import contextlib
 import csv
 import logging
 import math
-import re
 import time
 import warnings
 from collections import Counter, deque
@@ -56,6 +55,7 @@ from edge_agent.bundle import (
     read_manifest,
 )
 from edge_agent.errors import ConfigError, ExtraMissing, InputRejected
+from edge_agent.identifiers import UID_PADDING, uid_problem, valid_uid
 from edge_agent.runners.base import Runner
 from edge_agent.store import InstanceRow
 
@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 UID_COLUMN = "study_instance_uid"
 TRUE_VALUES = frozenset({"1", "true", "yes"})
 FALSE_VALUES = frozenset({"0", "false", "no"})
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 DEFAULT_FOLDS = 5
 DEFAULT_REVIEW_SENSITIVITY = 0.90
@@ -196,13 +195,16 @@ def _read_labels(path: Path, reader: Any, codes: tuple[str, ...]) -> Labels:
             raise _labels_error(
                 path, f"line {line} has {len(row)} fields, the header has {len(names)}"
             )
-        uid = row[uid_index].strip()
-        if not uid:
+        cell = row[uid_index]
+        if not cell.strip(UID_PADDING):
             raise _labels_error(path, f"line {line}, column {UID_COLUMN!r}: empty")
-        if len(uid) > 64 or not _UID.match(uid):
+        problem = uid_problem(cell)
+        if problem is not None:
             raise _labels_error(
-                path, f"line {line}, column {UID_COLUMN!r}: {uid!r} is not a DICOM UID"
+                path, f"line {line}, column {UID_COLUMN!r}: {cell!r} is not a DICOM UID ({problem})"
             )
+        uid = valid_uid(cell)
+        assert uid is not None
         if uid in studies:
             raise _labels_error(
                 path, f"line {line}: study {uid} is listed again (first on line {first_line[uid]})"

@@ -108,6 +108,21 @@ class Daemon:
             self.proc.wait()
 
 
+def resolve_file_id(config: Path, file_id: str) -> str:
+    """The path ``edge-agent status --file`` gives for a P/rejected message's file_id."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    command = ["status", "--config", str(config), "--file", file_id, "--json"]
+    run = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return str(json.loads(run.stdout)["path"])
+
+
 @pytest.fixture
 def road(tmp_path: Path) -> Iterator[tuple[Path, Daemon, Collector, Mosquitto]]:
     watch = tmp_path / "incoming"
@@ -182,7 +197,12 @@ def test_garbage_files_are_rejected_and_the_daemon_goes_on(
     sub.mkdir()
     (sub / "fake.dcm").write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300))
     collector.wait(lambda: len(collector.on("rejected")) == 4, 30, "4 rejected messages")
-    rejected = {r["path"]: r["reason"] for r in collector.on("rejected")}
+    # paths are not published (phi.publish_paths is false): each message's file_id is
+    # resolved to its path on the box
+    assert all("path" not in r for r in collector.on("rejected"))
+    rejected = {
+        resolve_file_id(daemon.config, r["file_id"]): r["reason"] for r in collector.on("rejected")
+    }
     assert set(rejected) == {"notes.txt", "empty.dcm", "noise.dcm", "sub dir/fake.dcm"}
     assert all(rejected.values())
     (study,) = simulate(watch, studies=1, abnormal=0.0, seed=3, **MATRIX)

@@ -119,7 +119,10 @@ def test_header_view(tmp_path: Path, tags: dict, view: str) -> None:
     [
         ({"SOPInstanceUID": None}, "missing SOPInstanceUID"),
         ({"StudyInstanceUID": None}, "missing StudyInstanceUID"),
-        ({"StudyInstanceUID": "not a uid"}, "malformed StudyInstanceUID"),
+        (
+            {"StudyInstanceUID": "not a uid"},
+            "malformed StudyInstanceUID (holds a character other than digits and dots)",
+        ),
         ({"Modality": None}, "missing Modality"),
     ],
 )

@@ -4,15 +4,22 @@ journald, the text form elsewhere, and the field whitelist that keeps PHI out.""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
+import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.logs import (
     JournalHandler,
     TextFormatter,
+    escape_controls,
     fields,
     journal_message,
     make_handler,
@@ -111,3 +118,115 @@ def test_a_send_failure_falls_back_to_stderr(
     handler.close()
     assert "ERROR edge_agent.x: lost?" in capsys.readouterr().err
     assert b"MESSAGE=lost?\n" in journal_message(record, "edge-agent")
+
+
+# -- what comes from outside is shown, never obeyed --------------------------------------------
+
+HOSTILE = "x\x1b]0;owned\x07\x1b[2J\nFAKE ERROR line\r\u202etxt.dcm"
+
+
+def test_text_lines_show_control_characters_escaped() -> None:
+    record = logging.LogRecord(
+        "edge_agent.x", logging.WARNING, __file__, 1, "rejected %s: %s", (HOSTILE, "bad"), None
+    )
+    record.__dict__.update(fields(study_uid="1.2.3\n", stage="intake"))
+    line = TextFormatter(timestamps=False).format(record)
+    assert line == (
+        "WARNING edge_agent.x: rejected x\\x1b]0;owned\\x07\\x1b[2J\\nFAKE ERROR line\\r"
+        "\\u202etxt.dcm: bad study_uid=1.2.3\\n stage=intake"
+    )
+    assert "\n" not in line and "\x1b" not in line
+
+
+def test_a_traceback_keeps_its_lines_but_not_the_escapes(tmp_path: Path) -> None:
+    try:
+        raise OSError(f"cannot open {HOSTILE}")
+    except OSError:
+        record = logging.LogRecord(
+            "edge_agent.x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info()
+        )
+    text = TextFormatter(timestamps=False).format(record)
+    assert text.startswith("ERROR edge_agent.x: failed\nTraceback (most recent call last):")
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    assert "cannot open x\\x1b]0;owned\\x07\\x1b[2J" in text
+    journal = parse(journal_message(record, "edge-agent"))
+    assert "\x1b" not in journal["MESSAGE"] and "Traceback" in journal["MESSAGE"]
+
+
+def test_journal_records_show_control_characters_escaped(journal) -> None:
+    path, server = journal
+    handler = make_handler({"JOURNAL_STREAM": "8:1"}, journal_socket=path)
+    record = logging.LogRecord(
+        "edge_agent.x", logging.INFO, __file__, 1, "skipped %s", (HOSTILE,), None
+    )
+    record.__dict__.update(fields(sop_uid="1.2\x1b"))
+    handler.handle(record)
+    got = parse(server.recv(65536))
+    handler.close()
+    assert got["MESSAGE"] == (
+        "skipped x\\x1b]0;owned\\x07\\x1b[2J\\nFAKE ERROR line\\r\\u202etxt.dcm"
+    )
+    assert got["EDGE_SOP_UID"] == "1.2\\x1b"
+
+
+def test_escape_controls_leaves_printable_text_alone() -> None:
+    for text in ("plain", "DOE^JANE 19700101/é 日本.dcm", "a\\b", ""):
+        assert escape_controls(text) == text
+    assert escape_controls("\x00\x7f\x9b\udcff") == "\\x00\\x7f\\x9b\\udcff"
+    assert escape_controls("a\n\x1bb", keep_newlines=True) == "a\n\\x1bb"
+
+
+# -- pydicom's warnings quote element values: never in our log, whatever the import order ------
+
+PYDICOM_ORDERS = {
+    # the daemon's order: logging first (edge-agent run), pydicom imported by the service,
+    # which resets the "pydicom" logger to WARNING
+    "logging first": "from edge_agent.cli import setup_logging\nsetup_logging('DEBUG')\n"
+    "import pydicom\n",
+    "pydicom first": "import pydicom\nfrom edge_agent.cli import setup_logging\n"
+    "setup_logging('DEBUG')\n",
+}
+
+
+@pytest.mark.parametrize("order", sorted(PYDICOM_ORDERS))
+def test_pydicom_warnings_never_reach_the_log(tmp_path: Path, order: str) -> None:
+    from edge_agent.simulate import simulate
+
+    (study,) = simulate(tmp_path / "in", studies=1, seed=2, rows=64, cols=64)
+    path = study.paths[0]
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = "9.9.9.99"
+    ds.save_as(path)
+    path.write_bytes(path.read_bytes().replace(b"9.9.9.99", b"DOE^JANE"))  # PHI in a UI
+    code = PYDICOM_ORDERS[order] + (
+        "import logging\n"
+        f"ds = pydicom.dcmread({str(path)!r})\n"
+        "str(ds.StudyInstanceUID)  # pydicom warns, quoting the value\n"
+        "pydicom.config.debug(True, False)  # even its debug mode\n"
+        f"pydicom.dcmread({str(path)!r}).StudyInstanceUID\n"
+        "logging.getLogger('edge_agent.test').warning('ours still logged')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "WARNING edge_agent.test: ours still logged" in run.stderr
+    assert "DOE" not in run.stderr and "DOE" not in run.stdout, run.stderr
+    assert "pydicom" not in run.stderr, run.stderr
+
+
+@given(st.text())
+def test_escaped_text_holds_no_control_or_invisible_character(text: str) -> None:
+    import unicodedata
+
+    for keep in (False, True):
+        shown = escape_controls(text, keep_newlines=keep)
+        bad = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+        assert all(unicodedata.category(c) not in bad or (keep and c == "\n") for c in shown)
+        shown.encode("utf-8")  # printable anywhere: no lone surrogate left
+        if text.isprintable():
+            assert shown == text

@@ -13,16 +13,27 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
-from test_e2e import MATRIX, PHI_MARKERS, SITE, Collector, Daemon, assert_no_phi, check_payload
+from test_e2e import (
+    MATRIX,
+    PHI_MARKERS,
+    SITE,
+    Collector,
+    Daemon,
+    assert_no_phi,
+    check_payload,
+    resolve_file_id,
+)
 
 from edge_agent.check import run_check
 from edge_agent.config import ScpSettings, load_settings
@@ -338,6 +349,152 @@ def test_stop_aborts_an_open_association_within_budget(scp: StorageSCP) -> None:
             peer.wait()
 
 
+# -- what a modality sends is data: malformed UIDs, transfers cut short, instances re-sent ---
+
+
+def with_raw_uid(source: Path, target: Path, keyword: str, raw: bytes) -> Path:
+    """``source`` with ``keyword`` holding exactly ``raw`` (pydicom will not write it)."""
+    ds = pydicom.dcmread(source)
+    placeholder = ("9." * len(raw))[: len(raw) - 1] + "9"
+    setattr(ds, keyword, placeholder)
+    ds.save_as(target)
+    data = target.read_bytes()
+    assert data.count(placeholder.encode()) == 1
+    target.write_bytes(data.replace(placeholder.encode(), raw))
+    return target
+
+
+@needs_dcmtk
+def test_a_malformed_study_uid_is_refused_with_cannot_understand(
+    scp: StorageSCP, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dcmtk's storescu sends a file whose StudyInstanceUID holds a control character (one
+    that dcmtk does not remove as it removes whitespace): 0xC000, one log line with the
+    reason (never the value), nothing on disk, no traceback."""
+    (study,) = simulate(tmp_path / "modality", studies=1, seed=4, **SMALL)
+    bad = with_raw_uid(study.paths[0], tmp_path / "bad.dcm", "StudyInstanceUID", b"1.23\x01.45")
+    with caplog.at_level(logging.DEBUG):
+        run = storescu(scp.address[1], bad)
+    out = (run.stdout + run.stderr).lower()
+    assert "received store response (error: cannotunderstand)" in out, out
+    assert list(scp.receive_dir.iterdir()) == []
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in caplog.records]
+    assert (
+        refused[0]
+        .getMessage()
+        .endswith("refused (0xC000 cannot understand): StudyInstanceUID holds a control character")
+    )
+    assert not any(r.exc_info for r in caplog.records)
+    assert "Traceback" not in caplog.text and "0xC211" not in caplog.text
+    assert scp.healthy()
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw", "reason"),
+    [
+        # pydicom reads raw b"1.2.3\n\x00\x0b" as '1.2.3\n\x00': the old check let '1.2.3\n'
+        # through, then the handler raised (pynetdicom's traceback and 0xC211). (Not the
+        # SOPInstanceUID: pynetdicom reads it to fill the command, which cleans the value.)
+        ("StudyInstanceUID", b"1.2.3\n\x00\x0b", "StudyInstanceUID holds a control character"),
+        ("SeriesInstanceUID", b"1.2.3\n\x00\x0b", None),
+        ("StudyInstanceUID", b"1..2", "StudyInstanceUID has an empty component"),
+        ("StudyInstanceUID", b"1.2.3/../../xy", "StudyInstanceUID holds a character other"),
+        ("StudyInstanceUID", b"1." * 40, "StudyInstanceUID longer than 64 characters"),
+    ],
+)
+def test_pynetdicom_scu_gets_cannot_understand_for_malformed_uids(
+    scp: StorageSCP,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    keyword: str,
+    raw: bytes,
+    reason: str | None,
+) -> None:
+    from pynetdicom import AE
+
+    (study,) = simulate(tmp_path / "modality", studies=1, seed=5, **SMALL)
+    bad = with_raw_uid(study.paths[0], tmp_path / "bad.dcm", keyword, raw)
+    ds = pydicom.dcmread(bad)
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(HOST, scp.address[1], ae_title="EDGETRIAGE")
+    assert assoc.is_established
+    try:
+        with caplog.at_level(logging.INFO, logger="edge_agent"):
+            status = assoc.send_c_store(bad)  # a path: the data set is sent as the file has it
+    finally:
+        assoc.release()
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    if reason is None:  # not a name of ours: the intake's reader rejects the file later
+        assert status.Status == 0x0000 and refused == []
+        return
+    assert status.Status == 0xC000
+    assert list(scp.receive_dir.iterdir()) == []
+    (line,) = refused
+    assert reason in line, line
+    assert raw.decode() not in line
+
+
+def test_temporary_files_of_cut_transfers_are_removed_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    received = tmp_path / "received"
+    received.mkdir()
+    kept = store_instance(received, STUDY, SOP, b"complete")
+    # what a kill -9 during a C-STORE leaves: store_instance's temporary names
+    cut = [received / STUDY / f".{SOP}.x1y2.part", received / "1.2.5" / ".1.2.6.abc.part"]
+    for path in cut:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    other = received / STUDY / ".not-ours"  # hidden, but not a temporary of ours: left
+    other.write_bytes(b"x")
+    settings = ScpSettings(enabled=True, bind_address=HOST, port=free_port())
+    server = StorageSCP(settings, received)
+    with caplog.at_level(logging.INFO, logger="edge_agent"):
+        server.start()
+    try:
+        assert not any(p.exists() for p in cut)
+        assert kept.read_bytes() == b"complete" and other.exists()
+        assert "removed 2 temporary file(s) of C-STOREs cut short" in caplog.text
+    finally:
+        server.stop(timeout=5.0)
+
+
+@needs_dcmtk
+def test_an_instance_sent_twice_stays_accepted(tmp_path: Path) -> None:
+    """Sent again, an instance is written over its own file (received/<study>/<sop>.dcm);
+    the intake reads it again and used to record its only file as a 'duplicate'."""
+    from edge_agent.service import Agent
+
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    settings = load_settings(
+        None,
+        watch_dir=watch,
+        state_dir=tmp_path / "state",
+        profile="x86-cpu",
+        scp={"enabled": True, "bind_address": HOST, "port": free_port()},
+    )
+    agent = Agent(settings)
+    assert agent.receiver is not None
+    agent.receiver.start()
+    try:
+        (study,) = simulate(tmp_path / "modality", studies=1, seed=6, **SMALL)
+        first = study.paths[0]
+        for _ in range(2):
+            run = storescu(agent.receiver.address[1], first)
+            assert run.returncode == 0, run.stderr
+            agent._intake_received()
+        with closing(sqlite3.connect(tmp_path / "state" / "state.sqlite3")) as db:
+            files = db.execute("SELECT status FROM files").fetchall()
+        assert files == [("accepted",)]
+        assert agent.store.counters()["instances"] == 1
+    finally:
+        agent.receiver.stop(timeout=5.0)
+        agent.store.close()
+
+
 def test_busy_port_is_reported_with_its_key(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind((HOST, 0))
@@ -451,7 +608,10 @@ def test_pushed_studies_are_scored_end_to_end(
     assert storescu(port, broken).returncode == 0
     collector.wait(lambda: bool(collector.on("rejected")), 30, "a rejected message")
     (rejected,) = collector.on("rejected")
-    assert rejected["path"] == f"received/{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm"
+    assert "path" not in rejected  # phi.publish_paths is false; the box resolves the id
+    assert resolve_file_id(daemon.config, rejected["file_id"]) == str(
+        received / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    )
     assert "Modality" in rejected["reason"]
     # SIGTERM: the SCP stops with the rest, within the contract's 15 s
     start = time.monotonic()

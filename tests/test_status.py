@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.status import format_status, read_status
+from edge_agent.identifiers import FILE_ID_KEY, file_id
+from edge_agent.status import find_file, format_status, read_status
 from edge_agent.store import InstanceRecord, Message, Store
 
 
@@ -89,3 +91,118 @@ def test_status_without_a_database_says_so(
     monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(tmp_path))
     assert main(["status"]) == 3
     assert "no state database" in capsys.readouterr().err
+
+
+# -- file ids, names from outside, a closed pipe ---------------------------------------------
+
+PATIENT_FOLDER = "DOE^JANE 19700101/IM\x1b]0;owned\x07\x1b[2J\n0001.dcm"
+
+
+@pytest.fixture
+def rejects(tmp_path: Path) -> tuple[Path, str]:
+    """A state folder with a rejected file named after a patient, with terminal escapes;
+    returns it and the file's id."""
+    folder = tmp_path / "state"
+    store = Store(folder / "state.sqlite3")
+    try:
+        store.record_file(PATIENT_FOLDER, 5, 1, "rejected", "not a DICOM file", 300.0)
+        key = store.secret(FILE_ID_KEY)
+    finally:
+        store.close()
+    return folder, file_id(key, PATIENT_FOLDER)
+
+
+def test_status_shows_names_from_outside_escaped(
+    rejects: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, fid = rejects
+    monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
+    monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(folder))
+    monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(folder))
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if fid in x)
+    assert line.endswith(
+        f"{fid}  DOE^JANE 19700101/IM\\x1b]0;owned\\x07\\x1b[2J\\n0001.dcm: not a DICOM file"
+    )
+    assert "\x1b" not in out and "\x07" not in out
+    assert main(["status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["last_rejected"][0]["file_id"] == fid
+    assert report["last_rejected"][0]["path"] == PATIENT_FOLDER  # JSON escapes it itself
+
+
+def test_status_file_resolves_a_file_id_to_its_path(
+    rejects: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, fid = rejects
+    monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
+    monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(folder))
+    monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(folder))
+    assert main(["status", "--file", fid]) == 0
+    out = capsys.readouterr().out
+    assert f"file       {fid}" in out and "status     rejected: not a DICOM file" in out
+    assert "path       DOE^JANE 19700101/IM\\x1b]0;owned" in out and "\x1b" not in out
+    assert main(["status", "--file", fid.upper(), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == PATIENT_FOLDER
+    assert main(["status", "--file", "0" * 16]) == 1
+    assert "no file with id" in capsys.readouterr().err
+    # the id is keyed: another box (another key) gives the same path another id
+    assert find_file(folder / "state.sqlite3", file_id(b"\0" * 32, PATIENT_FOLDER)) is None
+
+
+def test_status_piped_into_head_exits_quietly(tmp_path: Path) -> None:
+    """``edge-agent status | head`` used to end in BrokenPipeError; now it exits as a
+    command killed by SIGPIPE does, without a word on stderr."""
+    import sqlite3
+    import subprocess
+    import sys
+    from contextlib import closing
+
+    folder = tmp_path / "state"
+    Store(folder / "state.sqlite3").close()
+    with closing(sqlite3.connect(folder / "state.sqlite3")) as db, db:
+        db.executemany(  # more rejects than a pipe holds (64 KiB)
+            "INSERT INTO files VALUES (?, 1, 1, 'rejected', 'not a DICOM file', NULL, NULL, ?)",
+            [(f"folder/{n:06d}-{'x' * 60}.dcm", float(n)) for n in range(3000)],
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env.update(EDGE_AGENT_STATE_DIR=str(folder), EDGE_AGENT_WATCH_DIR=str(folder))
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.cli", "status", "--last", "3000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert agent.stdout is not None and agent.stderr is not None
+    assert agent.stdout.readline().startswith(b"state ")
+    agent.stdout.close()  # what head does once it has its lines
+    err = agent.stderr.read().decode()
+    agent.stderr.close()
+    assert agent.wait(60) == 141, err
+    assert err == ""
+
+
+def test_status_file_finds_an_instance_rejected_when_its_study_was_scored(
+    tmp_path: Path,
+) -> None:
+    """P/rejected also names files whose image failed at scoring: --file says so."""
+    database = tmp_path / "state.sqlite3"
+    store = Store(database)
+    try:
+        record = InstanceRecord("1.2.7.1", "1.2.7", "1.2.7.9", "CR", "frontal")  # type: ignore[arg-type]
+        store.add_instance("room 2/img.dcm", 10, 1, record, now=100.0)
+        store.complete_quiet_studies(10.0, now=200.0)
+        study = store.study("1.2.7")
+        assert study is not None
+        message = Message("result", "p/study/1.2.7", result_payload("not_scored"), "alert-7")
+        states = {"1.2.7.1": ("rejected", "pixel data cannot be decoded")}
+        assert store.commit_result(study, "not_scored", message, states, [], 201.0)
+        fid = file_id(store.secret(FILE_ID_KEY), "room 2/img.dcm")
+    finally:
+        store.close()
+    found = find_file(database, fid)
+    assert found is not None
+    assert found["path"] == "room 2/img.dcm" and found["status"] == "rejected"
+    assert found["reason"] == "pixel data cannot be decoded"
+    assert found["study_instance_uid"] == "1.2.7" and found["sop_instance_uid"] == "1.2.7.1"

@@ -183,12 +183,13 @@ def test_duplicates_count_once_and_replaced_files_are_read_again(tmp_path: Path)
         shutil.copyfile(first, watch / "copy of it.dcm")
         intake()
         assert files() == {first.name: "accepted", "copy of it.dcm": "duplicate"}
-        # rewritten in place with the same instance (new mtime): read again, a duplicate
+        # rewritten in place with the same instance (new mtime): read again, still that
+        # instance's own file, so still accepted (not a duplicate of itself)
         time.sleep(0.01)
         first.write_bytes(first.read_bytes())
         intake()
         assert agent.store.counters()["instances"] == 1
-        assert files()[first.name] == "duplicate"
+        assert files()[first.name] == "accepted"
         # replaced in place by another instance: a new one
         other = _instance(2, elsewhere)
         os.replace(other, first)

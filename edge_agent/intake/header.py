@@ -21,6 +21,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
 from ..errors import InputRejected
+from ..identifiers import UID_PADDING, uid_problem, valid_uid
 from ..store import InstanceRecord, View
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ TRIAGED_MODALITIES = frozenset({"CR", "DX", "CT"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO"})
 _LATERAL_WORD = re.compile(r"\blat(eral)?\b", re.IGNORECASE)
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 # Storage SOP classes that carry no image to triage (PS3.6 Annex A), by UID root: an exact
@@ -110,15 +110,18 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 
 
 def _uid(ds: pydicom.Dataset, keyword: str, *, required: bool) -> str | None:
-    value = _text(ds, keyword)
-    if value is None:
+    """The element's UID under the one rule (edge_agent/identifiers.py), padding removed.
+    Missing or empty: None, or InputRejected when ``required``; malformed: InputRejected,
+    with a reason that never quotes the value."""
+    value = ds.get(keyword)
+    if value is None or not str(value).strip(UID_PADDING):
         if required:
             raise InputRejected(f"missing {keyword}")
         return None
-    value = value.rstrip("\0 ")
-    if len(value) > 64 or not _UID.match(value):
-        raise InputRejected(f"malformed {keyword}")
-    return value
+    problem = uid_problem(value)
+    if problem is not None:
+        raise InputRejected(f"malformed {keyword} ({problem})")
+    return valid_uid(value)
 
 
 def classify_view(ds: pydicom.Dataset) -> View:
@@ -158,13 +161,12 @@ def read_header(path: Path) -> InstanceRecord:
 
 
 def _sop_class(ds: pydicom.Dataset) -> str | None:
-    """SOPClassUID, or the file meta's MediaStorageSOPClassUID (all a DICOMDIR has)."""
+    """SOPClassUID, or the file meta's MediaStorageSOPClassUID (all a DICOMDIR has); a
+    malformed SOPClassUID is rejected, a malformed media storage class is ignored."""
     sop_class = _uid(ds, "SOPClassUID", required=False)
     if sop_class is None:
         meta = getattr(ds, "file_meta", None)
-        value = meta.get("MediaStorageSOPClassUID") if meta is not None else None
-        text = str(value or "").strip().rstrip("\0 ")
-        sop_class = text if _UID.match(text) else None
+        sop_class = valid_uid(meta.get("MediaStorageSOPClassUID") if meta is not None else None)
     return sop_class
 
 

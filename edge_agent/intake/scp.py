@@ -35,7 +35,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import socket
 import socketserver
 import stat
@@ -45,7 +44,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
@@ -67,6 +65,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import ScpSettings
 from ..errors import ConfigError, EdgeTriageError, ResourceMissing
+from ..identifiers import UID_PADDING, uid_problem, valid_uid
 from .watcher import ReadyFile
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,13 @@ RECEIVED_PREFIX = "received"  # first segment of a received file's path on P/rej
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # the instance is not on disk: the sender tries again
 STATUS_STOPPING = 0xA701  # refused because the agent is stopping: the sender tries again
-STATUS_CANNOT_UNDERSTAND = 0xC000  # no usable Study/SOP Instance UID: sending again won't help
+# PS3.4 B.2.3 (Table B.2-1), "Error: Cannot understand" (0xCxxx): the data set has no usable
+# Study or SOP Instance UID (missing, or malformed under the one UID rule), or cannot be
+# decoded; sending it again will not help. Not 0xA900 "Data Set does not match SOP Class":
+# the UIDs are not what the SOP class's IOD is judged by.
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110  # PS3.7 C.4: an unexpected error of ours (logged)
+TEMPORARY_SUFFIX = ".part"  # store_instance's hidden temporary names: .<SOP>.<random>.part
 
 UNCOMPRESSED = (
     ExplicitVRLittleEndian,
@@ -99,7 +104,6 @@ LOSSLESS = frozenset(
 )
 SERVE_POLL_SECONDS = 0.5
 ABORT_JOIN_SECONDS = 1.0  # at stop, how long aborted associations' threads are waited for
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DECODE_ERRORS = (
     ValueError,
     TypeError,
@@ -128,16 +132,6 @@ def transfer_syntaxes() -> list[str]:
     return [*UNCOMPRESSED, *compressed]
 
 
-def valid_uid(value: Any) -> str | None:
-    """The UID as text when it is digits and dots (at most 64), else None."""
-    if value is None:
-        return None
-    text = str(value).strip().rstrip("\0 ")
-    if not text or len(text) > 64 or not _UID.match(text):
-        return None
-    return text
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -155,7 +149,7 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
     passed :func:`valid_uid` (they become path components).
     """
     if valid_uid(study_uid) != study_uid or valid_uid(sop_uid) != sop_uid:
-        raise ValueError("study and SOP instance UIDs must be digits and dots")
+        raise ValueError("study and SOP instance UIDs must be valid UIDs without padding")
     folder = receive_dir / study_uid
     try:
         folder.mkdir(mode=0o750)
@@ -164,7 +158,7 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
     else:
         _fsync_dir(receive_dir)
     final = folder / f"{sop_uid}.dcm"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sop_uid}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sop_uid}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -288,6 +282,7 @@ class StorageSCP:
             raise ConfigError(
                 "scp.receive_dir", f"cannot create {self.receive_dir}: {exc.strerror}"
             ) from exc
+        self._remove_temporaries()
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -319,6 +314,43 @@ class StorageSCP:
             logger.warning(
                 "scp.allowed_calling_aes is empty: any calling AE title may store instances; "
                 "list the modalities' AE titles to refuse others"
+            )
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files of transfers cut short (a kill, a power cut) before
+        they were renamed into place; their senders got no Success and send them again."""
+        removed = 0
+        try:
+            studies = list(os.scandir(self.receive_dir))
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", self.receive_dir, exc.strerror)
+            return
+        for study in studies:
+            if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
+                continue
+            try:
+                with os.scandir(study.path) as entries:
+                    names = [
+                        e.name
+                        for e in entries
+                        if e.name.startswith(".")
+                        and e.name.endswith(TEMPORARY_SUFFIX)
+                        and e.is_file(follow_symlinks=False)
+                    ]
+            except OSError as exc:
+                logger.warning("cannot list %s: %s", study.path, exc.strerror)
+                continue
+            for name in names:
+                try:
+                    os.unlink(os.path.join(study.path, name))
+                    removed += 1
+                except OSError as exc:
+                    logger.warning("cannot remove %s: %s", name, exc.strerror)
+        if removed:
+            logger.info(
+                "removed %d temporary file(s) of C-STOREs cut short before this start "
+                "(their senders were not told Success and send them again)",
+                removed,
             )
 
     def healthy(self) -> bool:
@@ -388,6 +420,17 @@ class StorageSCP:
             self._writing += 1
         try:
             return self._store(event)
+        except Exception as exc:
+            # A bug of ours must not become pynetdicom's traceback and 0xC211: one line, and
+            # a standard failure status the modality can show.
+            logger.error(
+                "C-STORE from %s refused (0x%04X processing failure): %s",
+                _caller(event)[1],
+                STATUS_PROCESSING_FAILURE,
+                type(exc).__name__,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+            return STATUS_PROCESSING_FAILURE
         finally:
             with self._cond:
                 self._writing -= 1
@@ -397,8 +440,8 @@ class StorageSCP:
         ae_title, address = _caller(event)
         try:
             ds: Dataset = event.dataset
-            study = valid_uid(ds.get("StudyInstanceUID"))
-            sop = valid_uid(ds.get("SOPInstanceUID"))
+            study_value = ds.get("StudyInstanceUID")
+            sop_value = ds.get("SOPInstanceUID")
         except _DECODE_ERRORS as exc:
             logger.warning(
                 "C-STORE from %s (%r) refused: the data set cannot be decoded (%s)",
@@ -408,9 +451,25 @@ class StorageSCP:
             )
             return STATUS_CANNOT_UNDERSTAND
         affected = valid_uid(getattr(event.request, "AffectedSOPInstanceUID", None))
-        if sop is None:
-            sop = affected  # tolerant: the command names the instance too
-        elif affected is not None and affected != sop:
+        if sop_value is None or not str(sop_value).strip(UID_PADDING):
+            sop_value = affected  # tolerant: the command names the instance too
+        # The UIDs name the file and its folder: one rule decides (edge_agent/identifiers.py),
+        # and the reason logged never quotes the value.
+        for keyword, value in (("StudyInstanceUID", study_value), ("SOPInstanceUID", sop_value)):
+            problem = uid_problem(value)
+            if problem is not None:
+                logger.warning(
+                    "C-STORE from %s (%r) refused (0x%04X cannot understand): %s %s",
+                    address,
+                    ae_title,
+                    STATUS_CANNOT_UNDERSTAND,
+                    keyword,
+                    problem,
+                )
+                return STATUS_CANNOT_UNDERSTAND
+        study, sop = valid_uid(study_value), valid_uid(sop_value)
+        assert study is not None and sop is not None
+        if affected is not None and affected != sop:
             logger.warning(
                 "C-STORE from %s (%r): command names instance %s, data set %s; stored as %s",
                 address,
@@ -419,14 +478,6 @@ class StorageSCP:
                 sop,
                 sop,
             )
-        if study is None or sop is None:
-            logger.warning(
-                "C-STORE from %s (%r) refused: %s missing or malformed",
-                address,
-                ae_title,
-                "StudyInstanceUID" if study is None else "SOPInstanceUID",
-            )
-            return STATUS_CANNOT_UNDERSTAND
         meta = event.file_meta
         meta.SourceApplicationEntityTitle = ae_title  # who sent it (PS3.10 7.1)
         data = b"".join(
