@@ -39,7 +39,7 @@ from .results import RejectedFile, StudyResult
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
-from .store import Message, NarrativeJob, Store, StudyRow
+from .store import Message, NarrativeJob, StudyRow, open_state
 from .waiting import RETRY_MAX_SECONDS, ScoringWaits, retry_delay
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ class Agent:
         self.components = components or prepare(settings)
         self.bundle = self.components.bundle
         self.profile = self.components.profile
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(
+        self.store, aside = open_state(
             settings.state_dir / "state.sqlite3",
             outbox_max_messages=settings.mqtt.outbox_max_messages,
         )
@@ -148,7 +147,9 @@ class Agent:
         self.notifier = Notifier()
         self._summary = "starting"
         self._metrics: Any = None
-        self.last_error: str | None = None
+        self.last_error: str | None = (
+            None if aside is None else f"state database was damaged: set aside as {aside.name}"
+        )
         self._healthy = True
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()

@@ -224,4 +224,3 @@ def test_a_result_the_full_state_disk_refuses_is_stored_once_there_is_room(
         daemon.signal(signal.SIGCONT)
         daemon.signal(signal.SIGTERM)
         daemon.wait(30)
-
