@@ -354,8 +354,9 @@ class Agent:
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def _score_one(self, uid: str) -> None:
-        """Score ``uid`` and commit its result; raises when either step fails.
+    def _score_one(self, uid: str) -> bool:
+        """Score ``uid`` and commit its result; True once stored. Raises when either step
+        fails.
 
         A result scored before a failed commit is kept (``self._prepared``) and only its
         commit is tried again: a full disk does not make the encoder run once a minute.
@@ -364,15 +365,16 @@ class Agent:
         if prepared is None:
             prepared = self._score(uid)
             if prepared is None:
-                return
+                return False
             self._prepared[uid] = prepared
         committed = self._commit(prepared)  # when it raises, the result stays prepared
         del self._prepared[uid]
         if not committed and prepared.retried:
             # Re-opened (and maybe complete again) while it waited: score what is there now.
-            self._score_one(uid)
-        elif not committed:
+            return self._score_one(uid)
+        if not committed:
             logger.info("study %s changed while it was scored; it will be scored again", uid)
+        return committed
 
     def _score(self, uid: str) -> _Prepared | None:
         study = self.store.study(uid)
@@ -469,19 +471,20 @@ class Agent:
             if prepared is not None:
                 prepared.retried = True
             try:
-                self._score_one(uid)
+                stored = self._score_one(uid)
             except Exception as exc:
                 self._wait_and_retry(uid, exc)
-            else:
-                entry = self.waits.done(uid)
-                if entry is not None:
-                    logger.info(
-                        "study %s: stored after %d failed attempt(s), %.0f s after the first (%s)",
-                        uid,
-                        entry.attempts,
-                        time.time() - entry.since,
-                        entry.reason,
-                    )
+                continue
+            entry = self.waits.done(uid)
+            if entry is not None:
+                logger.info(
+                    "study %s: %s after %d failed attempt(s), %.0f s after the first (%s)",
+                    uid,
+                    "stored" if stored else "no longer waiting (not complete any more)",
+                    entry.attempts,
+                    time.time() - entry.since,
+                    entry.reason,
+                )
 
     def _wait_and_retry(self, uid: str, exc: Exception) -> None:
         """Keep ``uid`` queued, to be tried again with back-off; log the first failure."""

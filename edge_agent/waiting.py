@@ -33,6 +33,8 @@ FILE_SIZE = 16384
 """Bytes of the status file; the JSON is padded with spaces to this size."""
 LISTED = 20
 """At most this many waiting studies are named (status and file); the count is exact."""
+REASON_MAX = 300
+"""Characters of a failure's text kept as its reason."""
 
 
 def retry_delay(attempts: int) -> float:
@@ -67,9 +69,9 @@ class ScoringWaits:
             entry = self._waiting.get(uid)
             first = entry is None
             if entry is None:
-                entry = self._waiting[uid] = Waiting(uid, reason, time.time(), 0, 0.0)
+                entry = self._waiting[uid] = Waiting(uid, "", time.time(), 0, 0.0)
             entry.attempts += 1
-            entry.reason = reason
+            entry.reason = reason[:REASON_MAX]
             entry.due = time.monotonic() + retry_delay(entry.attempts)
         self._write()
         return entry, first
