@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +99,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     database = settings.state_dir / "state.sqlite3"
     try:
         report = read_status(database, last=args.last)
+    except sqlite3.Error as exc:  # damaged, held, unreadable: one line saying what to do
+        from .store import state_error
+
+        err = state_error(exc, database)
+        if err is None:
+            raise
+        raise err from exc
     except PermissionError as exc:
         raise ConfigError(
             "state_dir",

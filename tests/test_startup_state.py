@@ -230,3 +230,15 @@ def test_status_json_lists_nothing_waiting(tmp_path: Path) -> None:
     done = cli("status", "--config", str(config), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["scoring_waiting"] == 0
+
+
+@pytest.mark.parametrize("damage", [garbage, truncated], ids=["garbage", "truncated"])
+def test_status_on_a_damaged_database_is_one_line_exit_3(tmp_path: Path, damage) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    damage(made_database(state))
+    before = fingerprint(state)
+    config = write_config(tmp_path, state)
+    done = cli("status", "--config", str(config))
+    assert_one_line(done, 3, "state_dir", "damaged")
+    assert fingerprint(state)[("state.sqlite3")] == before["state.sqlite3"]
