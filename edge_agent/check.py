@@ -2,7 +2,7 @@
 
 Each problem is printed with the config key it comes from. Exit 0 only when the agent could
 start; 2 when the configuration is wrong; 3 when a resource (bundle, provider, broker) is
-missing.
+missing or the state database is damaged. The state database is only ever read.
 """
 
 from __future__ import annotations
