@@ -2,7 +2,7 @@
 
 Each problem is printed with the config key it comes from. Exit 0 only when the agent could
 start; 2 when the configuration is wrong; 3 when a resource (bundle, provider, broker) is
-missing.
+missing or the state database is damaged. The state database is only ever read.
 """
 
 from __future__ import annotations
@@ -55,6 +55,30 @@ def _check_scp(
         return
     _line(False, "scp", str(err))
     config_problems.append(err)
+
+
+def _check_state(
+    state: Path, config_problems: list[ConfigError], resource_problems: list[EdgeTriageError]
+) -> None:
+    """The state folder as ``run`` would open it, read-only: never a write to the database."""
+    from .store import inspect_database, state_dir_problem
+
+    err: EdgeTriageError | None = state_dir_problem(state)
+    version = None
+    if err is None:
+        try:
+            version = inspect_database(state / "state.sqlite3")
+        except EdgeTriageError as exc:
+            err = exc
+    if err is None:
+        detail = f"schema {version}, quick_check ok" if version else "new state database"
+        _line(True, "state_dir", f"{state} ({detail})")
+        return
+    _line(False, "state_dir", str(err))
+    if isinstance(err, ConfigError):
+        config_problems.append(err)
+    else:
+        resource_problems.append(err)
 
 
 def cgroup_memory_max(
@@ -127,14 +151,7 @@ def run_check(config_file: Path | None) -> int:
         _line(False, "watch_dir", str(err))
         config_problems.append(err)
 
-    state = settings.state_dir
-    parent = state if state.exists() else state.parent
-    if os.access(parent, os.W_OK):
-        _line(True, "state_dir", str(state))
-    else:
-        err = ConfigError("state_dir", f"{state} is not writable by this user")
-        _line(False, "state_dir", str(err))
-        config_problems.append(err)
+    _check_state(settings.state_dir, config_problems, resource_problems)
 
     bundle: Bundle | None = None
     try:

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,6 +105,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(found, indent=2) if args.json else format_file(found))
             return 0
         report = read_status(database, last=args.last)
+    except sqlite3.Error as exc:  # damaged, held, unreadable: one line saying what to do
+        from .store import state_error
+
+        err = state_error(exc, database)
+        if err is None:
+            raise
+        raise err from exc
     except PermissionError as exc:
         raise ConfigError(
             "state_dir",

@@ -10,17 +10,31 @@ Secrets are never values here: ``mqtt.password_file`` names a file, resolved aga
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from .errors import ConfigError
@@ -31,6 +45,76 @@ ENV_CONFIG_FILE = "EDGE_AGENT_CONFIG"
 # DICOM AE VR: at most 16 characters of the default repertoire without backslash or controls
 # (PS3.5 6.2); leading and trailing spaces are not significant.
 AE_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"\\"}
+MQTT_CLIENT_ID_MAX_BYTES = 128
+"""MQTT 3.1.1 servers must take 23 bytes, MQTT 5 brokers take more (Mosquitto up to 65535);
+128 is far beyond any useful id and keeps a pasted blob out of the CONNECT packet."""
+
+Finite = AllowInfNan(False)
+"""Every float setting is finite (``inf``/``nan`` from a file or the environment is refused);
+each also has a lower and an upper bound (tests/test_config.py checks that every number
+setting has both)."""
+FiniteFloat = Annotated[float, Finite]
+
+
+def _path_text(value: Any) -> Any:
+    """An empty path would silently mean the current folder: refused, like a NUL byte."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must not be empty (leave the setting out for its default)")
+        if "\0" in value:
+            raise ValueError("must not contain a NUL character")
+    return value
+
+
+SettingPath = Annotated[Path, BeforeValidator(_path_text)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_path_text)]
+
+
+def _text_list(value: Any) -> Any:
+    """A list setting given as text (the environment): a JSON list, or comma-separated."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(
+                'is not a valid JSON list: write ["A", "B"], or A,B (comma-separated)'
+            ) from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+TextList = Annotated[list[str], NoDecode, BeforeValidator(_text_list)]
+"""A list of strings; in the environment either JSON (``["CR1", "CR2"]``) or ``CR1,CR2``."""
+
+
+def _printable(value: str) -> bool:
+    return all(c.isprintable() and not c.isspace() for c in value)
+
+
+def _host(value: str) -> str:
+    host = value.strip()
+    if not host:
+        raise ValueError("must not be empty: the broker's host name or IP address")
+    if len(host) > 253 or not _printable(host):
+        raise ValueError(
+            "must be a host name or IP address (at most 253 characters, no spaces or "
+            "control characters)"
+        )
+    return host
+
+
+def _client_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must not be empty (leave it out for edge-agent-{site}-{device_id})")
+    if not _printable(value):
+        raise ValueError("must be printable characters without spaces")
+    if len(value.encode()) > MQTT_CLIENT_ID_MAX_BYTES:
+        raise ValueError(f"must be at most {MQTT_CLIENT_ID_MAX_BYTES} bytes (UTF-8)")
+    return value
 
 
 class _Section(BaseModel):
@@ -38,52 +122,70 @@ class _Section(BaseModel):
 
 
 class MqttSettings(_Section):
-    host: str = Field(default="localhost", description="Broker host name or address.")
+    host: Annotated[str, AfterValidator(_host)] = Field(
+        default="localhost", description="Broker host name or address."
+    )
     port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
     username: str | None = Field(default=None, description="User name for the broker, if any.")
-    password_file: Path | None = Field(
+    password_file: OptionalPath = Field(
         default=None,
         description=(
             "File holding the broker password (first line). A bare name is looked up in "
             "$CREDENTIALS_DIRECTORY, where systemd's LoadCredential= puts it."
         ),
     )
-    tls_ca: Path | None = Field(
+    tls_ca: OptionalPath = Field(
         default=None, description="CA certificate (PEM); when set, plain TCP is refused."
     )
-    tls_cert: Path | None = Field(default=None, description="Client certificate (PEM), optional.")
-    tls_key: Path | None = Field(default=None, description="Client private key (PEM), optional.")
+    tls_cert: OptionalPath = Field(default=None, description="Client certificate (PEM), optional.")
+    tls_key: OptionalPath = Field(default=None, description="Client private key (PEM), optional.")
     topic_prefix: str = Field(
         default="edge-triage/v1",
         description="First topic levels, before site and device_id: levels of letters, "
         "digits, '_', '-', separated by '/'.",
     )
-    client_id: str | None = Field(
-        default=None, description="MQTT client id; default edge-agent-{site}-{device_id}."
+    client_id: Annotated[str | None, AfterValidator(_client_id)] = Field(
+        default=None,
+        description="MQTT client id (at most 128 bytes); default edge-agent-{site}-{device_id}.",
     )
     keepalive_seconds: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
-    status_interval_seconds: float = Field(
-        default=60.0, gt=0, description="How often the retained status message is refreshed."
+    status_interval_seconds: FiniteFloat = Field(
+        default=60.0,
+        ge=0.1,
+        le=3600,
+        description="How often the retained status message is refreshed.",
     )
     outbox_max_messages: int = Field(
         default=10000,
         ge=10,
+        le=10_000_000,
         description=(
             "Outbox cap. When full, the oldest routine, not_scored and rejected-file messages "
             "are dropped first, then review results; urgent results never are."
         ),
     )
-    renotify_seconds: float = Field(
+    renotify_seconds: FiniteFloat = Field(
         default=0.0,
         ge=0,
+        le=7 * 86400,
         description=(
             "Publish an unacknowledged urgent result again (same alert_id, notify_count + 1) "
             "this long after its last delivery; 0 turns re-notification off."
         ),
     )
     renotify_limit: int = Field(
-        default=5, ge=1, description="At most this many re-notifications of one urgent result."
+        default=5,
+        ge=1,
+        le=1000,
+        description="At most this many re-notifications of one urgent result.",
     )
+
+    @field_validator("renotify_seconds")
+    @classmethod
+    def _renotify(cls, v: float) -> float:
+        if 0 < v < 1:  # the schedule is looked at once a second
+            raise ValueError("must be 0 (off) or at least 1")
+        return v
 
     @field_validator("topic_prefix")
     @classmethod
@@ -116,15 +218,16 @@ class MqttSettings(_Section):
 
 
 class IntakeSettings(_Section):
-    poll_interval_seconds: float = Field(
-        default=1.0, gt=0, le=60, description="How often the watch folder is scanned."
+    poll_interval_seconds: FiniteFloat = Field(
+        default=1.0, ge=0.05, le=60, description="How often the watch folder is scanned."
     )
-    file_stable_seconds: float = Field(
+    file_stable_seconds: FiniteFloat = Field(
         default=2.0,
         ge=0,
+        le=3600,
         description="A file is read once its size and mtime have not changed for this long.",
     )
-    ignore_suffixes: list[str] = Field(
+    ignore_suffixes: TextList = Field(
         default=[".part", ".tmp", ".partial", ".filepart", ".crdownload", "~"],
         description="Names ending so are still being written and are never read.",
     )
@@ -134,9 +237,9 @@ class IntakeSettings(_Section):
         "the folder every poll_interval_seconds) or 'auto' (inotify on a local filesystem, "
         "polling on a network one such as NFS/SMB/FUSE, and whenever inotify fails).",
     )
-    rescan_seconds: float = Field(
+    rescan_seconds: FiniteFloat = Field(
         default=60.0,
-        gt=0,
+        ge=1,
         le=3600,
         description="With inotify, the whole folder is still walked this often, so that a "
         "missed event never loses a file.",
@@ -169,23 +272,23 @@ class SelectionSettings(_Section):
         description="When a CR/DX study has no PA/AP image, score images whose view is not "
         "marked at all (no ViewPosition, no lateral hint). Laterals are never scored.",
     )
-    ct_min_slice_thickness_mm: float = Field(
-        default=0.5, gt=0, description="Thinnest CT slices accepted (SliceThickness, mm)."
+    ct_min_slice_thickness_mm: FiniteFloat = Field(
+        default=0.5, gt=0, le=50, description="Thinnest CT slices accepted (SliceThickness, mm)."
     )
-    ct_max_slice_thickness_mm: float = Field(
-        default=5.0, gt=0, description="Thickest CT slices accepted (SliceThickness, mm)."
+    ct_max_slice_thickness_mm: FiniteFloat = Field(
+        default=5.0, gt=0, le=50, description="Thickest CT slices accepted (SliceThickness, mm)."
     )
     ct_min_slices: int = Field(
-        default=30, ge=2, description="Fewest slices a CT series needs to be scored."
+        default=30, ge=2, le=10000, description="Fewest slices a CT series needs to be scored."
     )
-    ct_axial_tolerance_degrees: float = Field(
+    ct_axial_tolerance_degrees: FiniteFloat = Field(
         default=15.0,
         ge=0,
         le=45,
         description="A CT series is axial when its slice normal is within this angle of the "
         "patient's head-foot axis (gantry tilt included).",
     )
-    ct_lung_kernels: list[str] = Field(
+    ct_lung_kernels: TextList = Field(
         default=LUNG_KERNELS,
         description="ConvolutionKernel patterns (shell-style, case-insensitive) of lung "
         "reconstructions, preferred over other kernels.",
@@ -263,12 +366,12 @@ class ScpSettings(_Section):
         "interface), or one interface's address to listen on the modality network only.",
     )
     port: int = Field(default=11112, ge=1, le=65535, description="TCP port to listen on.")
-    allowed_calling_aes: list[str] = Field(
+    allowed_calling_aes: TextList = Field(
         default=[],
         description="Calling AE titles allowed to associate; others are rejected. Empty: any "
         "caller is accepted (a warning is logged at start).",
     )
-    receive_dir: Path | None = Field(
+    receive_dir: OptionalPath = Field(
         default=None,
         description="Folder the agent writes received instances into, as "
         "<StudyInstanceUID>/<SOPInstanceUID>.dcm, and reads them from. Unset: "
@@ -315,7 +418,7 @@ class ScpSettings(_Section):
         return Path(os.path.abspath(folder))
 
 
-NarrativeBudget = Annotated[float, Field(gt=0, le=3600)]
+NarrativeBudget = Annotated[float, Finite, Field(gt=0, le=3600)]
 """Seconds from an urgent flag to its narrative (config and profile take the same bounds)."""
 
 
@@ -341,15 +444,15 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    watch_dir: Path = Field(
+    watch_dir: SettingPath = Field(
         default=Path("/var/lib/edge-agent/incoming"),
         description="The folder the modality writes DICOM into; the agent only reads it.",
     )
-    state_dir: Path = Field(
+    state_dir: SettingPath = Field(
         default=Path("/var/lib/edge-agent/state"),
         description="Durable state: SQLite database, outbox, engine caches.",
     )
-    bundle: Path | None = Field(
+    bundle: OptionalPath = Field(
         default=None,
         description="Engine bundle folder. Unset: the demo bundle shipped in the package.",
     )
@@ -363,9 +466,10 @@ class Settings(BaseSettings):
     device_id: str = Field(
         default="box", description="Topic segment for this device: letters, digits, '_', '-'."
     )
-    study_quiet_seconds: float = Field(
+    study_quiet_seconds: FiniteFloat = Field(
         default=30.0,
-        gt=0,
+        ge=0.1,
+        le=86400,
         description="A study is complete once no new instance has arrived for this long.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -411,6 +515,10 @@ def read_toml(path: Path, key: str) -> dict[str, Any]:
         raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(key, f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            key, f"{path} is not a TOML text file (not UTF-8 at byte {exc.start})"
+        ) from exc
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -466,6 +574,15 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         return Settings(**overrides)
     except ValidationError as exc:
         raise config_error_from(exc) from exc
+    except SettingsError as exc:
+        # A section given as one environment variable (EDGE_AGENT_MQTT=...) must be JSON.
+        found = re.search(r'field "([^"]+)"', str(exc))
+        field = found.group(1) if found else ""
+        raise ConfigError(
+            f"{ENV_PREFIX}{field.upper()}" if field else "environment",
+            "is not valid JSON; set one key at a time instead, e.g. "
+            f"{ENV_PREFIX}{(field or 'MQTT').upper()}__HOST",
+        ) from exc
     finally:
         Settings._toml_file = None
 
@@ -475,7 +592,7 @@ def config_errors(exc: ValidationError) -> list[ConfigError]:
     out = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
         out.append(ConfigError(key, msg))

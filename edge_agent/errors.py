@@ -6,6 +6,7 @@
     │   ├── BundleError             bundle missing, malformed or hashes do not match
     │   ├── ProviderUnavailable     no usable ONNX Runtime execution provider / runtime
     │   ├── BrokerUnreachable       the MQTT broker cannot be reached
+    │   ├── CorruptState            the state database is damaged (``run`` sets it aside)
     │   └── ExtraMissing            an optional dependency (an ``[extra]``) is not installed
     ├── InputRejected               one input file cannot be used; ``reason`` says why
     │   └── ImageRejected           pixel data decodes to something unusable
@@ -49,6 +50,18 @@ class ProviderUnavailable(ResourceMissing):
 
 class BrokerUnreachable(ResourceMissing):
     pass
+
+
+class CorruptState(ResourceMissing):
+    """The state database file is damaged; ``detail`` is SQLite's word for it."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"state_dir: the state database {path} is damaged ({detail}); edge-agent run sets "
+            "it aside (renamed .corrupt-<time>, never deleted) and starts with an empty state"
+        )
 
 
 class ExtraMissing(ResourceMissing):

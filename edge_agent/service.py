@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -35,11 +36,12 @@ from .mqtt import Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
 from .profiles import Profile, narrative_wanted, resolve_profile
-from .results import RejectedFile
+from .results import RejectedFile, StudyResult
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
-from .store import Message, NarrativeJob, Store
+from .store import Message, NarrativeJob, StudyRow, open_state
+from .waiting import RETRY_MAX_SECONDS, ScoringWaits, retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,19 @@ def demo_bundle_path() -> Path:
 
 def bundle_path(settings: Settings) -> Path:
     return settings.bundle if settings.bundle is not None else demo_bundle_path()
+
+
+@dataclass
+class _Prepared:
+    """A scored result, ready to commit (kept while its commit is tried again)."""
+
+    study: StudyRow
+    result: StudyResult
+    message: Message
+    instance_states: dict[str, tuple[str, str | None]]
+    rejects: list[Message]
+    narrative_source: str | None
+    retried: bool = False
 
 
 @dataclass
@@ -85,8 +100,7 @@ class Agent:
         self.components = components or prepare(settings)
         self.bundle = self.components.bundle
         self.profile = self.components.profile
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(
+        self.store, aside = open_state(
             settings.state_dir / "state.sqlite3",
             outbox_max_messages=settings.mqtt.outbox_max_messages,
         )
@@ -98,6 +112,8 @@ class Agent:
         self._queue: queue.Queue[str] = queue.Queue()
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
+        self.waits = ScoringWaits(settings.state_dir)
+        self._prepared: dict[str, _Prepared] = {}  # the scoring thread's only
         self.scorer = Scorer(
             self.bundle,
             self.runner,
@@ -133,7 +149,9 @@ class Agent:
         self.notifier = Notifier()
         self._summary = "starting"
         self._metrics: Any = None
-        self.last_error: str | None = None
+        self.last_error: str | None = (
+            None if aside is None else f"state database was damaged: set aside as {aside.name}"
+        )
         self._healthy = True
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
@@ -184,6 +202,7 @@ class Agent:
             agent_version=__version__,
             last_error=self.last_error,
             mqtt_last_error=self.publisher.last_error,
+            **self.waits.status_fields(),
         )
         if self.narrator is not None:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
@@ -351,10 +370,32 @@ class Agent:
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def _score_one(self, uid: str) -> None:
+    def _score_one(self, uid: str) -> bool:
+        """Score ``uid`` and commit its result; True once stored. Raises when either step
+        fails.
+
+        A result scored before a failed commit is kept (``self._prepared``) and only its
+        commit is tried again: a full disk does not make the encoder run once a minute.
+        """
+        prepared = self._prepared.get(uid)
+        if prepared is None:
+            prepared = self._score(uid)
+            if prepared is None:
+                return False
+            self._prepared[uid] = prepared
+        committed = self._commit(prepared)  # when it raises, the result stays prepared
+        del self._prepared[uid]
+        if not committed and prepared.retried:
+            # Re-opened (and maybe complete again) while it waited: score what is there now.
+            return self._score_one(uid)
+        if not committed:
+            logger.info("study %s changed while it was scored; it will be scored again", uid)
+        return committed
+
+    def _score(self, uid: str) -> _Prepared | None:
         study = self.store.study(uid)
         if study is None or study.state != "complete":
-            return
+            return None
         problem = uid_problem(uid)
         if problem is not None or valid_uid(uid) != uid:
             # Recorded by an earlier version, whose check let a trailing newline through: its
@@ -364,7 +405,7 @@ class Agent:
                 "(%s): not scored",
                 problem or "padding",
             )
-            return
+            return None
         instances = self.store.instances(uid)
         self._scoring_idle.clear()  # the narrative thread waits: flags first
         try:
@@ -373,18 +414,11 @@ class Agent:
             self._scoring_idle.set()
         if scored is None:
             logger.info("stopping: study %s left complete, scored at next start", uid)
-            return
+            return None
         result = scored.result
-        job = None
-        if self.narrator is not None and scored.narrative_source is not None:
+        narrative = self.narrator is not None and scored.narrative_source is not None
+        if narrative:
             result = result.model_copy(update={"narrative_status": "pending"})
-            job = NarrativeJob(
-                result.alert_id,
-                uid,
-                result.revision,
-                scored.narrative_source.to_json(),
-                time.time() + self.narrator.budget_seconds,
-            )
         rejects = [
             self._reject_message(inst.path, reason, inst.sop_instance_uid)
             for inst, reason in scored.rejected
@@ -392,49 +426,117 @@ class Agent:
         message = Message(
             "result", self._topic("study", uid), result.to_json_bytes(), result.alert_id
         )
-        if self.store.commit_result(
-            study, result.triage, message, scored.instance_states, rejects, time.time(), job
-        ):
-            top = max(result.findings, key=lambda f: f.score, default=None)
-            logger.info(
-                "study %s revision %d: %s%s (alert %s, %.0f ms)",
+        source = (
+            scored.narrative_source.to_json() if narrative and scored.narrative_source else None
+        )
+        return _Prepared(study, result, message, scored.instance_states, rejects, source)
+
+    def _commit(self, p: _Prepared) -> bool:
+        """Commit a scored result; False when the study changed meanwhile (nothing stored)."""
+        uid, result = p.study.study_instance_uid, p.result
+        now = time.time()
+        job = None
+        if p.narrative_source is not None and self.narrator is not None:
+            # The budget runs from the commit: a result that waited is not born late.
+            job = NarrativeJob(
+                result.alert_id,
                 uid,
                 result.revision,
-                result.triage,
-                f", top {top.code} {top.score:.3f}" if top else f", {result.reason}",
-                result.alert_id,
-                result.timing.inference_ms,
-                extra=fields(
-                    study_uid=uid,
-                    alert_id=result.alert_id,
-                    revision=result.revision,
-                    triage=result.triage,
-                    stage="score",
-                    duration_ms=round(result.timing.inference_ms or 0.0, 1),
-                ),
+                p.narrative_source,
+                now + self.narrator.budget_seconds,
             )
-            self.publisher.wake()
-            if job is not None and self.narrator is not None:
-                self.narrator.wake()
-        else:
-            logger.info("study %s changed while it was scored; it will be scored again", uid)
+        if not self.store.commit_result(
+            p.study, result.triage, p.message, p.instance_states, p.rejects, now, job
+        ):
+            return False
+        top = max(result.findings, key=lambda f: f.score, default=None)
+        logger.info(
+            "study %s revision %d: %s%s (alert %s, %.0f ms)",
+            uid,
+            result.revision,
+            result.triage,
+            f", top {top.code} {top.score:.3f}" if top else f", {result.reason}",
+            result.alert_id,
+            result.timing.inference_ms,
+            extra=fields(
+                study_uid=uid,
+                alert_id=result.alert_id,
+                revision=result.revision,
+                triage=result.triage,
+                stage="score",
+                duration_ms=round(result.timing.inference_ms or 0.0, 1),
+            ),
+        )
+        self.publisher.wake()
+        if job is not None and self.narrator is not None:
+            self.narrator.wake()
+        return True
+
+    def _next_study(self) -> str | None:
+        """The next study to try: a waiting one whose retry is due, else one from the queue
+        (waiting at most until the next retry is due)."""
+        now = time.monotonic()
+        uid = self.waits.due(now)
+        if uid is not None:
+            return uid
+        wait = self.waits.seconds_to_next(now)
+        try:
+            uid = self._queue.get(timeout=0.5 if wait is None else min(0.5, max(wait, 0.01)))
+        except queue.Empty:
+            return None
+        with self._queued_lock:
+            self._queued.discard(uid)
+        return uid
 
     def _scoring_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                uid = self._queue.get(timeout=0.5)
-            except queue.Empty:
+            uid = self._next_study()
+            if uid is None:
                 continue
-            with self._queued_lock:
-                self._queued.discard(uid)
+            prepared = self._prepared.get(uid)
+            if prepared is not None:
+                prepared.retried = True
             try:
-                self._score_one(uid)
-            except EdgeTriageError as exc:
-                self.last_error = str(exc)
-                logger.error("scoring study %s failed: %s", uid, exc)
+                stored = self._score_one(uid)
             except Exception as exc:
-                self.last_error = f"scoring: {type(exc).__name__}: {exc}"
-                logger.exception("scoring study %s failed", uid)
+                self._wait_and_retry(uid, exc)
+                continue
+            entry = self.waits.done(uid)
+            if entry is not None:
+                logger.info(
+                    "study %s: %s after %d failed attempt(s), %.0f s after the first (%s)",
+                    uid,
+                    "stored" if stored else "no longer waiting (not complete any more)",
+                    entry.attempts,
+                    time.time() - entry.since,
+                    entry.reason,
+                )
+
+    def _wait_and_retry(self, uid: str, exc: Exception) -> None:
+        """Keep ``uid`` queued, to be tried again with back-off; log the first failure."""
+        if isinstance(exc, EdgeTriageError):
+            reason = str(exc)
+        elif isinstance(exc, sqlite3.Error):
+            reason = str(exc)  # "database is locked", "database or disk is full", …
+        elif isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        self.last_error = f"scoring study {uid}: {reason}"
+        entry, first = self.waits.failed(uid, reason)
+        step = "storing its result" if uid in self._prepared else "scoring"
+        if first:
+            # Once per study (every later attempt is in the status); a bug's traceback once.
+            logger.error(
+                "study %s: %s failed (%s); it stays queued and is tried again in %.0f s, "
+                "then at most every %.0f s, until it is stored",
+                uid,
+                step,
+                reason,
+                retry_delay(entry.attempts),
+                RETRY_MAX_SECONDS,
+                exc_info=not isinstance(exc, (EdgeTriageError, sqlite3.Error, OSError)),
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -536,6 +638,7 @@ class Agent:
                     "thread %s still busy at shutdown; its work resumes at next start", t.name
                 )
         self.publisher.stop("stopped", timeout=max(1.0, deadline - time.monotonic()))
+        self.waits.close()
         self.store.close()
         self.notifier.close()
         logger.info("edge-agent stopped")

@@ -23,6 +23,7 @@ from typing import Any
 from .errors import ResourceMissing
 from .identifiers import FILE_ID_KEY, file_id, is_file_id
 from .logs import escape_controls
+from .waiting import read_waiting
 
 
 @dataclass
@@ -40,6 +41,10 @@ class StatusReport:
     results_by_level: dict[str, int] = field(default_factory=dict)
     last_rejected: list[dict[str, Any]] = field(default_factory=list)
     last_results: list[dict[str, Any]] = field(default_factory=list)
+    scoring_waiting: int = 0
+    """Complete studies whose scoring or commit failed and that the agent tries again."""
+    scoring_waiting_studies: list[dict[str, Any]] = field(default_factory=list)
+    scoring_waiting_as_of: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -148,6 +153,13 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
     try:
         tables = _tables(db)
         report = StatusReport(database=database)
+        waiting = read_waiting(database.parent)
+        if waiting is not None and waiting["scoring_waiting"]:
+            studies = waiting.get("scoring_waiting_studies")
+            report.scoring_waiting = waiting["scoring_waiting"]
+            report.scoring_waiting_studies = studies if isinstance(studies, list) else []
+            at = waiting.get("updated_at")
+            report.scoring_waiting_as_of = _iso(at) if isinstance(at, int | float) else None
         if "studies" in tables:
             report.studies = dict(
                 db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
@@ -242,6 +254,17 @@ def format_status(report: StatusReport) -> str:
         f"outbox     {report.outbox} message(s) waiting for the broker"
         f"{age}; urgent among them {report.outbox_urgent}"
     )
+    if report.scoring_waiting:
+        lines.append(
+            f"scoring    {report.scoring_waiting} complete stud(ies) waiting to be stored "
+            f"again (as of {report.scoring_waiting_as_of})"
+        )
+        for w in report.scoring_waiting_studies:
+            if isinstance(w, dict):
+                lines.append(
+                    f"  {w.get('study_instance_uid')}: {w.get('reason')}; attempts "
+                    f"{w.get('attempts')}, next in {w.get('retry_in_s')} s"
+                )
     lines.append(f"alerts     {report.alerts_waiting} urgent result(s) not acknowledged yet")
     c = report.counters
     if report.narratives_pending or any(k.startswith("narrative_") for k in c):

@@ -6,6 +6,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.errors import ConfigError
 from edge_agent.notify import Notifier
@@ -174,3 +176,61 @@ def test_every_profile_has_a_memory_ceiling() -> None:
     nano = resolve_profile("jetson-orin-nano")[0].runtime.memory_max_mib
     agx = resolve_profile("jetson-agx-orin")[0].runtime.memory_max_mib
     assert nano is not None and agx is not None and nano < agx
+
+
+# -- studies waiting to be stored again (edge_agent/waiting.py) ------------------------------
+
+
+def test_retry_delay_doubles_from_one_second_to_a_minute() -> None:
+    from edge_agent.waiting import retry_delay
+
+    assert [retry_delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    reasons=st.lists(st.text(max_size=2000), min_size=1, max_size=300),
+)
+def test_the_waiting_file_keeps_its_size_and_says_how_many_wait(reasons: list[str]) -> None:
+    """Whatever the reasons, the file stays 16 KiB (rewritten in place, never grown) and
+    reads back with the exact count; the status names at most 20, oldest first."""
+    import tempfile
+
+    from edge_agent.waiting import FILE_SIZE, LISTED, ScoringWaits, read_waiting
+
+    with tempfile.TemporaryDirectory() as folder:
+        waits = ScoringWaits(Path(folder))
+        for i, reason in enumerate(reasons):
+            waits.failed(f"1.2.{i}", reason)
+        assert waits.path.stat().st_size == FILE_SIZE
+        body = read_waiting(Path(folder))
+        assert body is not None and body["scoring_waiting"] == len(reasons)
+        listed = body["scoring_waiting_studies"]
+        assert len(listed) <= LISTED and [w["study_instance_uid"] for w in listed] == [
+            f"1.2.{i}" for i in range(len(listed))
+        ]
+        fields = waits.status_fields()
+        assert fields["scoring_waiting"] == len(reasons)
+        assert len(fields["scoring_waiting_studies"]) == min(LISTED, len(reasons))
+        for i in range(len(reasons)):
+            waits.done(f"1.2.{i}")
+        assert read_waiting(Path(folder))["scoring_waiting"] == 0  # type: ignore[index]
+        assert waits.path.stat().st_size == FILE_SIZE
+
+
+def test_a_waiting_study_is_due_after_its_back_off() -> None:
+    import tempfile
+    import time
+
+    from edge_agent.waiting import ScoringWaits
+
+    with tempfile.TemporaryDirectory() as folder:
+        waits = ScoringWaits(Path(folder))
+        entry, first = waits.failed("1.2.3", "database is locked")
+        assert first and entry.attempts == 1
+        now = time.monotonic()
+        assert waits.due(now) is None and 0.5 < (waits.seconds_to_next(now) or 0) <= 1.0
+        assert waits.due(now + 1.01) == "1.2.3"
+        entry, first = waits.failed("1.2.3", "database is locked")
+        assert not first and entry.attempts == 2
+        assert waits.due(time.monotonic() + 1.5) is None
