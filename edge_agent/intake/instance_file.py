@@ -122,6 +122,13 @@ def _where(root: Path, path: str | Path) -> _Where:
     return _Where(str(root), parts)
 
 
+def _lstat_at(name: str, folder: int) -> int | None:
+    try:
+        return os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+    except OSError:
+        return None
+
+
 def _open_fd(root: Path, path: str | Path) -> int:
     where = _where(root, path)
     try:
@@ -135,22 +142,28 @@ def _open_fd(root: Path, path: str | Path) -> int:
             try:
                 inner = os.open(part, _DIR_FLAGS, dir_fd=folder)
             except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                mode = _lstat_at(part, folder)
+                if mode is not None and stat.S_ISLNK(mode):
                     raise NotRegularFile(
                         "a folder on its path is a symbolic link: not followed"
                     ) from exc
-                if exc.errno == errno.ENOENT:
+                if mode is None or exc.errno in _GONE:
                     raise FileGone("the file is gone") from exc
                 raise _unreadable(exc) from exc
             os.close(folder)
             folder = inner
+        name = where.parts[-1]
         try:
-            return os.open(where.parts[-1], _FILE_FLAGS, dir_fd=folder)
+            return os.open(name, _FILE_FLAGS, dir_fd=folder)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise NotRegularFile(refusal(stat.S_IFLNK) or "") from exc
-            if exc.errno in _GONE:
+            # ELOOP: a link; ENXIO: a socket (or a FIFO's peer missing); a device …: say what
+            # the entry is rather than the error its open gave.
+            mode = _lstat_at(name, folder)
+            if mode is None or exc.errno in _GONE:
                 raise FileGone("the file is gone") from exc
+            reason = refusal(mode)
+            if reason is not None:
+                raise NotRegularFile(reason) from exc
             raise _unreadable(exc) from exc
     finally:
         os.close(folder)
