@@ -26,6 +26,10 @@ How files are noticed (``intake.watch_mode``):
     or stops working (e.g. ``fs.inotify.max_user_watches`` reached). The choice and its
     reason are logged.
 
+An inotify watch dies with its folder: when the watch folder is removed (and made again
+under the same name), the watcher polls until it is there, then sets inotify on the new
+folder and walks it, saying so in the log (a warning each time).
+
 Memory stays bounded whatever is waiting: per file only its name and a few integers are
 kept, no dataset; each ``scan`` hands out at most ``batch_size`` files, oldest first, and a
 file handed out but not marked handled goes to the back of the line (one bad file never
@@ -33,8 +37,14 @@ blocks the others).
 
 The folder is only ever read: nothing is written, moved or deleted there. Symbolic links
 are never followed, neither to files nor to folders, wherever they point (a link could lead
-out of the watch folder): copy files in, do not link them. Names are Unicode; a name that is
-not valid UTF-8 cannot be recorded or reported and is skipped with a warning.
+out of the watch folder): copy files in, do not link them. A link, FIFO, socket or device is
+handed out like a file, with ``ReadyFile.refused`` saying why it is not read, so that the
+daemon reports it (once: it is marked handled with its own size, mtime and inode, and is
+handed out again only when it changes). Files are opened by
+:mod:`edge_agent.intake.instance_file`, which checks again on the open descriptor what was
+seen here. A file that could not be read (permission, I/O) is handed out again after a
+back-off (:meth:`FolderWatcher.retry_later`). Names are Unicode; a name that is not valid
+UTF-8 cannot be recorded or reported and is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -273,6 +283,7 @@ class FolderWatcher:
         # none) means it was removed (and re-created), and the watch must be set again.
         self._root_id: tuple[int, int] | None = None
         self._rearm = False  # inotify was in use and is to be set again on the folder
+        self._root_missing = False
         self._last_walk: float | None = None
         self._more_ready = False
         self._warned_names: set[str] = set()
@@ -486,6 +497,9 @@ class FolderWatcher:
             folder = os.path.join(self.root, rel_dir) if rel_dir else str(self.root)
             try:
                 with os.scandir(folder) as entries:
+                    if not rel_dir and self._root_missing:
+                        self._root_missing = False
+                        logger.info("watch folder %s is there again", folder)
                     for entry in entries:
                         if self._ignored(entry.name):
                             continue
@@ -499,7 +513,9 @@ class FolderWatcher:
                             continue  # vanished between listing and stat
             except FileNotFoundError:
                 if not rel_dir:
-                    logger.warning("cannot list %s: it does not exist", folder)
+                    if not self._root_missing:  # once, not at every poll until it is back
+                        logger.warning("cannot list %s: it does not exist", folder)
+                    self._root_missing = True
                     self._walk_complete = False
                 # else: a sub-folder removed while the tree was walked
             except OSError as exc:
