@@ -13,16 +13,19 @@ import stat
 import threading
 from collections.abc import Iterator
 from contextlib import closing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.config import load_settings
 from edge_agent.errors import InputRejected
 from edge_agent.intake.instance_file import (
     FileChanged,
     FileGone,
+    FileProblem,
     NotRegularFile,
     open_instance,
     read_dataset,
@@ -124,6 +127,44 @@ def test_the_opener_checks_it_is_the_file_that_was_seen(tmp_path: Path) -> None:
         read_dataset(tmp_path, path.name, seen=seen)
     with pytest.raises(InputRejected, match="another instance"):
         read_dataset(tmp_path, path.name, sop_instance_uid="1.2.3")
+
+
+@pytest.fixture(scope="module")
+def maze(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A watch folder with links every way out (and in), beside a folder with a secret."""
+    base = tmp_path_factory.mktemp("maze")
+    (base / "outside").mkdir()
+    (base / "outside" / "secret.dcm").write_bytes(b"secret")
+    root = base / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.dcm").write_bytes(b"a")
+    (root / "sub" / "b.dcm").write_bytes(b"b")
+    os.symlink("..", root / "up")
+    os.symlink(base / "outside", root / "out")
+    os.symlink(".", root / "self")
+    os.symlink(root / "sub", root / "sub" / "again")
+    os.symlink(base / "outside" / "secret.dcm", root / "f.dcm")
+    return root
+
+
+SEGMENTS = ["a.dcm", "sub", "b.dcm", "up", "out", "self", "again", "f.dcm", "secret.dcm"]
+SEGMENTS += ["..", ".", "", "root", "outside"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5))
+def test_the_opener_only_ever_opens_a_file_inside_the_folder(maze: Path, parts: list[str]) -> None:
+    path = "/".join(parts)
+    assume(not path.startswith("/"))  # absolute: only the receiver's own files are recorded so
+    wanted = PurePosixPath(path).parts in (("a.dcm",), ("sub", "b.dcm"))
+    try:
+        with open_instance(maze, path) as f:
+            content = f.read()
+    except FileProblem:
+        assert not wanted, path
+    else:
+        assert wanted, path
+        assert content in (b"a", b"b")
 
 
 def test_refusal_reasons_name_the_kind() -> None:

@@ -230,6 +230,24 @@ def test_symlinks_are_never_followed(
     assert {f.relpath for f in w.scan(time.monotonic())} == set()
 
 
+def test_a_folder_swapped_for_a_link_while_a_file_waits_is_not_read_through(
+    tmp_path: Path, watchers: list[FolderWatcher]
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.dcm").write_bytes(b"outside")
+    root = tmp_path / "watch"
+    (root / "study").mkdir(parents=True)
+    w = started(watchers, root, "inotify", stable=0.5)
+    (root / "study" / "a.dcm").write_bytes(b"inside")
+    collect(w, 0.3)  # seen, not yet stable
+    assert w.waiting == 1
+    os.rename(root / "study", root / ".moved-away")
+    os.symlink(outside, root / "study")  # the same path now leads outside
+    got = {f.relpath: f.refused for f in collect(w, 1.5)}
+    assert got == {"study": "symbolic link: not followed; copy the file in instead"}
+
+
 # -- names and folders ---------------------------------------------------------------------
 
 

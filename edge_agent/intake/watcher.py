@@ -627,7 +627,8 @@ class FolderWatcher:
                 except OSError:
                     self._forget(rel)
                     continue
-                if stat.S_ISDIR(st.st_mode):
+                # a folder on its way replaced by a link since it was seen: not through it
+                if stat.S_ISDIR(st.st_mode) or ("/" in rel and not self._inside(rel)):
                     self._forget(rel)
                     continue
                 if (st.st_size, st.st_mtime_ns, st.st_ino, stat.S_IFMT(st.st_mode)) != (
