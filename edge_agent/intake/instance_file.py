@@ -11,7 +11,7 @@ read would block for ever). So the path is never resolved by the kernel in one g
 * the file itself is opened with ``O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC``: a link is refused,
   and opening a FIFO or a device does not wait for a peer;
 * ``fstat`` on the open descriptor must show a regular file and, when the caller says what
-  it saw (:class:`Seen`: the watcher's size, mtime and inode), that very file;
+  it saw (:class:`Seen`: the watcher's size, mtime, inode and device), that very file;
 * the dataset is read from that descriptor, never by name again.
 
 The watch folder itself (the configured ``watch_dir``) may be a link: that is the operator's
@@ -51,6 +51,8 @@ class Seen(Protocol):
     def mtime_ns(self) -> int: ...
     @property
     def ino(self) -> int: ...
+    @property
+    def dev(self) -> int: ...
 
 
 class FileProblem(InputRejected):
@@ -172,7 +174,7 @@ def _open_fd(root: Path, path: str | Path) -> int:
 @contextmanager
 def open_instance(root: Path, path: str | Path, seen: Seen | None = None) -> Iterator[BinaryIO]:
     """The file ``path`` (relative to ``root``) opened for reading, checked to be a regular
-    file and, with ``seen``, the one seen (same inode, size and mtime). Raises a
+    file and, with ``seen``, the one seen (same device, inode, size and mtime). Raises a
     :class:`FileProblem`; an ``OSError`` while reading from it is the caller's (see
     :func:`read_dataset`)."""
     fd = _open_fd(root, path)
@@ -184,6 +186,7 @@ def open_instance(root: Path, path: str | Path, seen: Seen | None = None) -> Ite
         if seen is not None and (
             (st.st_size, st.st_mtime_ns) != (seen.size, seen.mtime_ns)
             or (seen.ino and st.st_ino != seen.ino)
+            or (seen.dev and st.st_dev != seen.dev)
         ):
             raise FileChanged("the file changed after it was seen")
         file = os.fdopen(fd, "rb")

@@ -149,6 +149,7 @@ class ReadyFile:
     mtime_ns: int
     ino: int = 0
     refused: str | None = None  # not a regular file (a link, FIFO …): why it is not read
+    dev: int = 0  # st_dev (0: not known)
 
 
 @dataclass(frozen=True)
@@ -272,9 +273,9 @@ class FolderWatcher:
         self._handled: dict[str, Handled] = {
             rel: (size, mtime, None) for rel, (size, mtime) in (handled or {}).items()
         }
-        # relpath -> (size, mtime_ns, inode, file type (S_IFMT), when this signature was
-        # first seen); in the order files were found, so the oldest are handed out first.
-        self._pending: dict[str, tuple[int, int, int, int, float]] = {}
+        # relpath -> (size, mtime_ns, inode, file type (S_IFMT), device, when this signature
+        # was first seen); in the order files were found, so the oldest are handed out first.
+        self._pending: dict[str, tuple[int, int, int, int, int, float]] = {}
         # relpath -> (attempts, when to hand it out again): files that could not be read
         self._retry: dict[str, tuple[int, float]] = {}
         self.retry_first = RETRY_FIRST_SECONDS
@@ -543,8 +544,8 @@ class FolderWatcher:
             return
         pending = self._pending.get(rel)
         kind = stat.S_IFMT(st.st_mode)
-        if pending is None or pending[:4] != (*sig, kind):
-            self._pending[rel] = (*sig, kind, now)
+        if pending is None or pending[:5] != (*sig, kind, st.st_dev):
+            self._pending[rel] = (*sig, kind, st.st_dev, now)
             if pending is not None:
                 self._retry.pop(rel, None)  # changed: read it again once it is stable
 
@@ -615,7 +616,7 @@ class FolderWatcher:
         ready: list[ReadyFile] = []
         self._more_ready = False
         for rel in list(self._pending):
-            size, mtime, ino, kind, since = self._pending[rel]
+            size, mtime, ino, kind, dev, since = self._pending[rel]
             if now - since < self.stable_seconds or now < self._retry.get(rel, (0, 0.0))[1]:
                 continue
             if len(ready) >= self.batch_size:
@@ -631,18 +632,20 @@ class FolderWatcher:
                 if stat.S_ISDIR(st.st_mode) or ("/" in rel and not self._inside(rel)):
                     self._forget(rel)
                     continue
-                if (st.st_size, st.st_mtime_ns, st.st_ino, stat.S_IFMT(st.st_mode)) != (
-                    size,
-                    mtime,
-                    ino,
-                    kind,
-                ):
+                now_sig = (
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    stat.S_IFMT(st.st_mode),
+                    st.st_dev,
+                )
+                if now_sig != (size, mtime, ino, kind, dev):
                     self._observe(rel, st, now)
                     continue
             # to the back of the line until it is marked handled
             del self._pending[rel]
-            self._pending[rel] = (size, mtime, ino, kind, since)
-            ready.append(ReadyFile(self.root / rel, rel, size, mtime, ino, refusal(kind)))
+            self._pending[rel] = (size, mtime, ino, kind, dev, since)
+            ready.append(ReadyFile(self.root / rel, rel, size, mtime, ino, refusal(kind), dev))
         return ready
 
     def mark_handled(self, f: ReadyFile) -> None:
