@@ -114,8 +114,8 @@ class Agent:
             watch_mode=settings.intake.watch_mode,
             poll_interval=settings.intake.poll_interval_seconds,
             rescan_seconds=settings.intake.rescan_seconds,
+            retry_max=settings.intake.retry_max_seconds,
         )
-        self.watcher.retry_max = settings.intake.retry_max_seconds
         # The intake's heartbeat: what it is doing and since when (monotonic), None while it
         # waits for files. A step that takes longer than intake.stall_seconds (a read from a
         # hung network mount) makes the agent NOT HEALTHY (:meth:`intake_stall`).

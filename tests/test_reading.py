@@ -21,7 +21,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.config import load_settings
-from edge_agent.errors import InputRejected
+from edge_agent.errors import ConfigError, InputRejected
 from edge_agent.intake.instance_file import (
     FileChanged,
     FileGone,
@@ -358,3 +358,21 @@ def test_a_file_that_could_not_be_read_is_handed_out_again_with_back_off(agent: 
     agent._handle_file(ready)
     assert agent.store.counters()["instances"] == 1
     assert agent.status_fields()["read_retries"] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[intake]\nstall_seconds = 0\n", "intake.stall_seconds"),
+        ("[intake]\nretry_max_seconds = 0.5\n", "intake.retry_max_seconds"),
+        ("[intake]\nretry_max_seconds = 7200\n", "intake.retry_max_seconds"),
+    ],
+)
+def test_intake_read_settings_out_of_bounds_name_their_key(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert info.value.key == key

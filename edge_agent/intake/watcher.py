@@ -258,6 +258,7 @@ class FolderWatcher:
         rescan_seconds: float = 60.0,
         batch_size: int = DEFAULT_BATCH,
         mounts_file: Path = PROC_MOUNTS,
+        retry_max: float = RETRY_MAX_SECONDS,
     ) -> None:
         self.root = root
         self.stable_seconds = stable_seconds
@@ -279,7 +280,7 @@ class FolderWatcher:
         # relpath -> (attempts, when to hand it out again): files that could not be read
         self._retry: dict[str, tuple[int, float]] = {}
         self.retry_first = RETRY_FIRST_SECONDS
-        self.retry_max = RETRY_MAX_SECONDS
+        self.retry_max = retry_max
         # The watch folder's (st_dev, st_ino) while inotify watches it: another value (or
         # none) means it was removed (and re-created), and the watch must be set again.
         self._root_id: tuple[int, int] | None = None
