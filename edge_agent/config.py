@@ -244,6 +244,21 @@ class IntakeSettings(_Section):
         description="With inotify, the whole folder is still walked this often, so that a "
         "missed event never loses a file.",
     )
+    stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="One step of the intake (walking the folder, reading one file) that takes "
+        "longer than this (a hung network mount) makes the agent NOT HEALTHY, with the reason, "
+        "until the step ends.",
+    )
+    retry_max_seconds: float = Field(
+        default=300.0,
+        ge=1,
+        le=3600,
+        description="A file that cannot be read (permission, I/O error) is tried again after "
+        "1 s, then after twice as long each time, up to this.",
+    )
 
 
 LUNG_KERNELS = [

@@ -40,8 +40,8 @@ from . import ct, imaging
 from .bundle import Bundle, Preprocessing, Report
 from .errors import EdgeTriageError, InputRejected
 from .gemma import ChatPrompt, GenerationStopped, GenerationTimeout, OnnxGemma3, TextConfig
-from .identifiers import valid_uid
 from .intake.header import PYDICOM_ERRORS
+from .intake.instance_file import FileGone, OtherInstance, read_dataset
 from .logs import fields
 from .results import Narrative, NarrativeStatus, StudyResult, iso
 from .store import NarrativeJob, Store
@@ -268,14 +268,15 @@ class NarrativeWorker:
 
     def _read(self, relpath: str, sop_instance_uid: str | None) -> pydicom.Dataset:
         try:
-            ds = pydicom.dcmread(self.watch_dir / relpath)
-        except FileNotFoundError as exc:
+            return read_dataset(self.watch_dir, relpath, sop_instance_uid=sop_instance_uid or None)
+        except FileGone as exc:
             raise InputRejected("the image is no longer in the watch folder") from exc
+        except OtherInstance as exc:
+            raise InputRejected(
+                "the image was replaced by another instance since it was scored"
+            ) from exc
         except PYDICOM_ERRORS as exc:
             raise InputRejected(f"the image is no longer readable ({type(exc).__name__})") from exc
-        if sop_instance_uid and valid_uid(ds.get("SOPInstanceUID")) != sop_instance_uid:
-            raise InputRejected("the image was replaced by another instance since it was scored")
-        return ds
 
     def _do(self, job: NarrativeJob) -> None:
         outcome = self._outcome(job)

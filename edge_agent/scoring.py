@@ -30,8 +30,8 @@ from . import ct, imaging
 from .bundle import RADIOGRAPH_MODALITIES, Bundle
 from .config import SelectionSettings
 from .errors import InputRejected
-from .identifiers import valid_uid
 from .intake.header import PYDICOM_ERRORS
+from .intake.instance_file import FileGone, OtherInstance, read_dataset
 from .narrative import Source
 from .results import (
     FindingResult,
@@ -136,18 +136,20 @@ class Scorer:
     # -- reading ----------------------------------------------------------------------------
 
     def _read(self, inst: InstanceRow, *, pixels: bool = True) -> pydicom.Dataset:
-        path = self.watch_dir / inst.path
+        """The instance's file read again (opened as the intake opens it: no link followed,
+        a regular file only), checked to hold the same SOP Instance UID."""
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
-        except FileNotFoundError as exc:
+            return read_dataset(
+                self.watch_dir, inst.path, pixels=pixels, sop_instance_uid=inst.sop_instance_uid
+            )
+        except FileGone as exc:
             raise InputRejected("file disappeared from the watch folder before scoring") from exc
+        except OtherInstance as exc:
+            raise InputRejected("file was replaced by another instance before scoring") from exc
         except InvalidDicomError as exc:
             raise InputRejected("not a DICOM file any more (replaced before scoring)") from exc
         except PYDICOM_ERRORS as exc:  # everything pydicom raises on a corrupt file
             raise InputRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc
-        if valid_uid(ds.get("SOPInstanceUID")) != inst.sop_instance_uid:
-            raise InputRejected("file was replaced by another instance before scoring")
-        return ds
 
     def _load(self, inst: InstanceRow) -> np.ndarray:
         return imaging.preprocess(self._read(inst), self.bundle.manifest.encoder.preprocessing)

@@ -29,6 +29,7 @@ from .config import Settings
 from .errors import ConfigError, EdgeTriageError, InputRejected
 from .identifiers import FILE_ID_KEY, file_id, topic, uid_problem, valid_uid
 from .intake.header import Skipped, read_header
+from .intake.instance_file import FileChanged, FileGone, FileUnreadable, NotRegularFile
 from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
 from .logs import fields
@@ -131,7 +132,12 @@ class Agent:
             watch_mode=settings.intake.watch_mode,
             poll_interval=settings.intake.poll_interval_seconds,
             rescan_seconds=settings.intake.rescan_seconds,
+            retry_max=settings.intake.retry_max_seconds,
         )
+        # The intake's heartbeat: what it is doing and since when (monotonic), None while it
+        # waits for files. A step that takes longer than intake.stall_seconds (a read from a
+        # hung network mount) makes the agent NOT HEALTHY (:meth:`intake_stall`).
+        self._intake_step: tuple[str, float] | None = None
         # scp.enabled: the DICOM Storage SCP writes what modalities push into a folder of its
         # own, the intake's second root (edge_agent/intake/scp.py).
         self.receiver: StorageSCP | None = None
@@ -203,6 +209,7 @@ class Agent:
             last_error=self.last_error,
             mqtt_last_error=self.publisher.last_error,
             **self.waits.status_fields(),
+            read_retries=self.watcher.retrying,
         )
         if self.narrator is not None:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
@@ -242,8 +249,13 @@ class Agent:
             dead.append("MQTT publisher")
         if self.receiver is not None and not self.receiver.healthy():
             dead.append("C-STORE receiver")
-        self.last_error = f"not healthy: {', '.join(dead)} stopped"
-        self.notifier.status(f"NOT HEALTHY: {', '.join(dead)} stopped; watchdog pings stopped")
+        problems = [f"{', '.join(dead)} stopped"] if dead else []
+        stall = self.intake_stall()
+        if stall is not None:
+            problems.append(stall)
+        reason = "; ".join(problems)
+        self.last_error = f"not healthy: {reason}"
+        self.notifier.status(f"NOT HEALTHY: {reason}; watchdog pings stopped")
         logger.error(
             "%s; watchdog pings stop (systemd restarts the agent where WatchdogSec is set)",
             self.last_error,
@@ -293,28 +305,43 @@ class Agent:
     ) -> None:
         source = source or self.watcher
         now = time.time()
+        if f.refused is not None:  # a link, FIFO …: reported once, never opened
+            self._reject(source, f, f.refused, now)
+            return
+        self._intake_beat(f"reading {self._file_name(f.relpath)}")
         try:
-            record = read_header(f.path)
+            record = read_header(f.relpath, root=source.root, seen=f)
         except Skipped as exc:
             logger.info("skipped %s: %s", self._file_name(f.relpath), exc.reason)
             self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
+        except (FileChanged, FileGone, NotRegularFile):
+            # Not the file the watcher saw (written, removed, or a link or FIFO swapped in since
+            # it looked): it looks again, and what is there now is read or reported.
+            logger.info(
+                "%s changed while it was read; will look at it again", self._file_name(f.relpath)
+            )
+            return
+        except FileUnreadable as exc:
+            if not isinstance(source, FolderWatcher):
+                self._reject(source, f, exc.reason, now)
+                return
+            attempts = source.retry_later(f, time.monotonic())
+            if attempts == 1:  # once per file: the retries are counted in the status
+                logger.warning(
+                    "cannot read %s yet: %s; trying again with back-off (up to every %.0f s)",
+                    self._file_name(f.relpath),
+                    exc.reason,
+                    source.retry_max,
+                )
+            return
         except InputRejected as exc:
             if not source.still_same(f):
                 logger.info(
                     "%s changed while it was read; will read it again", self._file_name(f.relpath)
                 )
                 return
-            logger.warning("rejected %s: %s", self._file_name(f.relpath), exc.reason)
-            self.store.record_file(
-                f.relpath,
-                f.size,
-                f.mtime_ns,
-                "rejected",
-                exc.reason,
-                now,
-                message=self._reject_message(f.relpath, exc.reason, None),
-            )
-            self.publisher.wake()
+            self._reject(source, f, exc.reason, now)
+            return
         else:
             status = self.store.add_instance(f.relpath, f.size, f.mtime_ns, record, now)
             logger.info(
@@ -326,6 +353,39 @@ class Agent:
                 status,
             )
         source.mark_handled(f)
+
+    def _reject(
+        self, source: FolderWatcher | ReceivedFolder, f: ReadyFile, reason: str, now: float
+    ) -> None:
+        """Record ``f`` as rejected with its ``P/rejected`` message; not read again while it
+        stays as it is."""
+        logger.warning("rejected %s: %s", self._file_name(f.relpath), reason)
+        self.store.record_file(
+            f.relpath,
+            f.size,
+            f.mtime_ns,
+            "rejected",
+            reason,
+            now,
+            message=self._reject_message(f.relpath, reason, None),
+        )
+        self.publisher.wake()
+        source.mark_handled(f)
+
+    def _intake_beat(self, doing: str | None) -> None:
+        """The intake starts ``doing`` (None: it waits for files)."""
+        self._intake_step = None if doing is None else (doing, time.monotonic())
+
+    def intake_stall(self) -> str | None:
+        """Why the intake is stuck (one step over ``intake.stall_seconds``), or None."""
+        step = self._intake_step
+        if step is None:
+            return None
+        doing, since = step
+        took = time.monotonic() - since
+        if took <= self.settings.intake.stall_seconds:
+            return None
+        return f"intake stuck for {took:.0f} s {doing}"
 
     def _enqueue(self, uid: str) -> None:
         with self._queued_lock:
@@ -341,12 +401,15 @@ class Agent:
             while not self._stop.is_set():
                 more = failed = False
                 try:
+                    self._intake_beat("walking the watch folder")
                     # at most a batch per scan: a steady stream, however many files wait
                     for f in self.watcher.scan(time.monotonic()):
                         if self._stop.is_set():
                             break
                         self._handle_file(f)
+                    self._intake_beat("reading received files")
                     more = self._intake_received() or self.watcher.more_ready
+                    self._intake_beat("closing quiet studies")
                     for uid in self.store.complete_quiet_studies(
                         self.settings.study_quiet_seconds, time.time()
                     ):
@@ -361,6 +424,7 @@ class Agent:
                     # failed step).
                     self.last_error, failed = f"intake: {type(exc).__name__}: {exc}", True
                     logger.exception("intake step failed")
+                self._intake_beat(None)
                 if failed:
                     self._stop.wait(interval)
                 elif not more:
@@ -545,6 +609,7 @@ class Agent:
             all(t.is_alive() for t in self._threads)
             and self.publisher.healthy()
             and (self.receiver is None or self.receiver.healthy())
+            and self.intake_stall() is None
         )
 
     def run(self) -> None:

@@ -607,16 +607,22 @@ class Store:
         """Record a readable instance and restart its study's quiet timer.
 
         A study that was already scored is re-opened as the next revision. The same
-        SOPInstanceUID seen again is recorded as a duplicate and changes nothing else;
-        seen again in the instance's own file (a C-STORE sent twice is written over the
-        same ``<Study>/<SOP>.dcm``, a modality rewrites a file in place), the file stays
+        SOPInstanceUID seen again is recorded as a duplicate and changes nothing else, unless
+        that instance was rejected when it was scored (e.g. read while a writer paused, its
+        pixels cut short): then this file replaces it, it is pending again, and its study is
+        re-opened (a new revision if it was scored), so the complete image gets its score.
+        Seen again in the instance's own file (a C-STORE sent twice is written over the same
+        ``<Study>/<SOP>.dcm``, a modality rewrites a file in place), the file stays
         'accepted': it is still that instance's file, not a copy of it.
         """
         with self._tx() as c:
-            dup = c.execute(
-                "SELECT path FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+            known = c.execute(
+                "SELECT state, path FROM instances WHERE sop_instance_uid = ?",
+                (inst.sop_instance_uid,),
             ).fetchone()
-            status: FileStatus = "duplicate" if dup and dup[0] != path else "accepted"
+            replaces = known is not None and known[0] == "rejected"
+            dup = known is not None and not replaces
+            status: FileStatus = "duplicate" if dup and known[1] != path else "accepted"
             c.execute(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
                 (path, size, mtime_ns, status, inst.sop_instance_uid, inst.study_instance_uid, now),
@@ -643,22 +649,32 @@ class Store:
                 )
                 if bump:
                     logger.info(
-                        "late instance re-opens study %s as a new revision",
+                        "%s re-opens study %s as a new revision",
+                        "a rejected instance read again" if replaces else "late instance",
                         inst.study_instance_uid,
                     )
-            c.execute(
-                "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, "
-                "path, modality, view, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    inst.sop_instance_uid,
-                    inst.study_instance_uid,
-                    inst.series_instance_uid,
-                    path,
-                    inst.modality,
-                    inst.view,
-                    now,
-                ),
+            values = (
+                inst.study_instance_uid,
+                inst.series_instance_uid,
+                path,
+                inst.modality,
+                inst.view,
+                now,
+                inst.sop_instance_uid,
             )
+            if replaces:
+                c.execute(
+                    "UPDATE instances SET study_instance_uid = ?, series_instance_uid = ?, "
+                    "path = ?, modality = ?, view = ?, received_at = ?, state = 'pending', "
+                    "reason = NULL WHERE sop_instance_uid = ?",
+                    values,
+                )
+            else:
+                c.execute(
+                    "INSERT INTO instances (study_instance_uid, series_instance_uid, path, "
+                    "modality, view, received_at, sop_instance_uid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
             return status
 
     def record_file(

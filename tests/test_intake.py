@@ -62,7 +62,11 @@ def test_symlinks_are_not_followed(tmp_path: Path) -> None:
     root.mkdir()
     os.symlink(outside, root / "link-dir")
     os.symlink(outside / "secret.dcm", root / "link.dcm")
-    assert watcher(root, stable=0).scan(1.0) == []
+    ready = watcher(root, stable=0).scan(1.0)
+    assert {(f.relpath, f.refused) for f in ready} == {
+        ("link-dir", "symbolic link: not followed; copy the file in instead"),
+        ("link.dcm", "symbolic link: not followed; copy the file in instead"),
+    }
 
 
 def test_handled_files_are_not_read_again_unless_replaced(tmp_path: Path) -> None:

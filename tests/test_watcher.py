@@ -223,10 +223,30 @@ def test_symlinks_are_never_followed(
     # an event naming a path through the link (as a watch that followed it would report)
     w._on_event(FileCreatedEvent(str(root / "link-dir" / "later.dcm")))
     w._on_event(FileCreatedEvent(str(root / "inside-link" / "real.dcm")))
-    got = {f.relpath for f in collect(w, 1.0)}
-    assert got == {"study/real.dcm"}
-    w._last_walk = None  # and a full walk agrees
+    got = {f.relpath: f.refused for f in collect(w, 1.0)}
+    # the links themselves are handed out once, to be reported, never what they point to
+    link = "symbolic link: not followed; copy the file in instead"
+    assert got == {"study/real.dcm": None, "link-dir": link, "link.dcm": link, "inside-link": link}
+    w._last_walk = None  # and a full walk agrees: nothing new, nothing through a link
     assert {f.relpath for f in w.scan(time.monotonic())} == set()
+
+
+def test_a_folder_swapped_for_a_link_while_a_file_waits_is_not_read_through(
+    tmp_path: Path, watchers: list[FolderWatcher]
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.dcm").write_bytes(b"outside")
+    root = tmp_path / "watch"
+    (root / "study").mkdir(parents=True)
+    w = started(watchers, root, "inotify", stable=0.5)
+    (root / "study" / "a.dcm").write_bytes(b"inside")
+    collect(w, 0.3)  # seen, not yet stable
+    assert w.waiting == 1
+    os.rename(root / "study", root / ".moved-away")
+    os.symlink(outside, root / "study")  # the same path now leads outside
+    got = {f.relpath: f.refused for f in collect(w, 1.5)}
+    assert got == {"study": "symbolic link: not followed; copy the file in instead"}
 
 
 # -- names and folders ---------------------------------------------------------------------

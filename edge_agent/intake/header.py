@@ -23,6 +23,7 @@ from pydicom.uid import UID
 from ..errors import InputRejected
 from ..identifiers import UID_PADDING, uid_problem, valid_uid
 from ..store import InstanceRecord, View
+from .instance_file import Seen, read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -141,16 +142,23 @@ def classify_view(ds: pydicom.Dataset) -> View:
     return "unknown"
 
 
-def read_header(path: Path) -> InstanceRecord:
-    """Read the header only (no pixel data). Raises InputRejected / Skipped with a reason."""
+def read_header(
+    path: Path | str, *, root: Path | None = None, seen: Seen | None = None
+) -> InstanceRecord:
+    """Read the header only (no pixel data). Raises InputRejected / Skipped with a reason.
+
+    ``path`` is relative to ``root`` (or, without ``root``, a file in its folder), opened as
+    :func:`~edge_agent.intake.instance_file.open_instance` does: links are never followed,
+    only a regular file is read and, with ``seen``, only the one the watcher saw. An error
+    of the operating system raises :class:`FileUnreadable` (the intake retries it)."""
+    if root is None:
+        root, path = Path(path).parent, Path(path).name
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = read_dataset(root, path, pixels=False, seen=seen)
     except InvalidDicomError as exc:
         raise InputRejected("not a DICOM file (no DICM preamble or unreadable header)") from exc
     except PYDICOM_ERRORS as exc:
         raise InputRejected(f"unreadable DICOM header ({type(exc).__name__})") from exc
-    except OSError as exc:
-        raise InputRejected(f"cannot read file ({exc.strerror or type(exc).__name__})") from exc
     try:
         return header_from_dataset(ds)
     except InputRejected:

@@ -26,6 +26,10 @@ How files are noticed (``intake.watch_mode``):
     or stops working (e.g. ``fs.inotify.max_user_watches`` reached). The choice and its
     reason are logged.
 
+An inotify watch dies with its folder: when the watch folder is removed (and made again
+under the same name), the watcher polls until it is there, then sets inotify on the new
+folder and walks it, saying so in the log (a warning each time).
+
 Memory stays bounded whatever is waiting: per file only its name and a few integers are
 kept, no dataset; each ``scan`` hands out at most ``batch_size`` files, oldest first, and a
 file handed out but not marked handled goes to the back of the line (one bad file never
@@ -33,8 +37,14 @@ blocks the others).
 
 The folder is only ever read: nothing is written, moved or deleted there. Symbolic links
 are never followed, neither to files nor to folders, wherever they point (a link could lead
-out of the watch folder): copy files in, do not link them. Names are Unicode; a name that is
-not valid UTF-8 cannot be recorded or reported and is skipped with a warning.
+out of the watch folder): copy files in, do not link them. A link, FIFO, socket or device is
+handed out like a file, with ``ReadyFile.refused`` saying why it is not read, so that the
+daemon reports it (once: it is marked handled with its own size, mtime and inode, and is
+handed out again only when it changes). Files are opened by
+:mod:`edge_agent.intake.instance_file`, which checks again on the open descriptor what was
+seen here. A file that could not be read (permission, I/O) is handed out again after a
+back-off (:meth:`FolderWatcher.retry_later`). Names are Unicode; a name that is not valid
+UTF-8 cannot be recorded or reported and is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from typing import Literal
 
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
     EventsLostEvent,
     FileAttribEvent,
@@ -65,6 +76,8 @@ from watchdog.events import (
 )
 from watchdog.observers.api import BaseObserver
 from watchdog.utils import UnsupportedLibcError
+
+from .instance_file import refusal
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +116,8 @@ NETWORK_FILESYSTEMS = frozenset(
 PROC_MOUNTS = Path("/proc/mounts")
 
 DEFAULT_BATCH = 64  # files handed out per scan
+RETRY_FIRST_SECONDS = 1.0  # a file that could not be read: first retry after this, doubling
+RETRY_MAX_SECONDS = 300.0  # … up to this
 MAX_EVENT_PATHS = 50_000  # more changed paths than this between scans: walk the whole tree
 EVENT_SETTLE_SECONDS = 0.05  # a burst of events is taken as one wake-up
 _MAX_WARNED_NAMES = 1_000
@@ -116,6 +131,7 @@ _EVENTS: list[type[FileSystemEvent]] = [
     FileMovedEvent,
     FileDeletedEvent,
     DirCreatedEvent,
+    DirDeletedEvent,  # the watch folder itself removed: inotify is re-armed
     DirMovedEvent,
     EventsLostEvent,
 ]
@@ -132,6 +148,8 @@ class ReadyFile:
     size: int
     mtime_ns: int
     ino: int = 0
+    refused: str | None = None  # not a regular file (a link, FIFO …): why it is not read
+    dev: int = 0  # st_dev (0: not known)
 
 
 @dataclass(frozen=True)
@@ -240,6 +258,7 @@ class FolderWatcher:
         rescan_seconds: float = 60.0,
         batch_size: int = DEFAULT_BATCH,
         mounts_file: Path = PROC_MOUNTS,
+        retry_max: float = RETRY_MAX_SECONDS,
     ) -> None:
         self.root = root
         self.stable_seconds = stable_seconds
@@ -255,9 +274,18 @@ class FolderWatcher:
         self._handled: dict[str, Handled] = {
             rel: (size, mtime, None) for rel, (size, mtime) in (handled or {}).items()
         }
-        # relpath -> (size, mtime_ns, inode, when this signature was first seen); in the
-        # order files were found, so the oldest are handed out first.
-        self._pending: dict[str, tuple[int, int, int, float]] = {}
+        # relpath -> (size, mtime_ns, inode, file type (S_IFMT), device, when this signature
+        # was first seen); in the order files were found, so the oldest are handed out first.
+        self._pending: dict[str, tuple[int, int, int, int, int, float]] = {}
+        # relpath -> (attempts, when to hand it out again): files that could not be read
+        self._retry: dict[str, tuple[int, float]] = {}
+        self.retry_first = RETRY_FIRST_SECONDS
+        self.retry_max = retry_max
+        # The watch folder's (st_dev, st_ino) while inotify watches it: another value (or
+        # none) means it was removed (and re-created), and the watch must be set again.
+        self._root_id: tuple[int, int] | None = None
+        self._rearm = False  # inotify was in use and is to be set again on the folder
+        self._root_missing = False
         self._last_walk: float | None = None
         self._more_ready = False
         self._warned_names: set[str] = set()
@@ -281,6 +309,7 @@ class FolderWatcher:
         if mode == "inotify":
             failure = self._start_inotify()
             if failure is None:
+                self._rearm = True
                 self._set_mode("inotify", why)
             else:
                 level = logging.WARNING if self.watch_mode == "inotify" else logging.INFO
@@ -306,6 +335,7 @@ class FolderWatcher:
 
     def _start_inotify(self) -> str | None:
         """Start watchdog's inotify observer; the reason it failed, or None."""
+        self._root_id = _identity(self.root)
         try:
             from watchdog.observers.inotify import InotifyObserver
         except (ImportError, OSError, UnsupportedLibcError) as exc:  # no inotify here
@@ -338,16 +368,49 @@ class FolderWatcher:
             _stop(observer)
 
     def _check_observer(self) -> None:
-        """Fall back to polling when inotify stopped working."""
+        """Fall back to polling when inotify stopped working; set the watch again when the
+        watch folder was removed and re-created (until it is back: polling)."""
         if self._observer is None:
+            if self._rearm and _identity(self.root) is not None:
+                self._rearm_inotify()
             return
         failure = self._watch_failure
         if failure is None and not self._observer.is_alive():
             failure = "the inotify observer stopped"
         if failure is not None:
+            self._rearm = False
             self.close()
             self._set_mode("polling", f"{failure}; polling from now on", logging.WARNING)
             self._last_walk = None  # walk everything now
+            return
+        # inotify's watch dies with the folder (watchdog's emitter stops on IN_DELETE_SELF); a
+        # folder made again under the same name is another inode, and nothing watches it.
+        emitters_alive = all(e.is_alive() for e in self._observer.emitters)
+        if emitters_alive and _identity(self.root) == self._root_id:
+            return
+        self.close()
+        self._last_walk = None
+        if _identity(self.root) is None:
+            self._set_mode(
+                "polling",
+                "the watch folder was removed; polling until it is back, then inotify is set again",
+                logging.WARNING,
+            )
+        else:
+            self._rearm_inotify()
+
+    def _rearm_inotify(self) -> None:
+        failure = self._start_inotify()
+        self._last_walk = None  # walk the new folder now: what came before the watch
+        if failure is None:
+            self._set_mode(
+                "inotify",
+                "the watch folder was removed and made again: inotify set again",
+                logging.WARNING,
+            )
+        else:
+            self._rearm = False
+            self._set_mode("polling", f"inotify could not be set again: {failure}", logging.WARNING)
 
     # -- events (observer thread) -------------------------------------------------------------
 
@@ -401,7 +464,10 @@ class FolderWatcher:
             time.sleep(EVENT_SETTLE_SECONDS)  # let a burst of events arrive
 
     def _next_due(self, now: float) -> float | None:
-        times = [since + self.stable_seconds for *_, since in self._pending.values()]
+        times = [
+            max(since + self.stable_seconds, self._retry.get(rel, (0, 0.0))[1])
+            for rel, (*_, since) in self._pending.items()
+        ]
         if self._observer is None and self._last_walk is not None:
             times.append(self._last_walk + self.poll_interval)
         return min(times) if times else None
@@ -423,8 +489,9 @@ class FolderWatcher:
         return True
 
     def _walk(self, start_rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
-        """Regular files below ``start_rel`` (never through a symbolic link), with their stat.
-        Sets ``_walk_complete`` False when a folder could not be listed."""
+        """Entries below ``start_rel`` other than folders (regular files, and the links, FIFOs
+        … that are reported and never read), with their ``lstat``; never through a symbolic
+        link. Sets ``_walk_complete`` False when a folder could not be listed."""
         self._walk_complete = True
         stack = [start_rel]
         while stack:
@@ -432,22 +499,25 @@ class FolderWatcher:
             folder = os.path.join(self.root, rel_dir) if rel_dir else str(self.root)
             try:
                 with os.scandir(folder) as entries:
+                    if not rel_dir and self._root_missing:
+                        self._root_missing = False
+                        logger.info("watch folder %s is there again", folder)
                     for entry in entries:
                         if self._ignored(entry.name):
                             continue
                         rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                         try:
-                            if entry.is_symlink():
-                                continue
                             if entry.is_dir(follow_symlinks=False):
                                 stack.append(rel)
-                            elif entry.is_file(follow_symlinks=False) and self._usable_name(rel):
+                            elif self._usable_name(rel):
                                 yield rel, entry.stat(follow_symlinks=False)
                         except OSError:
                             continue  # vanished between listing and stat
             except FileNotFoundError:
                 if not rel_dir:
-                    logger.warning("cannot list %s: it does not exist", folder)
+                    if not self._root_missing:  # once, not at every poll until it is back
+                        logger.warning("cannot list %s: it does not exist", folder)
+                    self._root_missing = True
                     self._walk_complete = False
                 # else: a sub-folder removed while the tree was walked
             except OSError as exc:
@@ -471,14 +541,19 @@ class FolderWatcher:
         handled = self._handled.get(rel)
         if handled is not None and _same(handled, sig):
             self._pending.pop(rel, None)
+            self._retry.pop(rel, None)
             return
         pending = self._pending.get(rel)
-        if pending is None or pending[:3] != sig:
-            self._pending[rel] = (*sig, now)
+        kind = stat.S_IFMT(st.st_mode)
+        if pending is None or pending[:5] != (*sig, kind, st.st_dev):
+            self._pending[rel] = (*sig, kind, st.st_dev, now)
+            if pending is not None:
+                self._retry.pop(rel, None)  # changed: read it again once it is stable
 
     def _forget(self, rel: str) -> None:
         self._pending.pop(rel, None)
         self._handled.pop(rel, None)
+        self._retry.pop(rel, None)
 
     def _full_walk(self, now: float) -> None:
         with self._lock:  # what changes from here on is looked at by the next scan
@@ -491,6 +566,7 @@ class FolderWatcher:
             self._observe(rel, st, now)
         for rel in [r for r in self._pending if r not in seen]:
             del self._pending[rel]  # deleted or renamed before it was handed out
+            self._retry.pop(rel, None)
         if self._walk_complete:  # forget files that are gone (memory follows the folder)
             for rel in [r for r in self._handled if r not in seen]:
                 del self._handled[rel]
@@ -519,10 +595,10 @@ class FolderWatcher:
             except OSError:
                 self._forget(rel)
                 continue
-            if stat.S_ISREG(st.st_mode):
-                self._observe(rel, st, now)
+            if stat.S_ISDIR(st.st_mode):
+                self._forget(rel)  # now a folder: its own event has it walked
             else:
-                self._forget(rel)  # now a link, a folder, …
+                self._observe(rel, st, now)  # a file, or a link, FIFO … to report
 
     def _walk_due(self, now: float) -> bool:
         if self._last_walk is None or now < self._last_walk or self._events_lost:
@@ -541,8 +617,8 @@ class FolderWatcher:
         ready: list[ReadyFile] = []
         self._more_ready = False
         for rel in list(self._pending):
-            size, mtime, ino, since = self._pending[rel]
-            if now - since < self.stable_seconds:
+            size, mtime, ino, kind, dev, since = self._pending[rel]
+            if now - since < self.stable_seconds or now < self._retry.get(rel, (0, 0.0))[1]:
                 continue
             if len(ready) >= self.batch_size:
                 self._more_ready = True
@@ -553,21 +629,45 @@ class FolderWatcher:
                 except OSError:
                     self._forget(rel)
                     continue
-                if not stat.S_ISREG(st.st_mode):
+                # a folder on its way replaced by a link since it was seen: not through it
+                if stat.S_ISDIR(st.st_mode) or ("/" in rel and not self._inside(rel)):
                     self._forget(rel)
                     continue
-                if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime, ino):
+                now_sig = (
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    stat.S_IFMT(st.st_mode),
+                    st.st_dev,
+                )
+                if now_sig != (size, mtime, ino, kind, dev):
                     self._observe(rel, st, now)
                     continue
             # to the back of the line until it is marked handled
             del self._pending[rel]
-            self._pending[rel] = (size, mtime, ino, since)
-            ready.append(ReadyFile(self.root / rel, rel, size, mtime, ino))
+            self._pending[rel] = (size, mtime, ino, kind, dev, since)
+            ready.append(ReadyFile(self.root / rel, rel, size, mtime, ino, refusal(kind), dev))
         return ready
 
     def mark_handled(self, f: ReadyFile) -> None:
         self._handled[f.relpath] = (f.size, f.mtime_ns, f.ino or None)
         self._pending.pop(f.relpath, None)
+        self._retry.pop(f.relpath, None)
+
+    def retry_later(self, f: ReadyFile, now: float) -> int:
+        """``f`` could not be read (an error of the operating system: permission, I/O …):
+        hand it out again after a back-off (``retry_first`` seconds, doubling up to
+        ``retry_max``), or sooner once it changes. ``now`` is the clock ``scan`` is given.
+        Returns how many times it failed so far."""
+        attempts = self._retry.get(f.relpath, (0, 0.0))[0] + 1
+        delay = min(self.retry_max, self.retry_first * 2 ** min(attempts - 1, 30))
+        self._retry[f.relpath] = (attempts, now + delay)
+        return attempts
+
+    @property
+    def retrying(self) -> int:
+        """Files that could not be read and wait for their next try."""
+        return len(self._retry)
 
     def still_same(self, f: ReadyFile) -> bool:
         """True if the file has not changed since it was found ready (read it, then check)."""
@@ -599,6 +699,14 @@ def _stop(observer: BaseObserver) -> None:
     observer.stop()  # also when it never started: scheduling already opened the inotify reader
     if observer.is_alive():
         observer.join(timeout=5.0)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _same(handled: Handled, sig: Signature) -> bool:
