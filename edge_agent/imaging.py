@@ -160,6 +160,7 @@ def decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise ImageRejected("float pixel data is not supported")
         raise ImageRejected("no pixel data")
+    _check_pixel_element(ds)
     frames = _number_of_frames(ds)
     samples, photometric, _ = _pixel_kind(ds)
     rows = _int_element(ds, "Rows")
@@ -334,6 +335,16 @@ def _transfer_syntax(ds: pydicom.Dataset) -> UID | None:
     if little:
         return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     return None if implicit else ExplicitVRBigEndian
+
+
+def _check_pixel_element(ds: pydicom.Dataset) -> None:
+    """Pixel Data is parsed lazily: a corrupt element (an unknown VR such as 'OT', a value of
+    the wrong type) raises from pydicom on first access. Access it once here, so that it is a
+    reason, not a crash; later accesses get the parsed value."""
+    try:
+        ds.PixelData  # noqa: B018 - the access is the check
+    except (NotImplementedError, ValueError, TypeError, KeyError) as exc:
+        raise ImageRejected(f"unreadable Pixel Data element ({type(exc).__name__})") from exc
 
 
 def _check_native_length(

@@ -581,3 +581,15 @@ def test_the_daemon_handles_the_whole_corpus_and_stays_healthy(daemon, subscribe
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_a_pixel_data_element_with_an_unknown_vr_is_a_reason(tmp_path: Path) -> None:
+    """Found by the fuzzer above: Pixel Data whose VR bytes read 'OT' made pydicom raise
+    NotImplementedError on first access, which escaped preprocessing as a crash."""
+    data = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
+    at = data.rfind(b"\xe0\x7f\x10\x00OW")
+    assert at > 0
+    path = tmp_path / "ot.dcm"
+    path.write_bytes(data[: at + 4] + b"OT" + data[at + 6 :])
+    kind, reason = pixel_outcome(path)
+    assert (kind, reason) == ("rejected", "unreadable Pixel Data element (NotImplementedError)")
