@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from edge_agent.config import load_settings
 from edge_agent.errors import ConfigError, InputRejected
+from edge_agent.identifiers import file_id
 from edge_agent.intake.instance_file import (
     FileChanged,
     FileGone,
@@ -277,7 +278,10 @@ def test_links_fifos_sockets_and_devices_are_reported_once_and_never_read(
         }
         assert agent.store.counters()["instances"] == 0
         assert len(rejected_messages(agent)) == 6
-        assert b'"path":"sub/pipe.dcm"' in b"".join(rejected_messages(agent)).replace(b" ", b"")
+        # named by file id (paths go out only with phi.publish_paths)
+        sent = b"".join(rejected_messages(agent))
+        assert f'"file_id":"{file_id(agent._file_id_key, "sub/pipe.dcm")}"'.encode() in sent
+        assert b'"path"' not in sent
         # unchanged: not reported again, neither by this agent nor after a restart
         assert in_thread(lambda: intake(agent, clock)) == []
         agent.store.close()
