@@ -274,6 +274,12 @@ class TimedOutbox:
     def outbox_depth(self) -> int:
         return self.store.outbox_depth()
 
+    def outbox_set_aside(self, message_id: int, reason: str) -> bool:
+        return self.store.outbox_set_aside(message_id, reason)
+
+    def outbox_set_aside_messages(self) -> list[OutboxMessage]:
+        return self.store.outbox_set_aside_messages()
+
     def wait_delivered(self, count: int, timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.delivered >= count, timeout)

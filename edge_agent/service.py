@@ -30,7 +30,7 @@ from .intake.header import Skipped, read_header
 from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
 from .logs import fields
-from .mqtt import Publisher
+from .mqtt import Ack, Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
 from .profiles import Profile, narrative_wanted, resolve_profile
@@ -38,7 +38,7 @@ from .results import RejectedFile
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
-from .store import Message, NarrativeJob, Store
+from .store import AckOutcome, Message, NarrativeJob, Store
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class Agent:
         self._metrics: Any = None
         self.last_error: str | None = None
         self._healthy = True
+        self._unhealthy_reason = ""
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
 
@@ -173,6 +174,7 @@ class Agent:
 
     def status_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = dict(self.store.counters())
+        fields.update(self.publisher.counters())
         fields.update(
             model=self.bundle.manifest.model.name,
             model_version=self.bundle.manifest.model.version,
@@ -187,16 +189,10 @@ class Agent:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
         return fields
 
-    def _on_ack(self, study_instance_uid: str, ack: dict[str, Any]) -> None:
-        """A dashboard's ack (paho's network thread): recorded in the store."""
-        by, at = ack.get("by"), ack.get("at")
-        outcome = self.store.acknowledge(
-            study_instance_uid,
-            ack["alert_id"],
-            by if isinstance(by, str) else None,
-            at if isinstance(at, str) else None,
-        )
-        logger.info("ack for study %s alert %s: %s", study_instance_uid, ack["alert_id"], outcome)
+    def _on_ack(self, ack: Ack) -> AckOutcome:
+        """A dashboard's ack (paho's network thread), checked by the publisher: recorded in
+        the store; the publisher logs and counts the outcome."""
+        return self.store.acknowledge(ack.study_instance_uid, ack.alert_id, ack.by, ack.at)
 
     def _renotify(self) -> None:
         """Queue the unacknowledged urgent results that are due again (mqtt.renotify_*)."""
@@ -206,23 +202,36 @@ class Agent:
         ):
             self.publisher.wake()
 
-    def _watch_health(self) -> None:
-        """Log (once per change) when a thread of the daemon has died or came back."""
-        healthy = self.healthy()
-        if healthy == self._healthy:
-            return
-        self._healthy = healthy
-        if healthy:
-            logger.info("all threads healthy again")
-            self.notifier.status(self._summary)
-            return
+    def _problems(self) -> list[str]:
+        """Why the agent is not healthy (empty: healthy): a thread that died, or delivery
+        that is stuck although the broker is there."""
         dead = [t.name for t in self._threads if not t.is_alive()]
         if not self.publisher.healthy():
             dead.append("MQTT publisher")
         if self.receiver is not None and not self.receiver.healthy():
             dead.append("C-STORE receiver")
-        self.last_error = f"not healthy: {', '.join(dead)} stopped"
-        self.notifier.status(f"NOT HEALTHY: {', '.join(dead)} stopped; watchdog pings stopped")
+        problems = [f"{', '.join(dead)} stopped"] if dead else []
+        stalled = self.publisher.stalled()
+        if stalled is not None:
+            problems.append(stalled)
+        return problems
+
+    def _watch_health(self) -> None:
+        """Log (once per change) when the agent becomes unhealthy, why, and when it is
+        healthy again."""
+        problems = self._problems()
+        healthy = not problems
+        reason = "; ".join(problems)
+        if healthy == self._healthy and (healthy or reason == self._unhealthy_reason):
+            return
+        self._healthy = healthy
+        self._unhealthy_reason = reason
+        if healthy:
+            logger.info("healthy again")
+            self.notifier.status(self._summary)
+            return
+        self.last_error = f"not healthy: {reason}"
+        self.notifier.status(f"NOT HEALTHY: {reason}; watchdog pings stopped")
         logger.error(
             "%s; watchdog pings stop (systemd restarts the agent where WatchdogSec is set)",
             self.last_error,
@@ -413,11 +422,7 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        return (
-            all(t.is_alive() for t in self._threads)
-            and self.publisher.healthy()
-            and (self.receiver is None or self.receiver.healthy())
-        )
+        return not self._problems()
 
     def run(self) -> None:
         for uid in self.store.studies_in_state("complete"):

@@ -21,7 +21,7 @@ from polling import wait_until
 
 from edge_agent.config import Settings
 from edge_agent.errors import BrokerUnreachable, ConfigError
-from edge_agent.mqtt import MAX_IN_FLIGHT, OutboxMessage, Publisher, check_broker
+from edge_agent.mqtt import MAX_IN_FLIGHT, Ack, OutboxMessage, Publisher, check_broker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE, DEVICE = "site1", "box7"
 P = f"edge-triage/v1/{SITE}/{DEVICE}"
 SECRET = "DO-NOT-LOG-ME"  # put into every payload; must never reach a log record
+ALERT = "0123456789abcdef" * 2  # the shape of results.alert_id
 
 
 class SqliteOutbox:
@@ -38,7 +39,7 @@ class SqliteOutbox:
         self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute(
             "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-            " payload BLOB NOT NULL, qos INTEGER NOT NULL)"
+            " payload BLOB NOT NULL, qos INTEGER NOT NULL, set_aside TEXT)"
         )
         self._lock = threading.Lock()
         self.deleted: list[int] = []
@@ -59,9 +60,31 @@ class SqliteOutbox:
     def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
         with self._lock:
             self.limits.append(limit)
-            rows = self._db.execute("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos FROM outbox WHERE set_aside IS NULL ORDER BY id"
+            )
             out = [OutboxMessage(*r) for r in rows if r[0] not in exclude]
             return out[:limit]
+
+    def outbox_set_aside(self, message_id: int, reason: str) -> bool:
+        with self._lock:
+            (before,) = self._db.execute(
+                "SELECT set_aside FROM outbox WHERE id = ?", (message_id,)
+            ).fetchone()
+            self._db.execute("UPDATE outbox SET set_aside = ? WHERE id = ?", (reason, message_id))
+            return before is None
+
+    def outbox_set_aside_messages(self) -> list[OutboxMessage]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos FROM outbox WHERE set_aside IS NOT NULL"
+            )
+            return [OutboxMessage(*r) for r in rows]
+
+    def set_aside(self) -> dict[int, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, set_aside FROM outbox WHERE set_aside IS NOT NULL")
+            return dict(rows.fetchall())
 
     def outbox_delete(self, message_id: int) -> None:
         with self._lock:
@@ -326,7 +349,7 @@ def test_refused_publish_kept_logged_once_and_retried(
     allow = f"topic readwrite {P}/#\n"
     with Mosquitto(tmp_path / "acl-broker", acl=deny) as broker:
         caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt")
-        pub = make_publisher(broker=broker, resend_after_seconds=0.2)
+        pub = make_publisher(broker=broker, resend_after_seconds=0.2, mqtt={"max_attempts": 10})
         row = outbox.add("1.8.1")
         pub.wake()
         time.sleep(1.0)  # refused at 0 s, retried after 0.2 s and 0.6 s
@@ -349,14 +372,15 @@ def test_refused_publish_kept_logged_once_and_retried(
 
 
 def test_ack_reaches_on_ack(make_publisher, subscriber) -> None:
-    acks: list[tuple[str, dict[str, Any]]] = []
-    pub = make_publisher(on_ack=lambda uid, ack: acks.append((uid, ack)))
+    acks: list[Ack] = []
+    pub = make_publisher(on_ack=acks.append)
     assert pub.wait_acks_subscribed(5)
     dashboard = subscriber(f"{P}/#")
-    ack = {"alert_id": "a-1", "by": "dashboard-3", "at": "2025-01-01T00:00:00Z"}
+    ack = {"alert_id": ALERT, "by": "dashboard-3", "at": "2025-01-01T00:00:00Z"}
     dashboard.publish(f"{P}/ack/1.2.840.99", json.dumps(ack))
     wait_until(lambda: len(acks) == 1, what="on_ack")
-    assert acks == [("1.2.840.99", ack)]
+    assert acks == [Ack("1.2.840.99", ALERT, "dashboard-3", "2025-01-01T00:00:00Z")]
+    assert pub.counters()["acks_received"] == 1
 
 
 def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
@@ -364,10 +388,11 @@ def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt")
     acks: list[str] = []
+    boom, good = "b0" * 16, "90" * 16
 
-    def on_ack(uid: str, ack: dict[str, Any]) -> None:
-        acks.append(ack["alert_id"])
-        if ack["alert_id"] == "boom":
+    def on_ack(ack: Ack) -> None:
+        acks.append(ack.alert_id)
+        if ack.alert_id == boom:
             raise RuntimeError("on_ack broke")
 
     pub = make_publisher(on_ack=on_ack)
@@ -375,12 +400,15 @@ def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
     dashboard = subscriber(f"{P}/study/+")
     for bad in (b"{not json " + SECRET.encode(), b"\xff\xfe", b'["a"]', b'{"by": "x"}', b""):
         dashboard.publish(f"{P}/ack/1.9.1", bad)
-    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": "boom"}))
-    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": "good"}))
-    wait_until(lambda: acks == ["boom", "good"], what="the two good acks")
+    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": boom}))
+    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": good}))
+    wait_until(lambda: acks == [boom, good], what="the two good acks")
     assert pub.healthy()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("malformed ack for study 1.9.1" in w for w in warnings) == 4
+    # the first bad one is logged, the next ones within a minute only counted
+    assert sum("ignoring an ack on study 1.9.1: not JSON" in w for w in warnings) == 1
+    assert len(warnings) == 1
+    assert pub.counters()["acks_refused"] == 5
     assert any(r.exc_info for r in caplog.records if "1.9.1" in r.getMessage())
     # still delivering
     outbox.add("1.9.2")
