@@ -134,6 +134,7 @@ class Agent:
         self.last_error: str | None = None
         self._healthy = True
         self._unhealthy_reason = ""
+        self._stored_mqtt_error: str | None = None
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
 
@@ -218,7 +219,16 @@ class Agent:
 
     def _watch_health(self) -> None:
         """Log (once per change) when the agent becomes unhealthy, why, and when it is
-        healthy again."""
+        healthy again. Also stores the publisher's latest problem and ack counts for
+        ``edge-agent status`` (it cannot reach the broker's status message)."""
+        error, counts = self.publisher.last_error, self.publisher.acks.take()
+        if error != self._stored_mqtt_error or any(counts.values()):
+            try:
+                self.store.note_delivery(error, counts)
+                self._stored_mqtt_error = error
+            except Exception:  # the store failed; the next second tries again
+                self.publisher.acks.untake(counts)
+                logger.exception("could not store the delivery figures")
         problems = self._problems()
         healthy = not problems
         reason = "; ".join(problems)

@@ -901,10 +901,22 @@ class Store:
     def outbox_set_aside_messages(self) -> list[OutboxMessage]:
         """The messages set aside, oldest first (the publisher tries them again)."""
         rows = self._conn().execute(
-            "SELECT id, topic, payload, qos FROM outbox WHERE set_aside_at IS NOT NULL "
-            "ORDER BY id"
+            "SELECT id, topic, payload, qos FROM outbox WHERE set_aside_at IS NOT NULL ORDER BY id"
         )
         return [OutboxMessage(i, t, bytes(p), q) for i, t, p, q in rows]
+
+    def note_delivery(self, last_error: str | None, counts: dict[str, int]) -> None:
+        """Keep the publisher's figures where ``edge-agent status`` reads them: its latest
+        delivery problem (``meta.mqtt_last_error``) and counts to add (ack counters)."""
+        with self._tx() as c:
+            if last_error is not None:
+                c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('mqtt_last_error', ?)",
+                    (last_error,),
+                )
+            for name, by in counts.items():
+                if by:
+                    self._count(c, name, by)
 
     def outbox_messages(self) -> list[OutboxMessage]:
         """Every queued message, oldest first, whether or not it is offered yet (for
@@ -944,6 +956,9 @@ class Store:
             ),
             "renotified": int(stored.get("published_renotify", 0)),
             "acknowledged": int(stored.get("acknowledged", 0)),
+            "acks_received": int(stored.get("acks_received", 0)),
+            "acks_unknown": int(stored.get("acks_unknown", 0)),
+            "acks_refused": int(stored.get("acks_refused", 0)),
             "narratives_pending": one("SELECT count(*) FROM narratives"),
             "narratives_written": int(stored.get("narrative_ok", 0)),
             "narratives_timeout": int(stored.get("narrative_timeout", 0)),

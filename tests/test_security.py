@@ -613,7 +613,12 @@ def test_bridge_delivers_everything_after_a_20_s_central_outage(tmp_path, pki, c
     outbox = MemoryOutbox(P_BOX)
     acks: list[str] = []
     pub = closing(
-        Publisher(settings(box), outbox, status=dict, on_ack=lambda ack: acks.append(ack.study_instance_uid))
+        Publisher(
+            settings(box),
+            outbox,
+            status=dict,
+            on_ack=lambda ack: acks.append(ack.study_instance_uid),
+        )
     )
     pub.start()
     assert pub.wait_connected(5)
@@ -673,7 +678,12 @@ def test_bridge_queue_survives_a_box_broker_restart(tmp_path, pki, closing) -> N
     outbox = MemoryOutbox(P_BOX)
     acks: list[str] = []
     pub = closing(
-        Publisher(settings(box), outbox, status=dict, on_ack=lambda ack: acks.append(ack.study_instance_uid))
+        Publisher(
+            settings(box),
+            outbox,
+            status=dict,
+            on_ack=lambda ack: acks.append(ack.study_instance_uid),
+        )
     )
     pub.start()
     assert pub.wait_connected(5)

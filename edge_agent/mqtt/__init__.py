@@ -405,8 +405,9 @@ class Publisher:
         )
 
     def counters(self) -> dict[str, int]:
-        """For the status message: acks counted, rows being tried one at a time."""
-        return {**self.acks.counters(), "outbox_on_probation": self.strikes.suspects()}
+        """For the status message: rows being tried one at a time (the ack counters are
+        kept in the store, see ``acks.take()``)."""
+        return {"outbox_on_probation": self.strikes.suspects()}
 
     def publish_status(self) -> None:
         """Publish the retained ``online`` status now (skipped while disconnected: the next

@@ -102,12 +102,27 @@ class AckLog:
         self._clock = clock
         self._lock = threading.Lock()
         self._counts = {"acks_received": 0, "acks_unknown": 0, "acks_refused": 0}
+        self._taken: dict[str, int] = {}
         self._last_line = -float("inf")
         self._quiet = {"acks_unknown": 0, "acks_refused": 0}  # counted since the last line
 
     def counters(self) -> dict[str, int]:
+        """Counts since the process started."""
         with self._lock:
             return dict(self._counts)
+
+    def take(self) -> dict[str, int]:
+        """Counts since the previous take() (to add to the stored counters)."""
+        with self._lock:
+            now = dict(self._counts)
+            taken, self._taken = {k: v - self._taken.get(k, 0) for k, v in now.items()}, now
+            return taken
+
+    def untake(self, taken: dict[str, int]) -> None:
+        """Storing what take() returned failed: the next take() returns it again."""
+        with self._lock:
+            for k, v in taken.items():
+                self._taken[k] = self._taken.get(k, 0) - v
 
     def received(self) -> None:
         with self._lock:
