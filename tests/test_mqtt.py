@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -368,6 +369,82 @@ def test_refused_publish_kept_logged_once_and_retried(
         pub.stop(timeout=1.0)
 
 
+def test_refused_rows_are_set_aside_after_max_attempts_the_rest_flows_and_retried_later(
+    tmp_path, make_publisher, subscriber, outbox, caplog
+) -> None:
+    """PUBACK 0x87 for one study's topic: set aside after mqtt.max_attempts refusals; the
+    other rows are delivered meanwhile; tried again after set_aside_retry_seconds."""
+    deny = f"topic readwrite {P}/status\ntopic read {P}/ack/#\ntopic readwrite {P}/study/1.20.2\n"
+    allow = f"topic readwrite {P}/#\n"
+    with Mosquitto(tmp_path / "acl-broker", acl=deny) as broker:
+        caplog.set_level(logging.INFO, logger="edge_agent.mqtt")
+        sub = subscriber(f"{P}/study/+", broker=broker)
+        refused = outbox.add("1.20.1")
+        pub = make_publisher(
+            broker=broker,
+            resend_after_seconds=0.1,
+            mqtt={"max_attempts": 2, "set_aside_retry_seconds": 2},
+        )
+        wait_until(lambda: refused in outbox.set_aside(), what="the refused row set aside")
+        assert "refused it 2 times: Not authorized (0x87)" in outbox.set_aside()[refused]
+        ok = outbox.add("1.20.2")
+        pub.wake()
+        sub.wait_for(lambda m: m.topic.endswith("1.20.2"))
+        wait_until(lambda: outbox.deleted == [ok], what="the other row delivered")
+        assert pub.healthy() and outbox.outbox_depth() == 1
+
+        broker.reload(acl=allow)
+        sub.wait_for(lambda m: m.topic.endswith("1.20.1"), timeout=5)  # the retry
+        wait_until(lambda: outbox.deleted == [ok, refused], what="the set-aside row delivered")
+        assert outbox.set_aside() == {}
+        lines = [r.getMessage() for r in caplog.records if "1.20.1" in r.getMessage()]
+        assert sum(line.startswith("set aside study result 1.20.1") for line in lines) == 1
+        pub.stop(timeout=1.0)
+
+
+def test_an_outage_with_rows_in_flight_sets_nothing_aside(
+    make_publisher, subscriber, outbox, mosquitto, caplog
+) -> None:
+    """The broker dies with 10 rows unacknowledged: the connection break is nobody's fault;
+    even with max_attempts 1 the rows are sent again one at a time and all delivered."""
+    caplog.set_level(logging.INFO, logger="edge_agent.mqtt")
+    pub = make_publisher(mqtt={"max_attempts": 1})
+    first_client = pub._client
+    mosquitto.pause()
+    rows = [outbox.add(f"1.21.{i}") for i in range(10)]
+    pub.wake()
+    wait_until(lambda: pub.in_flight == 10, what="10 rows in flight")
+    # SIGKILL while it is still stopped (kill() would SIGCONT it first, and it might send
+    # its PUBACKs in between): a crash with every row unacknowledged.
+    assert mosquitto._proc is not None
+    os.kill(mosquitto._proc.pid, signal.SIGKILL)
+    mosquitto.kill()  # reaps it
+    mosquitto.start()
+    wait_until(lambda: sorted(outbox.deleted) == rows, 15, "every row delivered")
+    assert outbox.set_aside() == {}
+    assert pub._client is not first_client  # paho's copies went with the old client
+    assert any(
+        "10 outbox messages were in flight when the connection broke" in r.getMessage()
+        for r in caplog.records
+    )
+    assert pub.healthy() and pub.counters()["outbox_on_probation"] == 0
+
+
+def test_a_topic_the_broker_could_never_take_is_set_aside_before_paho(
+    make_publisher, subscriber, outbox, mosquitto
+) -> None:
+    sub = subscriber(f"{P}/study/+")
+    pub = make_publisher()
+    bad = [outbox.add(uid) for uid in ("1.22.1\n", "1.22.+", "1.22.\x00", "1.22.\x1b[2J")]
+    good = outbox.add("1.22.2")
+    pub.wake()
+    sub.wait_for(lambda m: m.topic.endswith("1.22.2"))
+    wait_until(lambda: outbox.deleted == [good])
+    assert sorted(outbox.set_aside()) == bad
+    assert pub.connected  # never sent: the broker had no reason to drop the connection
+    assert mosquitto.log_text().count(f"as edge-agent-{SITE}-{DEVICE} ") == 1
+
+
 # -- acks ----------------------------------------------------------------------------------
 
 
@@ -380,7 +457,7 @@ def test_ack_reaches_on_ack(make_publisher, subscriber) -> None:
     dashboard.publish(f"{P}/ack/1.2.840.99", json.dumps(ack))
     wait_until(lambda: len(acks) == 1, what="on_ack")
     assert acks == [Ack("1.2.840.99", ALERT, "dashboard-3", "2025-01-01T00:00:00Z")]
-    assert pub.counters()["acks_received"] == 1
+    assert pub.acks.counters()["acks_received"] == 1
 
 
 def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
@@ -408,7 +485,7 @@ def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
     # the first bad one is logged, the next ones within a minute only counted
     assert sum("ignoring an ack on study 1.9.1: not JSON" in w for w in warnings) == 1
     assert len(warnings) == 1
-    assert pub.counters()["acks_refused"] == 5
+    assert pub.acks.counters()["acks_refused"] == 5
     assert any(r.exc_info for r in caplog.records if "1.9.1" in r.getMessage())
     # still delivering
     outbox.add("1.9.2")

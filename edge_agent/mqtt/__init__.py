@@ -326,9 +326,10 @@ class Publisher:
         client.loop_start()
 
     def _current(self, client: mqtt.Client) -> bool:
-        """True for a callback of the client in use (a replaced one's are ignored); notes
-        the thread paho runs it on, the network thread that healthy() watches."""
-        if client is not self._client:
+        """True for a callback of the client in use (a replaced one's, or one about to be
+        replaced, are ignored); notes the thread paho runs it on, the network thread that
+        healthy() watches."""
+        if client is not self._client or self._replace_at is not None:
             return False
         self._network_thread = threading.current_thread()
         return True
@@ -625,7 +626,6 @@ class Publisher:
         at = self._replace_at
         if at is None or time.monotonic() < at:
             return
-        self._replace_at = None
         old = self._client
         new = self._build_client()
         with self._lock:
@@ -634,6 +634,7 @@ class Publisher:
             self._mids.clear()
             self._unclaimed.clear()
             self._stale.clear()
+        self._replace_at = None
         self._stop_client(old, 2.0)
         logger.debug("MQTT client replaced; connecting again")
         self._start_client(new)
@@ -856,8 +857,10 @@ class Publisher:
                 f"times it was sent alone ({reason_code})",
             )
         # A fresh client (made on the drain thread) forgets paho's unacknowledged copies;
-        # disconnect() ends this one's loop instead of its reconnecting.
+        # disconnect() ends this one's loop instead of its reconnecting. Its thread ends on
+        # purpose: not a death for healthy() (nor are its last callbacks ours any more).
         self._replace_at = time.monotonic() + RECONNECT_MIN_SECONDS
+        self._network_thread = None
         client.disconnect()
         self._wake.set()
 
