@@ -528,8 +528,8 @@ class Publisher:
             return
         # MQTT_ERR_NO_CONN: paho keeps the message and sends it after reconnecting.
         with self._lock:
-            if client is not self._client:  # replaced meanwhile: the row goes again later
-                return
+            if client is not self._client or self._replace_at is not None:
+                return  # the connection broke meanwhile: offered again after the replacement
             entry = self._in_flight.get(message.id)
             if entry is None and resend:
                 # The first copy was acknowledged while this one was being published.
@@ -813,7 +813,9 @@ class Publisher:
         """The connection ended before the broker's CONNACK: silent, or closed at once."""
         since = self._connecting_since
         self._connecting_since = None
-        waited = 0.0 if since is None else time.monotonic() - since
+        if since is None:  # a CONNACK refused us (said by _on_connect), or not ours to say
+            return
+        waited = time.monotonic() - since
         keepalive = self._settings.mqtt.keepalive_seconds
         if waited >= 0.9 * keepalive:
             what = silent_broker(self._host, self._port, round(waited))
