@@ -19,10 +19,18 @@ from typing import Any
 import pytest
 from brokers import Mosquitto, Subscriber, free_port
 from polling import wait_until
+from test_delivery_faults import SilentListener
 
 from edge_agent.config import Settings
 from edge_agent.errors import BrokerUnreachable, ConfigError
-from edge_agent.mqtt import MAX_IN_FLIGHT, Ack, OutboxMessage, Publisher, check_broker
+from edge_agent.mqtt import (
+    MAX_IN_FLIGHT,
+    Ack,
+    OutboxMessage,
+    Publisher,
+    check_broker,
+    silent_broker,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -599,6 +607,16 @@ def test_check_broker_refused_connect_names_the_reason(tmp_path) -> None:
         broker.start()
         with pytest.raises(BrokerUnreachable, match=r"refused the connection: Not authorized"):
             check_broker(settings_for(broker.host, broker.port), timeout=2.0)
+
+
+def test_check_broker_names_a_broker_that_never_answers_connect_as_the_daemon_does() -> None:
+    silent = SilentListener()
+    try:
+        with pytest.raises(BrokerUnreachable) as info:
+            check_broker(settings_for("127.0.0.1", silent.port), timeout=1.0)
+        assert str(info.value) == silent_broker("127.0.0.1", silent.port, 1.0)
+    finally:
+        silent.close()
 
 
 def test_tls_files_that_cannot_be_read_name_their_key(tmp_path) -> None:

@@ -91,8 +91,9 @@ def parse_ack(study_instance_uid: str, payload: bytes | bytearray) -> Ack:
 class AckLog:
     """Counts acks; logs refused and unknown ones rate-limited. Thread-safe.
 
-    Counters: ``acks_received`` (well-formed, handed to the store), ``acks_unknown`` (for no
-    urgent alert of this agent), ``acks_refused`` (malformed or over-size).
+    Counters: ``acks_received`` (well-formed, naming an urgent alert of this agent, whether
+    new, already acknowledged or superseded), ``acks_unknown`` (well-formed, for no urgent
+    alert of this agent), ``acks_refused`` (malformed or over-size).
     """
 
     def __init__(
