@@ -25,6 +25,7 @@ from brokers import Mosquitto, Subscriber
 from polling import wait_until
 from test_delivery import BASE, UID, Injector, delivered, start, write_config
 from test_e2e import Daemon
+from test_notify_service import FakeSystemd, supervise
 
 from edge_agent.store import Store
 
@@ -183,10 +184,14 @@ def test_a_message_that_breaks_the_connection_is_set_aside_after_max_attempts(
 
 @pytest.mark.slow
 def test_an_outbox_that_does_not_move_while_the_broker_is_there_makes_the_agent_unhealthy(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, daemons: list[Daemon], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The broker holds every PUBACK (SIGSTOP, TCP stays up): NOT HEALTHY with the reason in
+    the log and in systemd's STATUS=, no watchdog ping; healthy again once it moves."""
     broker = Mosquitto(tmp_path / "broker").start()
     dashboard = Subscriber(broker, f"{BASE}/#", persistent=True)
+    systemd = FakeSystemd(tmp_path / "notify.socket")
+    supervise(monkeypatch, systemd)
     try:
         config = write_config(
             tmp_path, broker, quiet=86400, stalled_after_seconds=2, keepalive_seconds=120
@@ -201,16 +206,25 @@ def test_an_outbox_that_does_not_move_while_the_broker_is_there_makes_the_agent_
         broker.pause()  # TCP stays up, no PUBACK comes
         result = inject.result(f"{UID}.1")
         wait_until(lambda: "not healthy: the outbox has not moved" in daemon.log.read_text(), 10)
+        (unhealthy_at, status) = next(
+            (at, s) for at, s in systemd.fields("STATUS") if s.startswith("NOT HEALTHY")
+        )
+        assert "the outbox has not moved for over 2 s" in status
+        time.sleep(2.5)
+        pings = [at for at, _ in systemd.fields("WATCHDOG")]
+        assert not [at for at in pings if at > unhealthy_at + 0.5]  # no pings while stuck
         broker.resume()
         wait_until(lambda: result.alert_id in delivered(dashboard), 10, "the result")
         wait_until(lambda: "healthy again" in daemon.log.read_text(), 5, "healthy again")
         log = daemon.log.read_text()
         assert log.count("not healthy: the outbox has not moved for over 2 s") == 1
         assert f"MQTT broker {broker.host}:{broker.port} accepts the connection" in log
+        wait_until(lambda: systemd.fields("WATCHDOG")[-1][0] > time.monotonic() - 2, 5)
         inject.store.close()
     finally:
         dashboard.close()
         broker.stop()
+        systemd.close()
 
 
 # -- 3. a broker that accepts TCP and never answers CONNECT --------------------------------
