@@ -503,12 +503,26 @@ class Publisher:
         return info
 
     def _send(self, message: OutboxMessage, *, resend: bool = False) -> None:
-        """Hand one outbox row to paho and remember its mid."""
+        """Hand one outbox row to paho and remember its mid.
+
+        The row is entered as in flight *before* publish(): the broker may drop the
+        connection on this very PUBLISH before publish() has returned, and the disconnect
+        handler must then know the row was on its way."""
         problem = topic_problem(message.topic)
         if problem is not None:
             self._set_aside(message, problem)
             return
         client = self._client
+        with self._lock:
+            if self._replace_at is not None:
+                return  # the connection broke: offered again once the client is replaced
+            entry = self._in_flight.get(message.id)
+            if entry is None and resend:
+                return  # acknowledged meanwhile
+            created = entry is None
+            if entry is None:
+                entry = self._in_flight[message.id] = _InFlight(message, time.monotonic())
+            entry.sent_at = time.monotonic()
         try:
             info = client.publish(
                 message.topic,
@@ -518,29 +532,41 @@ class Publisher:
                 properties=self._publish_props,
             )
         except ValueError as exc:  # payload too large (or a topic paho refuses): never goes
+            self._unsent(message.id, entry, created)
             self._set_aside(message, f"paho cannot publish it: {exc}")
             return
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # Not queued by paho (e.g. its queue is full): the row stays, tried next round.
+            self._unsent(message.id, entry, created)
             logger.warning(
                 "paho did not take %s: %s", self._describe(message), mqtt.error_string(info.rc)
             )
             return
         # MQTT_ERR_NO_CONN: paho keeps the message and sends it after reconnecting.
-        with self._lock:
+        with self._settled:
             if client is not self._client or self._replace_at is not None:
-                return  # the connection broke meanwhile: offered again after the replacement
-            entry = self._in_flight.get(message.id)
-            if entry is None and resend:
-                # The first copy was acknowledged while this one was being published.
+                # The connection broke meanwhile: if the disconnect handler saw the row, it
+                # is a suspect now; if not, it is offered again after the replacement.
+                if self._in_flight.get(message.id) is entry:
+                    del self._in_flight[message.id]
+                    self._settled.notify_all()
+                return
+            if self._in_flight.get(message.id) is not entry:
+                # Another copy was acknowledged while this one was being published.
                 if self._unclaimed.pop(info.mid, None) is None:
                     self._stale.add(info.mid)
                 return
-            if entry is None:
-                entry = self._in_flight[message.id] = _InFlight(message, time.monotonic())
-            entry.sent_at = time.monotonic()
             entry.mids.add(info.mid)
         self._track(client, info.mid, message.id)
+
+    def _unsent(self, message_id: int, entry: _InFlight, created: bool) -> None:
+        """publish() did not take the row: it is not in flight after all."""
+        if not created:
+            return
+        with self._settled:
+            if self._in_flight.get(message_id) is entry:
+                del self._in_flight[message_id]
+            self._settled.notify_all()
 
     def _track(self, client: mqtt.Client, mid: int, owner: int) -> None:
         """Record who owns ``mid``; settle it now if its PUBACK already arrived."""
@@ -858,12 +884,14 @@ class Publisher:
                 f"the broker closed the connection each of the {self.strikes.max_attempts} "
                 f"times it was sent alone ({reason_code})",
             )
-        # A fresh client (made on the drain thread) forgets paho's unacknowledged copies;
-        # disconnect() ends this one's loop instead of its reconnecting. Its thread ends on
-        # purpose: not a death for healthy() (nor are its last callbacks ours any more).
+        # A fresh client (made on the drain thread) forgets paho's unacknowledged copies.
+        # loop_stop() on paho's own thread does not join; it makes this client's loop end
+        # instead of reconnecting and resending them (disconnect() would not: paho marks a
+        # connection reset as lost after this callback returns, and reconnects). Its thread
+        # ends on purpose: not a death for healthy() (nor are its last callbacks ours).
         self._replace_at = time.monotonic() + RECONNECT_MIN_SECONDS
         self._network_thread = None
-        client.disconnect()
+        client.loop_stop()
         self._wake.set()
 
     def _on_publish(
