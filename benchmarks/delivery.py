@@ -15,7 +15,7 @@ result's JSON, ``Store.commit_result`` (result + outbox row + study and instance
 an alert row for an urgent result, in one transaction) and ``Publisher.wake()``. It stops
 when the Publisher, on paho's network thread, handles the PUBACK and calls
 ``outbox_delete``: the Publisher is given the real store behind a thin ``Outbox`` (the
-protocol ``mqtt.py`` already defines) that notes the time of each call and changes nothing
+protocol ``edge_agent.mqtt`` already defines) that notes the time of each call and changes nothing
 else. "to PUBACK" is the moment ``outbox_delete`` is entered, "to deleted" the moment the
 row's deletion is committed (another fsync).
 
@@ -273,6 +273,12 @@ class TimedOutbox:
 
     def outbox_depth(self) -> int:
         return self.store.outbox_depth()
+
+    def outbox_set_aside(self, message_id: int, reason: str) -> bool:
+        return self.store.outbox_set_aside(message_id, reason)
+
+    def outbox_set_aside_messages(self) -> list[OutboxMessage]:
+        return self.store.outbox_set_aside_messages()
 
     def wait_delivered(self, count: int, timeout: float) -> bool:
         with self._cond:

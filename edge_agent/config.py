@@ -179,6 +179,31 @@ class MqttSettings(_Section):
         le=1000,
         description="At most this many re-notifications of one urgent result.",
     )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description=(
+            "A message the broker refuses (PUBACK reason >= 0x80), or that breaks the "
+            "connection each time it is sent alone, is set aside after this many attempts: "
+            "kept in the outbox and retried later, while the other messages go on."
+        ),
+    )
+    set_aside_retry_seconds: float = Field(
+        default=900.0,
+        ge=1,
+        le=86400,
+        description="How often set-aside messages are tried again (also at every start).",
+    )
+    stalled_after_seconds: float = Field(
+        default=300.0,
+        ge=1,
+        le=86400,
+        description=(
+            "The agent reports itself NOT HEALTHY when messages wait and none has left the "
+            "outbox for this long although the broker accepts the connection."
+        ),
+    )
 
     @field_validator("renotify_seconds")
     @classmethod

@@ -35,9 +35,10 @@ import socket
 import struct
 import sys
 import traceback
-import unicodedata
 from pathlib import Path
 from typing import Any
+
+from .text import escape_controls
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 FIELDS = frozenset(
@@ -58,38 +59,6 @@ def fields(**values: Any) -> dict[str, dict[str, str]]:
     if unknown:
         raise ValueError(f"not a log field: {sorted(unknown)} (allowed: {sorted(FIELDS)})")
     return {_EXTRA: {k: str(v) for k, v in values.items() if v is not None}}
-
-
-# Characters shown escaped: controls (C0, DEL, C1 such as CSI), format characters (bidi
-# overrides and the like), line and paragraph separators, and lone surrogates (names that
-# were not UTF-8).
-_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
-
-
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_char(c: str) -> str:
-    if unicodedata.category(c) not in _ESCAPED_CATEGORIES:
-        return c
-    if c in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[c]
-    code = ord(c)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
-    """``text`` with every control or invisible formatting character written out (``\\x1b``,
-    ``\\n``, ``\\t``, ``\\u202e`` …): safe to print on a terminal or in a one-line log
-    record. ``keep_newlines`` leaves line breaks (a traceback's). Display only: a
-    backslash is not doubled, so the escaped text is not meant to be parsed back."""
-    if text.isprintable():
-        return text  # the usual case, without a look at each character
-    if keep_newlines:
-        return "\n".join(escape_controls(line) for line in text.split("\n"))
-    return "".join(_escape_char(c) for c in text)
 
 
 class PydicomFilter(logging.Filter):

@@ -75,6 +75,12 @@ class StateCollector(Collector):
             report.outbox_oldest_seconds or 0.0,
         )
         yield _gauge(
+            "outbox_set_aside_messages",
+            "Messages set aside after the broker refused them or they broke the connection "
+            "(kept in the outbox, retried later)",
+            report.outbox_set_aside,
+        )
+        yield _gauge(
             "alerts_unacknowledged",
             "Urgent results no dashboard has acknowledged yet",
             report.alerts_waiting,

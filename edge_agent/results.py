@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -214,6 +215,14 @@ def alert_id(study_instance_uid: str, revision: int, model_sha256: str) -> str:
     """Deterministic: the same study, revision and model always give the same id."""
     digest = hashlib.sha256(f"{study_instance_uid}|{revision}|{model_sha256}".encode()).hexdigest()
     return digest[:32]
+
+
+_ALERT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_alert_id(text: str) -> bool:
+    """``text`` has the shape :func:`alert_id` gives (what an ack must carry)."""
+    return _ALERT_ID.fullmatch(text) is not None
 
 
 def json_schema() -> dict:

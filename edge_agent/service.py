@@ -33,7 +33,7 @@ from .intake.instance_file import FileChanged, FileGone, FileUnreadable, NotRegu
 from .intake.scp import ReceivedFolder, StorageSCP, published_path
 from .intake.watcher import FolderWatcher, ReadyFile
 from .logs import fields
-from .mqtt import Publisher
+from .mqtt import Ack, Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
 from .profiles import Profile, narrative_wanted, resolve_profile
@@ -41,7 +41,7 @@ from .results import RejectedFile, StudyResult
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
-from .store import Message, NarrativeJob, StudyRow, open_state
+from .store import AckOutcome, Message, NarrativeJob, StudyRow, open_state
 from .waiting import RETRY_MAX_SECONDS, ScoringWaits, retry_delay
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ class Agent:
             None if aside is None else f"state database was damaged: set aside as {aside.name}"
         )
         self._healthy = True
+        self._unhealthy_reason = ""
+        self._stored_mqtt_error: str | None = None
         self._threads: list[threading.Thread] = []
         self.started = threading.Event()
 
@@ -199,6 +201,7 @@ class Agent:
 
     def status_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = dict(self.store.counters())
+        fields.update(self.publisher.counters())
         fields.update(
             model=self.bundle.manifest.model.name,
             model_version=self.bundle.manifest.model.version,
@@ -215,16 +218,10 @@ class Agent:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
         return fields
 
-    def _on_ack(self, study_instance_uid: str, ack: dict[str, Any]) -> None:
-        """A dashboard's ack (paho's network thread): recorded in the store."""
-        by, at = ack.get("by"), ack.get("at")
-        outcome = self.store.acknowledge(
-            study_instance_uid,
-            ack["alert_id"],
-            by if isinstance(by, str) else None,
-            at if isinstance(at, str) else None,
-        )
-        logger.info("ack for study %s alert %s: %s", study_instance_uid, ack["alert_id"], outcome)
+    def _on_ack(self, ack: Ack) -> AckOutcome:
+        """A dashboard's ack (paho's network thread), checked by the publisher: recorded in
+        the store; the publisher logs and counts the outcome."""
+        return self.store.acknowledge(ack.study_instance_uid, ack.alert_id, ack.by, ack.at)
 
     def _renotify(self) -> None:
         """Queue the unacknowledged urgent results that are due again (mqtt.renotify_*)."""
@@ -234,16 +231,9 @@ class Agent:
         ):
             self.publisher.wake()
 
-    def _watch_health(self) -> None:
-        """Log (once per change) when a thread of the daemon has died or came back."""
-        healthy = self.healthy()
-        if healthy == self._healthy:
-            return
-        self._healthy = healthy
-        if healthy:
-            logger.info("all threads healthy again")
-            self.notifier.status(self._summary)
-            return
+    def _problems(self) -> list[str]:
+        """Why the agent is not healthy (empty: healthy): a thread that died, or delivery
+        that is stuck although the broker is there."""
         dead = [t.name for t in self._threads if not t.is_alive()]
         if not self.publisher.healthy():
             dead.append("MQTT publisher")
@@ -253,7 +243,34 @@ class Agent:
         stall = self.intake_stall()
         if stall is not None:
             problems.append(stall)
+        stalled = self.publisher.stalled()
+        if stalled is not None:
+            problems.append(stalled)
+        return problems
+
+    def _watch_health(self) -> None:
+        """Log (once per change) when the agent becomes unhealthy, why, and when it is
+        healthy again. Also stores the publisher's latest problem and ack counts for
+        ``edge-agent status`` (it cannot reach the broker's status message)."""
+        error, counts = self.publisher.last_error, self.publisher.acks.take()
+        if error != self._stored_mqtt_error or any(counts.values()):
+            try:
+                self.store.note_delivery(error, counts)
+                self._stored_mqtt_error = error
+            except Exception:  # the store failed; the next second tries again
+                self.publisher.acks.untake(counts)
+                logger.exception("could not store the delivery figures")
+        problems = self._problems()
+        healthy = not problems
         reason = "; ".join(problems)
+        if healthy == self._healthy and (healthy or reason == self._unhealthy_reason):
+            return
+        self._healthy = healthy
+        self._unhealthy_reason = reason
+        if healthy:
+            logger.info("healthy again")
+            self.notifier.status(self._summary)
+            return
         self.last_error = f"not healthy: {reason}"
         self.notifier.status(f"NOT HEALTHY: {reason}; watchdog pings stopped")
         logger.error(
@@ -605,12 +622,7 @@ class Agent:
     # -- lifecycle --------------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        return (
-            all(t.is_alive() for t in self._threads)
-            and self.publisher.healthy()
-            and (self.receiver is None or self.receiver.healthy())
-            and self.intake_stall() is None
-        )
+        return not self._problems()
 
     def run(self) -> None:
         for uid in self.store.studies_in_state("complete"):

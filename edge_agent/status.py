@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import ResourceMissing
 from .identifiers import FILE_ID_KEY, file_id, is_file_id
-from .logs import escape_controls
+from .text import escape_controls, printable
 from .waiting import read_waiting
 
 
@@ -33,6 +33,11 @@ class StatusReport:
     outbox: int = 0
     outbox_urgent: int = 0
     outbox_oldest_seconds: float | None = None
+    outbox_set_aside: int = 0
+    """Messages the publisher set aside (kept, retried later; see ``set_aside``)."""
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    mqtt_last_error: str | None = None
+    """The publisher's latest delivery problem, with its UTC time."""
     alerts_waiting: int = 0
     narratives_pending: int | None = None
     """Draft narratives not written yet (None: a database from before narratives)."""
@@ -168,6 +173,19 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             count, oldest = db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
             report.outbox = count
             report.outbox_oldest_seconds = None if oldest is None else max(0.0, now - oldest)
+            if "set_aside_at" in _columns(db, "outbox"):
+                aside = db.execute(
+                    "SELECT id, topic, set_aside_at, set_aside_reason FROM outbox "
+                    "WHERE set_aside_at IS NOT NULL ORDER BY id"
+                ).fetchall()
+                report.outbox_set_aside = len(aside)
+                report.set_aside = [
+                    {"id": i, "topic": topic, "at": _iso(at), "reason": reason}
+                    for i, topic, at, reason in aside[:last]
+                ]
+        if "meta" in tables:
+            row = db.execute("SELECT value FROM meta WHERE key = 'mqtt_last_error'").fetchone()
+            report.mqtt_last_error = None if row is None else row[0]
             if "results" in tables:  # a message's level is its result's
                 (report.outbox_urgent,) = db.execute(
                     "SELECT COUNT(*) FROM outbox o JOIN results r ON r.alert_id = o.alert_id "
@@ -265,8 +283,26 @@ def format_status(report: StatusReport) -> str:
                     f"  {w.get('study_instance_uid')}: {w.get('reason')}; attempts "
                     f"{w.get('attempts')}, next in {w.get('retry_in_s')} s"
                 )
+    if report.outbox_set_aside:
+        lines.append(
+            f"set aside  {report.outbox_set_aside} message(s) the broker did not take, kept "
+            "and tried again later (mqtt.set_aside_retry_seconds)"
+        )
+    for r in report.set_aside:  # topic and reason may hold what broke delivery: escaped
+        lines.append(
+            f"  {r['at']}  #{r['id']} {printable(r['topic'], 120)}: "
+            f"{printable(r['reason'] or '', 200)}"
+        )
+    if report.mqtt_last_error:
+        lines.append(f"mqtt       last problem: {printable(report.mqtt_last_error, 300)}")
     lines.append(f"alerts     {report.alerts_waiting} urgent result(s) not acknowledged yet")
     c = report.counters
+    if any(k.startswith("acks_") for k in c):
+        lines.append(
+            f"acks       {c.get('acks_received', 0)} received, {c.get('acks_unknown', 0)} "
+            f"for no urgent alert of this agent, {c.get('acks_refused', 0)} malformed or "
+            "over-size (ignored)"
+        )
     if report.narratives_pending or any(k.startswith("narrative_") for k in c):
         lines.append(
             f"narratives {report.narratives_pending or 0} being written; written "

@@ -13,7 +13,17 @@ either the state before the step or after it:
 
 The outbox keeps per-study order: the publisher is only ever given the oldest message of a
 study topic, so revision n is acknowledged before revision n+1 (or a re-notification) is
-handed to the broker. It is capped at ``outbox_max_messages``: when full, the oldest
+handed to the broker. A message the publisher *sets aside* (the broker refused it, or it
+broke the connection, ``mqtt.max_attempts`` times; or its topic can never be published)
+stays in the outbox, marked with when and why, and is tried again later; it is not offered
+with the others and no longer counts as its study topic's oldest message. The choice: the
+study's later revisions and re-notifications go on rather than wait for ever behind a
+message that may never go; when the set-aside one goes through on a later try it arrives
+after them, so a receiver keeps the highest ``revision`` of a study (it dedups on
+``alert_id`` anyway). Holding them back instead would make one bad message silence every
+later result of its study, urgent ones included.
+
+The outbox is capped at ``outbox_max_messages``: when full, the oldest
 ``routine`` and ``not_scored`` results and rejected-file messages are dropped first, then
 ``review`` results; ``urgent`` results and their re-notifications are never dropped (the
 outbox then grows past its cap). Each drop is logged and counted.
@@ -46,7 +56,7 @@ from .results import alert_id as _alert_id
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 OUTBOX_NEAR_CAP = 0.8
 """Depth, as a fraction of ``outbox_max_messages``, from which status and log say "near cap"."""
 
@@ -104,7 +114,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     qos INTEGER NOT NULL DEFAULT 1,
     alert_id TEXT,
     created_at REAL NOT NULL,
-    triage TEXT
+    triage TEXT,
+    set_aside_at REAL,
+    set_aside_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_topic ON outbox (topic, id);
 CREATE INDEX IF NOT EXISTS outbox_alert ON outbox (alert_id);
@@ -145,6 +157,11 @@ _MIGRATIONS = {
     # carries on (an ack of either stops both).
     # (An alerts table that did not exist before was created with the column.)
     2: ("ALTER TABLE alerts ADD COLUMN carried_from TEXT",),
+    # 3 -> 4: messages set aside by the publisher (when and why); NULL: not set aside.
+    3: (
+        "ALTER TABLE outbox ADD COLUMN set_aside_at REAL",
+        "ALTER TABLE outbox ADD COLUMN set_aside_reason TEXT",
+    ),
 }
 
 
@@ -1049,13 +1066,15 @@ class Store:
     # -- outbox (edge_agent.mqtt.Outbox) ----------------------------------------------------
 
     def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
-        """The oldest messages, but of each study topic only its oldest message: the next
-        one is offered once that one has left (PUBACK), so a study's messages reach the
-        broker in order. Rejected-file messages are not ordered."""
+        """The oldest messages not set aside, but of each study topic only its oldest such
+        message: the next one is offered once that one has left (PUBACK) or been set
+        aside, so a study's messages reach the broker in order. Rejected-file messages are
+        not ordered."""
         excluded = set(exclude)
         rows = self._conn().execute(
-            "SELECT id, topic, payload, qos FROM outbox AS o WHERE kind = 'rejected' "
-            "OR id = (SELECT min(id) FROM outbox WHERE topic = o.topic) ORDER BY id LIMIT ?",
+            "SELECT id, topic, payload, qos FROM outbox AS o WHERE set_aside_at IS NULL "
+            "AND (kind = 'rejected' OR id = (SELECT min(id) FROM outbox "
+            "WHERE topic = o.topic AND set_aside_at IS NULL)) ORDER BY id LIMIT ?",
             (limit + len(excluded),),
         )
         out = [OutboxMessage(i, t, bytes(p), q) for i, t, p, q in rows if i not in excluded]
@@ -1076,6 +1095,44 @@ class Store:
                     "AND state = 'pending'",
                     (time.time(), row[1]),
                 )
+
+    def outbox_set_aside(self, message_id: int, reason: str) -> bool:
+        """Mark a message as set aside (it stays; see the module's docstring), with the
+        time and ``reason``; counted in ``set_aside`` the first time. True when it was not
+        set aside before; False also when it has left the outbox meanwhile."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT set_aside_at FROM outbox WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            c.execute(
+                "UPDATE outbox SET set_aside_at = ?, set_aside_reason = ? WHERE id = ?",
+                (time.time(), reason, message_id),
+            )
+            if row[0] is None:
+                self._count(c, "set_aside")
+            return row[0] is None
+
+    def outbox_set_aside_messages(self) -> list[OutboxMessage]:
+        """The messages set aside, oldest first (the publisher tries them again)."""
+        rows = self._conn().execute(
+            "SELECT id, topic, payload, qos FROM outbox WHERE set_aside_at IS NOT NULL ORDER BY id"
+        )
+        return [OutboxMessage(i, t, bytes(p), q) for i, t, p, q in rows]
+
+    def note_delivery(self, last_error: str | None, counts: dict[str, int]) -> None:
+        """Keep the publisher's figures where ``edge-agent status`` reads them: its latest
+        delivery problem (``meta.mqtt_last_error``) and counts to add (ack counters)."""
+        with self._tx() as c:
+            if last_error is not None:
+                c.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('mqtt_last_error', ?)",
+                    (last_error,),
+                )
+            for name, by in counts.items():
+                if by:
+                    self._count(c, name, by)
 
     def outbox_messages(self) -> list[OutboxMessage]:
         """Every queued message, oldest first, whether or not it is offered yet (for
@@ -1109,11 +1166,15 @@ class Store:
             "outbox_max_messages": self.outbox_max_messages,
             "outbox_near_cap": self._note_depth(depth),
             "outbox_dropped": int(stored.get("outbox_dropped", 0)),
+            "outbox_set_aside": one("SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL"),
             "urgent_unacknowledged": one(
                 "SELECT count(*) FROM alerts WHERE state IN ('pending', 'unacknowledged')"
             ),
             "renotified": int(stored.get("published_renotify", 0)),
             "acknowledged": int(stored.get("acknowledged", 0)),
+            "acks_received": int(stored.get("acks_received", 0)),
+            "acks_unknown": int(stored.get("acks_unknown", 0)),
+            "acks_refused": int(stored.get("acks_refused", 0)),
             "narratives_pending": one("SELECT count(*) FROM narratives"),
             "narratives_written": int(stored.get("narrative_ok", 0)),
             "narratives_timeout": int(stored.get("narrative_timeout", 0)),

@@ -490,6 +490,7 @@ def test_burst_of_100_with_the_broker_stopped_for_10_s(
     assert body["state"] == "online" and body["outbox_depth"] == 0
     assert (body["studies_seen"], body["studies_scored"], body["results"]) == (90, 90, 100)
     assert (body["outbox_dropped"], body["outbox_near_cap"]) == (0, False)
+    assert (body["outbox_set_aside"], body["outbox_on_probation"]) == (0, 0)  # an outage
     assert body["provider"] == "CPUExecutionProvider" and body["model"]
     assert f"cannot connect to {broker.host}:{broker.port}" in body["mqtt_last_error"]
     assert body["last_error"] is None

@@ -177,6 +177,6 @@ def test_an_intake_step_that_hangs_makes_the_agent_not_healthy(road: Road) -> No
         write_instance(image(5, pneumothorax=False), road.watch)
         wait_until(lambda: "not healthy: intake stuck for" in road.log_text(), 20, "NOT HEALTHY")
         holder.execute("ROLLBACK")
-    wait_until(lambda: "all threads healthy again" in road.log_text(), 20, "healthy again")
+    wait_until(lambda: "healthy again" in road.log_text(), 20, "healthy again")
     road.collector.wait(lambda: len(road.results()) == 1, 60, "the result after the stall")
     assert road.daemon is not None and road.daemon.alive()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,10 +19,18 @@ from typing import Any
 import pytest
 from brokers import Mosquitto, Subscriber, free_port
 from polling import wait_until
+from test_delivery_faults import SilentListener
 
 from edge_agent.config import Settings
 from edge_agent.errors import BrokerUnreachable, ConfigError
-from edge_agent.mqtt import MAX_IN_FLIGHT, OutboxMessage, Publisher, check_broker
+from edge_agent.mqtt import (
+    MAX_IN_FLIGHT,
+    Ack,
+    OutboxMessage,
+    Publisher,
+    check_broker,
+    silent_broker,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE, DEVICE = "site1", "box7"
 P = f"edge-triage/v1/{SITE}/{DEVICE}"
 SECRET = "DO-NOT-LOG-ME"  # put into every payload; must never reach a log record
+ALERT = "0123456789abcdef" * 2  # the shape of results.alert_id
 
 
 class SqliteOutbox:
@@ -38,7 +48,7 @@ class SqliteOutbox:
         self._db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
         self._db.execute(
             "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,"
-            " payload BLOB NOT NULL, qos INTEGER NOT NULL)"
+            " payload BLOB NOT NULL, qos INTEGER NOT NULL, set_aside TEXT)"
         )
         self._lock = threading.Lock()
         self.deleted: list[int] = []
@@ -59,9 +69,31 @@ class SqliteOutbox:
     def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
         with self._lock:
             self.limits.append(limit)
-            rows = self._db.execute("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos FROM outbox WHERE set_aside IS NULL ORDER BY id"
+            )
             out = [OutboxMessage(*r) for r in rows if r[0] not in exclude]
             return out[:limit]
+
+    def outbox_set_aside(self, message_id: int, reason: str) -> bool:
+        with self._lock:
+            (before,) = self._db.execute(
+                "SELECT set_aside FROM outbox WHERE id = ?", (message_id,)
+            ).fetchone()
+            self._db.execute("UPDATE outbox SET set_aside = ? WHERE id = ?", (reason, message_id))
+            return before is None
+
+    def outbox_set_aside_messages(self) -> list[OutboxMessage]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos FROM outbox WHERE set_aside IS NOT NULL"
+            )
+            return [OutboxMessage(*r) for r in rows]
+
+    def set_aside(self) -> dict[int, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, set_aside FROM outbox WHERE set_aside IS NOT NULL")
+            return dict(rows.fetchall())
 
     def outbox_delete(self, message_id: int) -> None:
         with self._lock:
@@ -326,7 +358,7 @@ def test_refused_publish_kept_logged_once_and_retried(
     allow = f"topic readwrite {P}/#\n"
     with Mosquitto(tmp_path / "acl-broker", acl=deny) as broker:
         caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt")
-        pub = make_publisher(broker=broker, resend_after_seconds=0.2)
+        pub = make_publisher(broker=broker, resend_after_seconds=0.2, mqtt={"max_attempts": 10})
         row = outbox.add("1.8.1")
         pub.wake()
         time.sleep(1.0)  # refused at 0 s, retried after 0.2 s and 0.6 s
@@ -345,18 +377,95 @@ def test_refused_publish_kept_logged_once_and_retried(
         pub.stop(timeout=1.0)
 
 
+def test_refused_rows_are_set_aside_after_max_attempts_the_rest_flows_and_retried_later(
+    tmp_path, make_publisher, subscriber, outbox, caplog
+) -> None:
+    """PUBACK 0x87 for one study's topic: set aside after mqtt.max_attempts refusals; the
+    other rows are delivered meanwhile; tried again after set_aside_retry_seconds."""
+    deny = f"topic readwrite {P}/status\ntopic read {P}/ack/#\ntopic readwrite {P}/study/1.20.2\n"
+    allow = f"topic readwrite {P}/#\n"
+    with Mosquitto(tmp_path / "acl-broker", acl=deny) as broker:
+        caplog.set_level(logging.INFO, logger="edge_agent.mqtt")
+        sub = subscriber(f"{P}/study/+", broker=broker)
+        refused = outbox.add("1.20.1")
+        pub = make_publisher(
+            broker=broker,
+            resend_after_seconds=0.1,
+            mqtt={"max_attempts": 2, "set_aside_retry_seconds": 2},
+        )
+        wait_until(lambda: refused in outbox.set_aside(), what="the refused row set aside")
+        assert "refused it 2 times: Not authorized (0x87)" in outbox.set_aside()[refused]
+        ok = outbox.add("1.20.2")
+        pub.wake()
+        sub.wait_for(lambda m: m.topic.endswith("1.20.2"))
+        wait_until(lambda: outbox.deleted == [ok], what="the other row delivered")
+        assert pub.healthy() and outbox.outbox_depth() == 1
+
+        broker.reload(acl=allow)
+        sub.wait_for(lambda m: m.topic.endswith("1.20.1"), timeout=5)  # the retry
+        wait_until(lambda: outbox.deleted == [ok, refused], what="the set-aside row delivered")
+        assert outbox.set_aside() == {}
+        lines = [r.getMessage() for r in caplog.records if "1.20.1" in r.getMessage()]
+        assert sum(line.startswith("set aside study result 1.20.1") for line in lines) == 1
+        pub.stop(timeout=1.0)
+
+
+def test_an_outage_with_rows_in_flight_sets_nothing_aside(
+    make_publisher, subscriber, outbox, mosquitto, caplog
+) -> None:
+    """The broker dies with 10 rows unacknowledged: the connection break is nobody's fault;
+    even with max_attempts 1 the rows are sent again one at a time and all delivered."""
+    caplog.set_level(logging.INFO, logger="edge_agent.mqtt")
+    pub = make_publisher(mqtt={"max_attempts": 1})
+    first_client = pub._client
+    mosquitto.pause()
+    rows = [outbox.add(f"1.21.{i}") for i in range(10)]
+    pub.wake()
+    wait_until(lambda: pub.in_flight == 10, what="10 rows in flight")
+    # SIGKILL while it is still stopped (kill() would SIGCONT it first, and it might send
+    # its PUBACKs in between): a crash with every row unacknowledged.
+    assert mosquitto._proc is not None
+    os.kill(mosquitto._proc.pid, signal.SIGKILL)
+    mosquitto.kill()  # reaps it
+    mosquitto.start()
+    wait_until(lambda: sorted(outbox.deleted) == rows, 15, "every row delivered")
+    assert outbox.set_aside() == {}
+    assert pub._client is not first_client  # paho's copies went with the old client
+    assert any(
+        "10 outbox messages were in flight when the connection broke" in r.getMessage()
+        for r in caplog.records
+    )
+    assert pub.healthy() and pub.counters()["outbox_on_probation"] == 0
+
+
+def test_a_topic_the_broker_could_never_take_is_set_aside_before_paho(
+    make_publisher, subscriber, outbox, mosquitto
+) -> None:
+    sub = subscriber(f"{P}/study/+")
+    pub = make_publisher()
+    bad = [outbox.add(uid) for uid in ("1.22.1\n", "1.22.+", "1.22.\x00", "1.22.\x1b[2J")]
+    good = outbox.add("1.22.2")
+    pub.wake()
+    sub.wait_for(lambda m: m.topic.endswith("1.22.2"))
+    wait_until(lambda: outbox.deleted == [good])
+    assert sorted(outbox.set_aside()) == bad
+    assert pub.connected  # never sent: the broker had no reason to drop the connection
+    assert mosquitto.log_text().count(f"as edge-agent-{SITE}-{DEVICE} ") == 1
+
+
 # -- acks ----------------------------------------------------------------------------------
 
 
 def test_ack_reaches_on_ack(make_publisher, subscriber) -> None:
-    acks: list[tuple[str, dict[str, Any]]] = []
-    pub = make_publisher(on_ack=lambda uid, ack: acks.append((uid, ack)))
+    acks: list[Ack] = []
+    pub = make_publisher(on_ack=acks.append)
     assert pub.wait_acks_subscribed(5)
     dashboard = subscriber(f"{P}/#")
-    ack = {"alert_id": "a-1", "by": "dashboard-3", "at": "2025-01-01T00:00:00Z"}
+    ack = {"alert_id": ALERT, "by": "dashboard-3", "at": "2025-01-01T00:00:00Z"}
     dashboard.publish(f"{P}/ack/1.2.840.99", json.dumps(ack))
     wait_until(lambda: len(acks) == 1, what="on_ack")
-    assert acks == [("1.2.840.99", ack)]
+    assert acks == [Ack("1.2.840.99", ALERT, "dashboard-3", "2025-01-01T00:00:00Z")]
+    assert pub.acks.counters()["acks_received"] == 1
 
 
 def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
@@ -364,10 +473,11 @@ def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="edge_agent.mqtt")
     acks: list[str] = []
+    boom, good = "b0" * 16, "90" * 16
 
-    def on_ack(uid: str, ack: dict[str, Any]) -> None:
-        acks.append(ack["alert_id"])
-        if ack["alert_id"] == "boom":
+    def on_ack(ack: Ack) -> None:
+        acks.append(ack.alert_id)
+        if ack.alert_id == boom:
             raise RuntimeError("on_ack broke")
 
     pub = make_publisher(on_ack=on_ack)
@@ -375,12 +485,15 @@ def test_malformed_ack_is_ignored_and_publisher_stays_healthy(
     dashboard = subscriber(f"{P}/study/+")
     for bad in (b"{not json " + SECRET.encode(), b"\xff\xfe", b'["a"]', b'{"by": "x"}', b""):
         dashboard.publish(f"{P}/ack/1.9.1", bad)
-    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": "boom"}))
-    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": "good"}))
-    wait_until(lambda: acks == ["boom", "good"], what="the two good acks")
+    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": boom}))
+    dashboard.publish(f"{P}/ack/1.9.1", json.dumps({"alert_id": good}))
+    wait_until(lambda: acks == [boom, good], what="the two good acks")
     assert pub.healthy()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert sum("malformed ack for study 1.9.1" in w for w in warnings) == 4
+    # the first bad one is logged, the next ones within a minute only counted
+    assert sum("ignoring an ack on study 1.9.1: not JSON" in w for w in warnings) == 1
+    assert len(warnings) == 1
+    assert pub.acks.counters()["acks_refused"] == 5
     assert any(r.exc_info for r in caplog.records if "1.9.1" in r.getMessage())
     # still delivering
     outbox.add("1.9.2")
@@ -494,6 +607,16 @@ def test_check_broker_refused_connect_names_the_reason(tmp_path) -> None:
         broker.start()
         with pytest.raises(BrokerUnreachable, match=r"refused the connection: Not authorized"):
             check_broker(settings_for(broker.host, broker.port), timeout=2.0)
+
+
+def test_check_broker_names_a_broker_that_never_answers_connect_as_the_daemon_does() -> None:
+    silent = SilentListener()
+    try:
+        with pytest.raises(BrokerUnreachable) as info:
+            check_broker(settings_for("127.0.0.1", silent.port), timeout=1.0)
+        assert str(info.value) == silent_broker("127.0.0.1", silent.port, 1.0)
+    finally:
+        silent.close()
 
 
 def test_tls_files_that_cannot_be_read_name_their_key(tmp_path) -> None:

@@ -38,7 +38,7 @@ from polling import wait_until
 from edge_agent.config import Settings
 from edge_agent.devbroker import HOST, Mosquitto, Pki, free_port, write_password_file
 from edge_agent.errors import BrokerUnreachable
-from edge_agent.mqtt import Publisher, check_broker
+from edge_agent.mqtt import Ack, Publisher, check_broker
 from edge_agent.store import OutboxMessage
 
 pytestmark = pytest.mark.timeout(120)
@@ -264,6 +264,7 @@ class MemoryOutbox:
         self._rows: dict[int, OutboxMessage] = {}
         self._next = 1
         self.deleted: list[int] = []
+        self.set_aside: dict[int, str] = {}
 
     def add(self, uid: str) -> int:
         body = {"schema": "edge-triage.study-result.v1", "alert_id": f"alert-{uid}", "uid": uid}
@@ -277,16 +278,28 @@ class MemoryOutbox:
 
     def outbox_pending(self, limit: int, exclude: Collection[int]) -> list[OutboxMessage]:
         with self._lock:
-            return [r for i, r in sorted(self._rows.items()) if i not in exclude][:limit]
+            rows = sorted(self._rows.items())
+            return [r for i, r in rows if i not in exclude and i not in self.set_aside][:limit]
 
     def outbox_delete(self, message_id: int) -> None:
         with self._lock:
             self._rows.pop(message_id, None)
+            self.set_aside.pop(message_id, None)
             self.deleted.append(message_id)
 
     def outbox_depth(self) -> int:
         with self._lock:
             return len(self._rows)
+
+    def outbox_set_aside(self, message_id: int, reason: str) -> bool:
+        with self._lock:
+            first = message_id not in self.set_aside
+            self.set_aside[message_id] = reason
+            return first
+
+    def outbox_set_aside_messages(self) -> list[OutboxMessage]:
+        with self._lock:
+            return [r for i, r in sorted(self._rows.items()) if i in self.set_aside]
 
 
 def settings(broker: Mosquitto, *, device_id: str = BOX, **mqtt_settings: Any) -> Settings:
@@ -353,12 +366,12 @@ def test_tls_with_client_certificate_delivers_and_receives_acks(tmp_path, pki, c
     assert dashboard.subscribe(f"{PREFIX}/#") == 1
     outbox = MemoryOutbox(P_BOX)
     rows = [outbox.add(f"1.2.3.{i}") for i in range(5)]
-    acks: list[tuple[str, dict[str, Any]]] = []
+    acks: list[Ack] = []
     pub = Publisher(
         settings(central, **tls_settings(pki)),
         outbox,
         status=dict,
-        on_ack=lambda uid, ack: acks.append((uid, ack)),
+        on_ack=lambda ack: acks.append(ack) or "acknowledged",
     )
     closing(pub).start()
     assert pub.wait_connected(5)
@@ -368,9 +381,10 @@ def test_tls_with_client_certificate_delivers_and_receives_acks(tmp_path, pki, c
     # The broker saw the box's certificate identity, not an anonymous client.
     assert f"u'{BOX_ID}'" in central.log_text()
 
-    ack = {"alert_id": "alert-1.2.3.0", "by": "dr-a", "at": "2026-12-04T15:00:00Z"}
+    ack = {"alert_id": "a1" * 16, "by": "dr-a", "at": "2026-12-04T15:00:00Z"}
     assert dashboard.publish(f"{P_BOX}/ack/1.2.3.0", json.dumps(ack)) == 0
-    wait_until(lambda: acks == [("1.2.3.0", ack)], 5, "the ack to reach the agent")
+    expected = Ack("1.2.3.0", "a1" * 16, "dr-a", "2026-12-04T15:00:00Z")
+    wait_until(lambda: acks == [expected], 5, "the ack to reach the agent")
     check_broker(settings(central, **tls_settings(pki)), timeout=3)
 
 
@@ -599,7 +613,12 @@ def test_bridge_delivers_everything_after_a_20_s_central_outage(tmp_path, pki, c
     outbox = MemoryOutbox(P_BOX)
     acks: list[str] = []
     pub = closing(
-        Publisher(settings(box), outbox, status=dict, on_ack=lambda uid, ack: acks.append(uid))
+        Publisher(
+            settings(box),
+            outbox,
+            status=dict,
+            on_ack=lambda ack: acks.append(ack.study_instance_uid),
+        )
     )
     pub.start()
     assert pub.wait_connected(5)
@@ -631,7 +650,7 @@ def test_bridge_delivers_everything_after_a_20_s_central_outage(tmp_path, pki, c
     )
 
     # Acks come back down the bridge to the agent.
-    assert dashboard.publish(f"{P_BOX}/ack/1.7.24", b'{"alert_id":"alert-1.7.24"}') == 0
+    assert dashboard.publish(f"{P_BOX}/ack/1.7.24", json.dumps({"alert_id": "b2" * 16})) == 0
     wait_until(lambda: acks == ["1.7.24"], 10, "the ack to come down the bridge")
     # The box's retained status is retained centrally too: a dashboard starting now sees it.
     late = closing(Peer(central, ca=pki.ca, cert=pki.dashboard))
@@ -659,7 +678,12 @@ def test_bridge_queue_survives_a_box_broker_restart(tmp_path, pki, closing) -> N
     outbox = MemoryOutbox(P_BOX)
     acks: list[str] = []
     pub = closing(
-        Publisher(settings(box), outbox, status=dict, on_ack=lambda uid, ack: acks.append(uid))
+        Publisher(
+            settings(box),
+            outbox,
+            status=dict,
+            on_ack=lambda ack: acks.append(ack.study_instance_uid),
+        )
     )
     pub.start()
     assert pub.wait_connected(5)
@@ -679,7 +703,7 @@ def test_bridge_queue_survives_a_box_broker_restart(tmp_path, pki, closing) -> N
 
     # An ack sent while the box broker is away waits on the central broker for the bridge.
     box.stop()
-    assert dashboard.publish(f"{P_BOX}/ack/1.8.3", b'{"alert_id":"alert-1.8.3"}') == 0
+    assert dashboard.publish(f"{P_BOX}/ack/1.8.3", json.dumps({"alert_id": "c3" * 16})) == 0
     box.start()
     wait_until(lambda: acks == ["1.8.3"], 15, "the ack queued for the bridge")
 
