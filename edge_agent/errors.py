@@ -88,3 +88,19 @@ class ImageRejected(InputRejected):
 
 class InferenceError(EdgeTriageError):
     pass
+
+
+def describe(exc: BaseException) -> str:
+    """A short, PHI-free account of ``exc`` for the status that goes out on MQTT.
+
+    Our own errors and SQLite's say what went wrong without naming files ("database is
+    locked"). An ``OSError`` says its ``strerror`` only: its ``str()`` carries the file
+    name, and folders are often named after the patient. Anything else is a bug whose text
+    could hold anything: its type only (the traceback is in the local log)."""
+    import sqlite3  # here, not at import: errors.py is imported by everything
+
+    if isinstance(exc, (EdgeTriageError, sqlite3.Error)):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'error'}"
+    return f"{type(exc).__name__} (see the log)"

@@ -38,7 +38,7 @@ import pydicom
 
 from . import ct, imaging
 from .bundle import Bundle, Preprocessing, Report
-from .errors import EdgeTriageError, InputRejected
+from .errors import EdgeTriageError, InputRejected, describe
 from .gemma import ChatPrompt, GenerationStopped, GenerationTimeout, OnnxGemma3, TextConfig
 from .intake.header import PYDICOM_ERRORS
 from .intake.instance_file import FileGone, OtherInstance, read_dataset
@@ -212,7 +212,7 @@ class NarrativeWorker:
                     )
                     return
                 except Exception as exc:  # e.g. the store failed; the job stays
-                    self.last_error = f"narrative: {type(exc).__name__}: {exc}"
+                    self.last_error = f"narrative: {describe(exc)}"
                     logger.exception(
                         "narrative of study %s could not be published; retried in %g s",
                         job.study_instance_uid,

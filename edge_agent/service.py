@@ -26,7 +26,7 @@ from typing import Any
 from . import __version__
 from .bundle import Bundle, load_bundle
 from .config import Settings
-from .errors import ConfigError, EdgeTriageError, InputRejected
+from .errors import ConfigError, EdgeTriageError, InputRejected, describe
 from .identifiers import FILE_ID_KEY, file_id, topic, uid_problem, valid_uid
 from .intake.header import Skipped, read_header
 from .intake.instance_file import FileChanged, FileGone, FileUnreadable, NotRegularFile
@@ -439,7 +439,7 @@ class Agent:
                     # A bug must not stop intake for ever; it is logged with its traceback
                     # and the next scan tries again (the state database is unchanged by a
                     # failed step).
-                    self.last_error, failed = f"intake: {type(exc).__name__}: {exc}", True
+                    self.last_error, failed = f"intake: {describe(exc)}", True
                     logger.exception("intake step failed")
                 self._intake_beat(None)
                 if failed:
@@ -595,14 +595,7 @@ class Agent:
 
     def _wait_and_retry(self, uid: str, exc: Exception) -> None:
         """Keep ``uid`` queued, to be tried again with back-off; log the first failure."""
-        if isinstance(exc, EdgeTriageError):
-            reason = str(exc)
-        elif isinstance(exc, sqlite3.Error):
-            reason = str(exc)  # "database is locked", "database or disk is full", …
-        elif isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-        else:
-            reason = f"{type(exc).__name__}: {exc}"
+        reason = describe(exc)  # "database is locked", "database or disk is full", …
         self.last_error = f"scoring study {uid}: {reason}"
         entry, first = self.waits.failed(uid, reason)
         step = "storing its result" if uid in self._prepared else "scoring"
@@ -666,7 +659,7 @@ class Agent:
             try:
                 self._renotify()
             except Exception as exc:  # the store failed; next second tries again
-                self.last_error = f"renotify: {type(exc).__name__}: {exc}"
+                self.last_error = f"renotify: {describe(exc)}"
                 logger.exception("queueing re-notifications failed")
             self._watch_health()
             if ping and time.monotonic() >= next_ping and self._healthy:

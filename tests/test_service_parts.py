@@ -234,3 +234,19 @@ def test_a_waiting_study_is_due_after_its_back_off() -> None:
         entry, first = waits.failed("1.2.3", "database is locked")
         assert not first and entry.attempts == 2
         assert waits.due(time.monotonic() + 1.5) is None
+
+
+def test_errors_described_for_the_status_never_carry_a_file_name() -> None:
+    """last_error goes out on P/status: an OSError's str() names the file (folders are often
+    named after the patient), a bug's message could hold anything."""
+    import sqlite3
+
+    from edge_agent.errors import ConfigError, describe
+
+    name = "/srv/incoming/DOE^JANE 19700101/1.dcm"
+    assert describe(PermissionError(13, "Permission denied", name)) == (
+        "PermissionError: Permission denied"
+    )
+    assert describe(ValueError(f"bad value in {name}")) == "ValueError (see the log)"
+    assert describe(sqlite3.OperationalError("database is locked")) == "database is locked"
+    assert describe(ConfigError("mqtt.port", "too large")) == "mqtt.port: too large"
