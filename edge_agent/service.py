@@ -133,6 +133,7 @@ class Agent:
             poll_interval=settings.intake.poll_interval_seconds,
             rescan_seconds=settings.intake.rescan_seconds,
             retry_max=settings.intake.retry_max_seconds,
+            shown=self._file_name,
         )
         # The intake's heartbeat: what it is doing and since when (monotonic), None while it
         # waits for files. A step that takes longer than intake.stall_seconds (a read from a

@@ -500,3 +500,22 @@ def test_watch_mode_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGE_AGENT_INTAKE__WATCH_MODE", "nfs")
     with pytest.raises(ConfigError, match=r"intake\.watch_mode"):
         load_settings(None)
+
+
+def test_the_agent_names_an_unusable_name_by_its_id_not_its_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Folders are often named after the patient: the watcher's own warnings name what is
+    below the watch folder the way the agent asks (by file id unless phi.publish_paths)."""
+    folder = tmp_path / "DOE^JANE 19700101"
+    folder.mkdir()
+    fd = os.open(os.fsencode(folder) + b"/s\xe9rie.dcm", os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
+    w = FolderWatcher(
+        tmp_path, stable_seconds=0, ignore_suffixes=(), shown=lambda rel: "file 0123abcd"
+    )
+    with caplog.at_level(logging.WARNING, "edge_agent.intake.watcher"):
+        assert w.scan(1.0) == []
+    text = caplog.text
+    assert "file 0123abcd" in text and "not valid UTF-8" in text
+    assert "DOE" not in text and "rie.dcm" not in text

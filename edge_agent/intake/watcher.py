@@ -55,7 +55,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -259,8 +259,12 @@ class FolderWatcher:
         batch_size: int = DEFAULT_BATCH,
         mounts_file: Path = PROC_MOUNTS,
         retry_max: float = RETRY_MAX_SECONDS,
+        shown: Callable[[str], str] | None = None,
     ) -> None:
         self.root = root
+        # How a log line names something below the root (the agent passes its file-id
+        # naming: folders are often named after the patient).
+        self._shown: Callable[[str], str] = shown or (lambda rel: rel)
         self.stable_seconds = stable_seconds
         self.ignore_suffixes = tuple(ignore_suffixes)
         self.watch_mode: WatchMode = watch_mode
@@ -484,7 +488,9 @@ class FolderWatcher:
             shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             if shown not in self._warned_names and len(self._warned_names) < _MAX_WARNED_NAMES:
                 self._warned_names.add(shown)
-                logger.warning("skipping %s: its name is not valid UTF-8 (rename it)", shown)
+                logger.warning(
+                    "skipping %s: its name is not valid UTF-8 (rename it)", self._shown(shown)
+                )
             return False
         return True
 
@@ -521,7 +527,8 @@ class FolderWatcher:
                     self._walk_complete = False
                 # else: a sub-folder removed while the tree was walked
             except OSError as exc:
-                logger.warning("cannot list %s: %s", folder, exc.strerror)
+                where = f"sub-folder {self._shown(rel_dir)}" if rel_dir else folder
+                logger.warning("cannot list %s: %s", where, exc.strerror)
                 self._walk_complete = False
 
     def _inside(self, rel: str, *, folder: bool = False) -> bool:
