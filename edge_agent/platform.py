@@ -230,10 +230,10 @@ def thermal_zones(root: Path = ROOT) -> list[ThermalZone]:
     except OSError:
         return zones
     for zone in entries:
-        try:
-            kind = (zone / "type").read_text().strip()
-        except OSError:
+        kind = _read(zone, "type", 256)
+        if kind is None:
             continue
+        kind = kind.strip()
         milli = _read_int(zone / "temp")
         celsius = None if milli is None or not -40_000 <= milli <= 200_000 else milli / 1000
         zones.append(ThermalZone(kind, celsius))

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polling import wait_until
 
 from edge_agent import platform
@@ -282,3 +284,32 @@ def test_the_daemon_pauses_intake_while_the_state_disk_is_below_its_floor(
             agent.stop()
             runner.join(20)
         assert not runner.is_alive()
+
+
+SENSOR_FILES = [
+    "sys/class/thermal/thermal_zone8/temp",
+    "sys/class/thermal/thermal_zone8/type",
+    "sys/class/hwmon/hwmon1/oc3_event_cnt",
+    "sys/class/hwmon/hwmon1/name",
+    "sys/devices/system/cpu/cpufreq/policy0/scaling_cur_freq",
+    "sys/class/devfreq/17000000.gpu/max_freq",
+    "var/lib/nvpmodel/status",
+    "etc/nvpmodel.conf",
+    "proc/meminfo",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(SENSOR_FILES), st.binary(max_size=64))
+def test_any_bytes_in_a_sensor_file_read_as_a_value_or_none(relative: str, data: bytes) -> None:
+    """Whatever a driver (or a broken one) puts in a file, a reading never fails."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(shutil.copytree(FIXTURES / "jetson-orin-nano", Path(tmp) / "root"))
+        (root / relative).write_bytes(data)
+        r = read_health(Path(tmp), Path(tmp), root=root)
+        for key, value in r.as_dict().items():
+            assert value is None or isinstance(value, int | float | str | dict), key
+        json.dumps(r.as_dict())
+        limits_crossed(r, LIMITS, {})
