@@ -198,6 +198,19 @@ if gpu is None:
     )
 else:
     print(f"ONNX Runtime: onnxruntime-gpu {gpu}")
+    try:
+        import onnxruntime
+        providers = list(onnxruntime.get_available_providers())
+    except Exception as exc:  # a wheel for another JetPack fails to load its CUDA libraries
+        print(f"warning: onnxruntime-gpu does not load: {exc}", file=sys.stderr)
+    else:
+        print(f"ONNX Runtime providers: {', '.join(providers)}")
+        if "TensorrtExecutionProvider" not in providers:
+            print(
+                "warning: this onnxruntime-gpu has no TensorRT provider: is it the wheel "
+                "for this JetPack release?",
+                file=sys.stderr,
+            )
 try:
     import tensorrt
 except Exception as exc:

@@ -199,7 +199,11 @@ def fake_wheel(folder: Path, distribution: str, version: str = "1.20.0") -> Path
 
     stem = f"{distribution.replace('-', '_')}-{version}"
     files = {
-        "onnxruntime/__init__.py": f'__version__ = "{version}"\n'.encode(),
+        "onnxruntime/__init__.py": (
+            f'__version__ = "{version}"\n\n\ndef get_available_providers():\n'
+            "    return ['TensorrtExecutionProvider', 'CUDAExecutionProvider', "
+            "'CPUExecutionProvider']\n"
+        ).encode(),
         f"{stem}.dist-info/METADATA": (
             f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n".encode()
         ),
@@ -253,6 +257,10 @@ def test_install_on_a_jetson_uses_jetpacks_tensorrt_and_nvidias_onnxruntime(
         done.stdout
     )
     assert "ONNX Runtime: onnxruntime-gpu 1.20.0" in done.stdout
+    assert "ONNX Runtime providers: TensorrtExecutionProvider, CUDAExecutionProvider" in (
+        done.stdout
+    )
+    assert "warning" not in done.stderr, done.stderr
     assert "TensorRT: 10.3.0 from " in done.stdout
     # The venv sees JetPack's tensorrt (through the .pth, from the root's dist-packages) and
     # NVIDIA's onnxruntime-gpu, and no CPU-only onnxruntime.
