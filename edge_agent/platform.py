@@ -72,12 +72,18 @@ def _read_int(path: Path) -> int | None:
 # -- the platform ------------------------------------------------------------------------------
 
 
+def read_model(path: Path) -> str | None:
+    """A device-tree model file (NUL-terminated) as text, or None when absent or empty."""
+    text = _read(path.parent, path.name, 4096)
+    return None if text is None else (text.rstrip("\0\n ") or None)
+
+
 def device_tree_model(root: Path = ROOT) -> str | None:
     """The board's model string from the device tree (``Jetson …`` on a Jetson), or None."""
     for relative in ("proc/device-tree/model", "sys/firmware/devicetree/base/model"):
-        text = _read(root, relative, 4096)
-        if text is not None:
-            return text.rstrip("\0\n ") or None
+        model = read_model(root / relative)
+        if model is not None:
+            return model
     return None
 
 

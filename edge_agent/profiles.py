@@ -6,7 +6,8 @@ workspace and batch shapes of TensorRT engines, and where the engine comes from 
 bundle's own engine built by ``edge-export tensorrt``, run by ``runner = "tensorrt"``; or
 ONNX Runtime's TensorRT execution provider with its engine cache in ``state_dir``).
 ``profile = "auto"`` detects the device from ``/proc/device-tree/model`` (Jetson) and
-otherwise picks the x86 profile.
+otherwise picks the x86 profile. A ``[health]`` section sets the limits of the box's health
+(:mod:`edge_agent.health`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import NarrativeBudget, NarrativeSettings, read_toml
 from .errors import ConfigError
+from .platform import read_model
 
 logger = logging.getLogger(__name__)
 
@@ -298,10 +300,7 @@ def detect_profile_name(
     """(profile name, why). Jetson boards are told apart by their device-tree model string;
     elsewhere an NVIDIA driver plus an ONNX Runtime with the CUDA provider means x86-cuda,
     anything else the CPU profile."""
-    try:
-        model = device_tree_model.read_bytes().rstrip(b"\0").decode(errors="replace")
-    except OSError:
-        model = ""
+    model = read_model(device_tree_model) or ""
     lowered = model.lower()
     if "orin nano" in lowered:
         return "jetson-orin-nano", f"device-tree model {model!r}"
