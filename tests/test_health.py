@@ -240,8 +240,9 @@ def test_the_daemon_pauses_intake_while_the_state_disk_is_below_its_floor(
 ) -> None:
     """The real agent: with a floor no disk can meet, a study in the watch folder waits, the
     retained status says why; when the floor is met again the study is read and scored."""
+    from brokers import Mosquitto, Subscriber
+
     from edge_agent.config import load_settings
-    from edge_agent.devbroker import Mosquitto
     from edge_agent.service import Agent
     from edge_agent.simulate import simulate
 
@@ -260,8 +261,10 @@ def test_the_daemon_pauses_intake_while_the_state_disk_is_below_its_floor(
             watch_dir=watch,
             state_dir=tmp_path / "state",
             profile=str(profile),
+            site="s",
+            device_id="d",
             study_quiet_seconds=0.5,
-            mqtt={"host": broker.host, "port": broker.port},
+            mqtt={"host": broker.host, "port": broker.port, "status_interval_seconds": 0.5},
             intake={"file_stable_seconds": 0.2, "poll_interval_seconds": 0.2},
         )
         agent = Agent(settings)
@@ -272,9 +275,20 @@ def test_the_daemon_pauses_intake_while_the_state_disk_is_below_its_floor(
             list(simulate(watch, studies=1, seed=5))
             time.sleep(2.0)
             assert agent.store.counters()["studies_seen"] == 0
-            status = agent.status_fields()["health"]
-            assert status["intake_paused"].startswith("intake paused: state disk has ")
-            assert "health.min_state_free_mib" in status["intake_paused"]
+            # The retained status, as a dashboard reads it from the broker.
+            sub = Subscriber(broker, f"{settings.topic_base}/status")
+            try:
+                (status,) = sub.wait_for(
+                    lambda m: bool(m.json().get("health", {}).get("intake_paused")), timeout=10
+                )[-1:]
+            finally:
+                sub.close()
+            health = status.json()["health"]
+            assert health["intake_paused"].startswith("intake paused: state disk has ")
+            assert health["intake_paused"].endswith(
+                f"MiB free, below health.min_state_free_mib ({1 << 40})"
+            )
+            assert health["warnings"] and health["state_free_mib"] > 0
             agent.health.limits = agent.health.limits.model_copy(update={"min_state_free_mib": 1})
             wait_until(
                 lambda: agent.store.studies_in_state("scored"), timeout=60, what="study scored"
