@@ -30,9 +30,9 @@ from typing import Any
 
 ROOT = Path("/")
 
-# L4T (Jetson Linux) release -> JetPack release, from NVIDIA's JetPack release notes. Only
-# the releases for Orin (R35, R36) that we have seen named there; others are reported as
-# L4T alone.
+# L4T (Jetson Linux) release -> JetPack release, as NVIDIA's JetPack release notes pair them
+# (Orin's R35 and R36 only; not checked against a board). Releases not listed here (R36.5
+# and later, say) are reported as L4T alone until added.
 JETPACK_FOR_L4T = {
     "35.1.0": "5.0.2",
     "35.2.1": "5.1",
