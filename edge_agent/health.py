@@ -208,8 +208,8 @@ class HealthState:
 class HealthMonitor:
     """Reads the box's health on an interval; see the module docstring.
 
-    ``notify`` gets a one-line summary when the intake pauses or resumes (the daemon passes
-    systemd's ``STATUS=``)."""
+    ``notify`` is called with the reason when the intake pauses and with None when it
+    resumes (the daemon sets systemd's ``STATUS=`` line from it)."""
 
     def __init__(
         self,
@@ -218,7 +218,7 @@ class HealthMonitor:
         watch_dir: Path,
         *,
         root: Path = platform.ROOT,
-        notify: Callable[[str], object] | None = None,
+        notify: Callable[[str | None], object] | None = None,
     ) -> None:
         self.limits = limits
         self.state_dir = state_dir
@@ -267,7 +267,7 @@ class HealthMonitor:
         elif was_paused and not paused:
             logger.info("intake resumed: state disk has space again")
             if self.notify is not None:
-                self.notify("intake resumed")
+                self.notify(None)
         write_health_file(self.state_dir / HEALTH_FILE, state)
         return state
 

@@ -136,7 +136,7 @@ class Agent:
             self.profile.health,
             settings.state_dir,
             settings.watch_dir,
-            notify=self.notifier.status,
+            notify=lambda paused: self.notifier.status(paused or self._summary),
         )
         self._summary = "starting"
         self._metrics: Any = None
