@@ -332,3 +332,23 @@ def test_any_bytes_in_a_sensor_file_read_as_a_value_or_none(relative: str, data:
             assert value is None or isinstance(value, int | float | str | dict), key
         json.dumps(r.as_dict())
         limits_crossed(r, LIMITS, {})
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("[health]\nmax_soc_temp_c = 500\n", "health.max_soc_temp_c"),
+        ("[health]\nmin_state_free_mib = -1\n", "health.min_state_free_mib"),
+        ("[health]\ninterval_seconds = 0\n", "health.interval_seconds"),
+        ("[health]\nmin_free_gb = 3\n", "health.min_free_gb"),
+    ],
+)
+def test_health_limit_errors_name_the_key(tmp_path: Path, body: str, key: str) -> None:
+    from edge_agent.errors import ConfigError
+    from edge_agent.profiles import load_profile_file
+
+    path = tmp_path / "bad.toml"
+    path.write_text(f'name = "bad"\ndescription = "x"\n{body}')
+    with pytest.raises(ConfigError) as info:
+        load_profile_file(path)
+    assert info.value.key == f"profile(bad.toml).{key}"
