@@ -77,6 +77,7 @@ def test_unit_keeps_what_the_jetson_gpu_and_the_protocol_need() -> None:
     assert settings["ProtectSystem"] == "strict"
     assert settings["LoadCredential"].startswith("mqtt_password:")
     assert "AF_UNIX" in settings["RestrictAddressFamilies"]  # the notify socket
+    assert "ProcSubset" not in settings  # the health thread reads /proc/meminfo
 
 
 def run_install(*args: str) -> subprocess.CompletedProcess[str]:
