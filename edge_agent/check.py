@@ -18,10 +18,76 @@ from .errors import ConfigError, EdgeTriageError, ResourceMissing
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .profiles import Profile
 
 
 def _line(ok: bool, what: str, detail: str) -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {what:<10} {detail}")
+
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def platform_report(profile: Profile | None, root: Path = Path("/")) -> list[tuple[bool, str, str]]:
+    """(ok, what, detail) lines on the platform: the board and its JetPack release, CUDA,
+    the ONNX Runtime build and its providers, TensorRT, and what the profile wants that this
+    box lacks. Warnings, not failures (``ok`` False marks them): a missing GPU provider makes
+    the agent fall back, it does not stop it; the provider check below says whether any
+    provider of the profile is usable."""
+    from . import platform
+
+    lines: list[tuple[bool, str, str]] = []
+    jetson = platform.is_jetson(root)
+    model = platform.device_tree_model(root)
+    if jetson:
+        release = platform.l4t_release(root)
+        lines.append(
+            (True, "platform", f"{model}; {release.describe() if release else 'L4T release ?'}")
+        )
+    else:
+        machine = os.uname().machine
+        lines.append((True, "platform", f"{model + ', ' if model else ''}{machine}, not a Jetson"))
+    wants_gpu = profile is not None and (
+        profile.runtime.runner == "tensorrt"
+        or any(p in _GPU_PROVIDERS for p in profile.runtime.providers)
+    )
+    cuda = platform.cuda_version(root)
+    if cuda is not None or jetson or wants_gpu:
+        lines.append((cuda is not None, "cuda", f"CUDA {cuda}" if cuda else "no CUDA toolkit"))
+    ort = platform.ort_build()
+    problem = ort.problem
+    if jetson and ort.name == "onnxruntime":
+        problem = (
+            "the CPU-only onnxruntime: on a Jetson install the onnxruntime-gpu wheel for its "
+            "JetPack release from NVIDIA (systemd/install.sh --ort-wheel FILE)"
+        )
+    lines.append((problem is None, "ort", ort.describe() + (f": {problem}" if problem else "")))
+    trt = platform.tensorrt_version()
+    wants_trt = profile is not None and (
+        profile.runtime.runner == "tensorrt"
+        or "TensorrtExecutionProvider" in profile.runtime.providers
+    )
+    if trt is not None or wants_trt:
+        detail = f"TensorRT {trt} (Python module)" if trt else "the tensorrt module does not import"
+        lines.append((trt is not None, "tensorrt", detail))
+    if profile is not None and profile.runtime.runner == "onnxruntime":
+        missing = [p for p in profile.runtime.providers if p not in ort.providers]
+        usable = [p for p in profile.runtime.providers if p in ort.providers]
+        if missing and usable:
+            lines.append(
+                (
+                    False,
+                    "missing",
+                    f"profile {profile.name} wants {', '.join(missing)}; this ONNX Runtime "
+                    f"lacks it, so the encoder runs on {usable[0]}",
+                )
+            )
+    return lines
+
+
+def _print_platform(profile: Profile | None) -> None:
+    for ok, what, detail in platform_report(profile):
+        print(f"{'ok  ' if ok else 'warn'} {what:<10} {detail}")
 
 
 def _check_scp(
@@ -143,6 +209,8 @@ def run_check(config_file: Path | None) -> int:
         _line(False, "profile", str(exc))
         config_problems.append(exc)
         profile = None
+
+    _print_platform(profile)
 
     if settings.watch_dir.is_dir() and os.access(settings.watch_dir, os.R_OK | os.X_OK):
         _line(True, "watch_dir", str(settings.watch_dir))

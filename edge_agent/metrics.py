@@ -88,10 +88,58 @@ class StateCollector(Collector):
         rejected = CounterMetricFamily(f"{PREFIX}_rejected_files", "Input files rejected")
         rejected.add_metric([], float(report.rejected))
         yield rejected
+        yield from _health_metrics(report.health)
         for key, value in sorted(report.counters.items()):
             counter = CounterMetricFamily(f"{PREFIX}_{_name(key)}", f"Agent counter '{key}'")
             counter.add_metric([], float(value))
             yield counter
+
+
+# Health readings (state_dir/health.json, written by the agent's health thread) as gauges:
+# (key in the file, metric name, help). A reading the box does not have is left out.
+_HEALTH_GAUGES = [
+    ("soc_temp_c", "soc_temperature_celsius", "SoC temperature (Jetson tj-thermal)"),
+    ("gpu_temp_c", "gpu_temperature_celsius", "GPU temperature"),
+    ("cpu_mhz", "cpu_clock_mhz", "Clock of the fastest CPU cluster"),
+    ("cpu_max_mhz", "cpu_clock_max_mhz", "Its hardware maximum"),
+    ("gpu_mhz", "gpu_clock_mhz", "GPU clock (Jetson devfreq)"),
+    ("gpu_max_mhz", "gpu_clock_max_mhz", "Its maximum"),
+    ("memory_available_mib", "memory_available_mib", "MemAvailable, MiB"),
+    ("state_free_mib", "state_disk_free_mib", "Free MiB on state_dir's file system"),
+    ("watch_free_mib", "watch_disk_free_mib", "Free MiB on watch_dir's file system"),
+    ("age_seconds", "health_reading_age_seconds", "Age of the last health reading"),
+]
+
+
+def _health_metrics(health: dict[str, Any] | None) -> Iterator[Metric]:
+    if health is None:
+        return
+    for key, name, documentation in _HEALTH_GAUGES:
+        value = health.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            yield _gauge(name, documentation, value)
+    events = health.get("overcurrent_events")
+    if isinstance(events, dict):
+        counter = CounterMetricFamily(
+            f"{PREFIX}_overcurrent_events",
+            "Jetson over-current/under-voltage throttle events since boot (soctherm_oc)",
+            labels=["event"],
+        )
+        for event, count in sorted(events.items()):
+            if isinstance(count, int):
+                counter.add_metric([str(event)], float(count))
+        yield counter
+    warnings = health.get("warnings")
+    yield _gauge(
+        "health_warnings",
+        "Health limits crossed now (profile [health])",
+        len(warnings) if isinstance(warnings, list) else 0,
+    )
+    yield _gauge(
+        "intake_paused",
+        "1 while the intake waits for space on the state disk",
+        1 if health.get("intake_paused") else 0,
+    )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

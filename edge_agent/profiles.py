@@ -6,7 +6,8 @@ workspace and batch shapes of TensorRT engines, and where the engine comes from 
 bundle's own engine built by ``edge-export tensorrt``, run by ``runner = "tensorrt"``; or
 ONNX Runtime's TensorRT execution provider with its engine cache in ``state_dir``).
 ``profile = "auto"`` detects the device from ``/proc/device-tree/model`` (Jetson) and
-otherwise picks the x86 profile.
+otherwise picks the x86 profile. A ``[health]`` section sets the limits of the box's health
+(:mod:`edge_agent.health`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import logging
 import platform
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import NarrativeBudget, NarrativeSettings, read_toml
 from .errors import ConfigError
+from .platform import read_model
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ class TensorRTProfile(_Section):
         default="bundle",
         description="'bundle': the engine edge-export tensorrt built into the bundle on this "
         "device (runtime.runner = 'tensorrt'); 'ort-cache': ONNX Runtime's TensorRT execution "
-        "provider builds engines itself and caches them in state_dir.",
+        "provider builds engines itself and caches them in state_dir. Left out, it follows "
+        "runtime.runner (so that switching the runner is one line).",
     )
     precision: Literal["fp32", "fp16", "int8"] = Field(
         default="fp16",
@@ -106,6 +109,46 @@ class TensorRTProfile(_Section):
         if self.max_batch < self.opt_batch:
             raise _KeyedProblem("tensorrt.max_batch", "must be at least opt_batch")
         return self
+
+
+class HealthProfile(_Section):
+    """The box's health: how often it is read and the limits that raise a warning in the
+    status and the log (once when crossed, once when cleared). Below ``min_state_free_mib``
+    the intake also pauses until space is back."""
+
+    interval_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="Seconds between two health readings."
+    )
+    max_soc_temp_c: float = Field(
+        default=90.0,
+        ge=30,
+        le=150,
+        description="SoC temperature (Jetson tj-thermal; elsewhere the hottest non-GPU thermal "
+        "zone) above which the status warns, in °C.",
+    )
+    min_state_free_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="Free MiB on state_dir's file system below which the status warns AND the "
+        "intake pauses (the state database, the outbox and C-STORE copies live there); 0: off.",
+    )
+    min_state_free_percent: float = Field(
+        default=5.0, ge=0, le=100, description="Free percent on state_dir's file system: warning."
+    )
+    min_watch_free_mib: int = Field(
+        default=2048,
+        ge=0,
+        description="Free MiB on watch_dir's file system below which the status warns (the "
+        "modality writes there; the agent only reads); 0: off.",
+    )
+    min_watch_free_percent: float = Field(
+        default=5.0, ge=0, le=100, description="Free percent on watch_dir's file system: warning."
+    )
+    min_available_memory_mib: int = Field(
+        default=512,
+        ge=0,
+        description="MemAvailable (MiB; a Jetson's GPU shares it) below which the status warns.",
+    )
 
 
 class NarrativeProfile(_Section):
@@ -173,7 +216,23 @@ class Profile(_Section):
         "the TensorrtExecutionProvider.",
     )
     narrative: NarrativeProfile = Field(default_factory=NarrativeProfile)
+    health: HealthProfile = Field(default_factory=HealthProfile)
     source: str = Field(default="", description="File the profile was read from.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_follows_runner(cls, data: Any) -> Any:
+        """A [tensorrt] section without ``engine`` takes the one its runner uses."""
+        if not isinstance(data, dict):
+            return data
+        trt, runtime = data.get("tensorrt"), data.get("runtime")
+        if isinstance(trt, dict) and "engine" not in trt:
+            runner = runtime.get("runner") if isinstance(runtime, dict) else None
+            data = {
+                **data,
+                "tensorrt": {**trt, "engine": "bundle" if runner == "tensorrt" else "ort-cache"},
+            }
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -241,10 +300,7 @@ def detect_profile_name(
     """(profile name, why). Jetson boards are told apart by their device-tree model string;
     elsewhere an NVIDIA driver plus an ONNX Runtime with the CUDA provider means x86-cuda,
     anything else the CPU profile."""
-    try:
-        model = device_tree_model.read_bytes().rstrip(b"\0").decode(errors="replace")
-    except OSError:
-        model = ""
+    model = read_model(device_tree_model) or ""
     lowered = model.lower()
     if "orin nano" in lowered:
         return "jetson-orin-nano", f"device-tree model {model!r}"

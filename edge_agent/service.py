@@ -27,6 +27,7 @@ from . import __version__
 from .bundle import Bundle, load_bundle
 from .config import Settings
 from .errors import ConfigError, EdgeTriageError, InputRejected, describe
+from .health import HealthMonitor
 from .identifiers import FILE_ID_KEY, file_id, topic, uid_problem, valid_uid
 from .intake.header import Skipped, read_header
 from .intake.instance_file import FileChanged, FileGone, FileUnreadable, NotRegularFile
@@ -154,6 +155,14 @@ class Agent:
         self._scoring_idle.set()
         self.narrator = self._narrative_worker()
         self.notifier = Notifier()
+        # The box's temperatures, clocks, memory and free space, read by the "health" thread;
+        # below the state disk's floor the intake waits (health.intake_paused).
+        self.health = HealthMonitor(
+            self.profile.health,
+            settings.state_dir,
+            settings.watch_dir,
+            notify=lambda paused: self.notifier.status(paused or self._summary),
+        )
         self._summary = "starting"
         self._metrics: Any = None
         self.last_error: str | None = (
@@ -217,6 +226,7 @@ class Agent:
         )
         if self.narrator is not None:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
+        fields["health"] = self.health.fields()  # the health thread's last reading
         return fields
 
     def _on_ack(self, ack: Ack) -> AckOutcome:
@@ -417,6 +427,9 @@ class Agent:
         self.watcher.start()  # inotify or polling; logs which and why
         try:
             while not self._stop.is_set():
+                if self.health.intake_paused:  # state disk below its floor; logged by health
+                    self._stop.wait(interval)
+                    continue
                 more = failed = False
                 try:
                     self._intake_beat("walking the watch folder")
@@ -623,12 +636,16 @@ class Agent:
             self._enqueue(uid)  # complete before a restart, not yet scored
         if self.receiver is not None:
             self.receiver.start()  # binds first: a busy port stops the start with its key
+        self.health.update()  # the first reading before intake starts (a full disk waits)
         self.publisher.start()
         if self.settings.metrics.port:
             self._start_metrics()
         self._threads = [
             threading.Thread(target=self._intake_loop, name="intake", daemon=True),
             threading.Thread(target=self._scoring_loop, name="scoring", daemon=True),
+            threading.Thread(
+                target=self.health.run, args=(self._stop,), name="health", daemon=True
+            ),
         ]
         if self.narrator is not None:
             self._threads.append(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResourceMissing
+from .health import HEALTH_FILE, read_health_file
 from .identifiers import FILE_ID_KEY, file_id, is_file_id
 from .text import escape_controls, printable
 from .waiting import read_waiting
@@ -50,6 +51,8 @@ class StatusReport:
     """Complete studies whose scoring or commit failed and that the agent tries again."""
     scoring_waiting_studies: list[dict[str, Any]] = field(default_factory=list)
     scoring_waiting_as_of: str | None = None
+    health: dict[str, Any] | None = None
+    """The agent's last box-health reading (state_dir/health.json), None before its first."""
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -165,6 +168,7 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             report.scoring_waiting_studies = studies if isinstance(studies, list) else []
             at = waiting.get("updated_at")
             report.scoring_waiting_as_of = _iso(at) if isinstance(at, int | float) else None
+        report.health = read_health_file(database.parent / HEALTH_FILE, now)
         if "studies" in tables:
             report.studies = dict(
                 db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
@@ -313,6 +317,8 @@ def format_status(report: StatusReport) -> str:
         lines.append(
             "counters   " + ", ".join(f"{k} {v}" for k, v in sorted(report.counters.items()))
         )
+    if report.health is not None:
+        lines.extend(format_health(report.health))
     lines.append(f"rejected   {report.rejected} file(s)")
     for r in report.last_rejected:
         lines.append(f"  {r['at']}  {r['file_id'] or '-'}  {r['path']}: {r['reason']}")
@@ -330,3 +336,45 @@ def format_status(report: StatusReport) -> str:
         )
     # Paths, reasons, UIDs and modalities came from files: shown, never obeyed.
     return "\n".join(escape_controls(line) for line in lines)
+
+
+def _figure(value: Any, unit: str, digits: int = 0) -> str:
+    return "?" if not isinstance(value, int | float) else f"{value:.{digits}f}{unit}"
+
+
+def format_health(h: dict[str, Any]) -> list[str]:
+    """The box's health lines of ``edge-agent status``: readings the box does not have are
+    left out; warnings (and a paused intake) come first."""
+    age = h.get("age_seconds")
+    when = f"read {age:.0f} s ago" if isinstance(age, int | float) else "read at an unknown time"
+    if h.get("stale"):
+        when += " (stale: is the agent running?)"
+    lines = []
+    if h.get("intake_paused"):
+        lines.append(f"INTAKE     {h['intake_paused']}")
+    lines.extend(f"WARNING    {w}" for w in h.get("warnings") or [])
+    parts = []
+    if h.get("soc_temp_c") is not None or h.get("gpu_temp_c") is not None:
+        soc, gpu = _figure(h.get("soc_temp_c"), " °C", 1), _figure(h.get("gpu_temp_c"), " °C", 1)
+        parts.append(f"SoC {soc}, GPU {gpu}")
+    if h.get("cpu_mhz") is not None:
+        capped = " (capped)" if h.get("cpu_capped") else ""
+        parts.append(
+            f"CPU {_figure(h.get('cpu_mhz'), '')}/{_figure(h.get('cpu_max_mhz'), ' MHz')}{capped}"
+        )
+    if h.get("gpu_mhz") is not None:
+        parts.append(f"GPU {_figure(h.get('gpu_mhz'), '')}/{_figure(h.get('gpu_max_mhz'), ' MHz')}")
+    if h.get("power_mode") is not None:
+        parts.append(f"power mode {h['power_mode']}")
+    events = h.get("overcurrent_events")
+    if isinstance(events, dict):
+        parts.append("over-current events " + ", ".join(f"{k} {v}" for k, v in events.items()))
+    lines.append(f"health     {when}" + (f": {'; '.join(parts)}" if parts else ""))
+    lines.append(
+        f"space      state disk {_figure(h.get('state_free_mib'), ' MiB')} free "
+        f"({_figure(h.get('state_free_percent'), '%', 1)}), watch disk "
+        f"{_figure(h.get('watch_free_mib'), ' MiB')} free "
+        f"({_figure(h.get('watch_free_percent'), '%', 1)}); memory available "
+        f"{_figure(h.get('memory_available_mib'), ' MiB')}"
+    )
+    return lines

@@ -134,8 +134,11 @@ def test_check_reports_each_problem_and_exit_codes(
 def test_check_looks_for_the_tensorrt_engine_with_a_tensorrt_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A Jetson profile runs the bundle's own TensorRT engine: check must look for that
-    # engine (here: TensorRT is absent, so exit 3 saying so), not for ONNX Runtime providers.
+    # A Jetson profile with the native runner opted in runs the bundle's own TensorRT engine:
+    # check must look for that engine (here: TensorRT is absent, so exit 3 saying so), not for
+    # ONNX Runtime providers.
+    from jetson_profiles import native_runner_profile
+
     from edge_agent.cli import main
     from edge_agent.devbroker import Mosquitto
 
@@ -145,14 +148,16 @@ def test_check_looks_for_the_tensorrt_engine_with_a_tensorrt_profile(
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("EDGE_AGENT_WATCH_DIR", str(watch))
     monkeypatch.setenv("EDGE_AGENT_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("EDGE_AGENT_PROFILE", "jetson-orin-nano")
+    monkeypatch.setenv("EDGE_AGENT_PROFILE", str(native_runner_profile(tmp_path / "profiles")))
     with Mosquitto(tmp_path / "broker") as broker:
         monkeypatch.setenv("EDGE_AGENT_MQTT__PORT", str(broker.port))
         monkeypatch.setenv("EDGE_AGENT_MQTT__HOST", broker.host)
         assert main(["check"]) == 3
     out = capsys.readouterr().out
     assert "FAIL engine" in out and "TensorRT" in out
-    assert "providers" not in out
+    # No provider check line (the platform lines may name ONNX Runtime's providers).
+    assert not [line for line in out.splitlines() if line[5:].startswith("providers")]
+    assert "warn tensorrt   the tensorrt module does not import" in out
 
 
 def test_cgroup_memory_limit_is_read_from_the_process_cgroup(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def test_unit_keeps_what_the_jetson_gpu_and_the_protocol_need() -> None:
     assert settings["ProtectSystem"] == "strict"
     assert settings["LoadCredential"].startswith("mqtt_password:")
     assert "AF_UNIX" in settings["RestrictAddressFamilies"]  # the notify socket
+    assert "ProcSubset" not in settings  # the health thread reads /proc/meminfo
 
 
 def run_install(*args: str) -> subprocess.CompletedProcess[str]:
@@ -174,3 +175,153 @@ def test_install_applies_the_profile_memory_ceiling(tmp_path: Path) -> None:
     assert run_install("--root", str(root), "--profile", "no-such-board").returncode == 2
     assert run_install("--uninstall", "--root", str(root)).returncode == 0
     assert not memory.exists()
+
+
+# -- a Jetson -----------------------------------------------------------------------------------
+
+FIXTURES = REPO / "tests" / "fixtures"
+PYTHON_DIR = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def jetson_root(tmp_path: Path) -> Path:
+    """The fixture Orin Nano (device tree, nv_tegra_release, JetPack's tensorrt module in the
+    system dist-packages) with that folder named for this Python (JetPack 6: python3.10)."""
+    root = Path(shutil.copytree(FIXTURES / "jetson-orin-nano", tmp_path / "root"))
+    (root / "usr/lib/python3.10").rename(root / "usr/lib" / PYTHON_DIR)
+    return root
+
+
+def fake_wheel(folder: Path, distribution: str, version: str = "1.20.0") -> Path:
+    """A wheel that installs an ``onnxruntime`` module under ``distribution``'s name, as
+    PyPI's onnxruntime and NVIDIA's onnxruntime-gpu both do (offline: no dependencies)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    stem = f"{distribution.replace('-', '_')}-{version}"
+    files = {
+        "onnxruntime/__init__.py": (
+            f'__version__ = "{version}"\n\n\ndef get_available_providers():\n'
+            "    return ['TensorrtExecutionProvider', 'CUDAExecutionProvider', "
+            "'CPUExecutionProvider']\n"
+        ).encode(),
+        f"{stem}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n".encode()
+        ),
+        f"{stem}.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = ""
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record += f"{name},sha256={digest},{len(data)}\n"
+    record += f"{stem}.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+        wheel.writestr(f"{stem}.dist-info/RECORD", record)
+    return path
+
+
+def run_offline(*args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    return subprocess.run(
+        ["sh", str(INSTALL), *args], capture_output=True, text=True, cwd=REPO, env=env
+    )
+
+
+def venv_python(root: Path, code: str) -> str:
+    done = subprocess.run(
+        [str(root / "opt/edge-triage/venv/bin/python"), "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.slow
+def test_install_on_a_jetson_uses_jetpacks_tensorrt_and_nvidias_onnxruntime(
+    tmp_path: Path,
+) -> None:
+    root = jetson_root(tmp_path)
+    wheel = fake_wheel(tmp_path / "wheels", "onnxruntime-gpu")
+    common = ["--root", str(root), "--with-venv", "--no-package", "--python", sys.executable]
+    done = run_offline(*common, "--profile", "jetson-orin-nano", "--ort-wheel", str(wheel))
+    assert done.returncode == 0, done.stderr
+    assert "Jetson: NVIDIA Jetson Orin Nano Engineering Reference Developer Kit; # R36" in (
+        done.stdout
+    )
+    assert "ONNX Runtime: onnxruntime-gpu 1.20.0" in done.stdout
+    assert "ONNX Runtime providers: TensorrtExecutionProvider, CUDAExecutionProvider" in (
+        done.stdout
+    )
+    assert "warning" not in done.stderr, done.stderr
+    assert "TensorRT: 10.3.0 from " in done.stdout
+    # The venv sees JetPack's tensorrt (through the .pth, from the root's dist-packages) and
+    # NVIDIA's onnxruntime-gpu, and no CPU-only onnxruntime.
+    seen = venv_python(
+        root,
+        "import importlib.metadata as md, tensorrt, onnxruntime\n"
+        "names = {d.metadata['Name'] for d in md.distributions()}\n"
+        "print(tensorrt.__version__, tensorrt.__file__, onnxruntime.__version__,\n"
+        "      'onnxruntime' in names, 'onnxruntime-gpu' in names)",
+    )
+    version, module, ort, cpu, gpu = seen.split()
+    assert version == "10.3.0"
+    assert Path(module).is_relative_to(root / "usr/lib" / PYTHON_DIR / "dist-packages")
+    assert (ort, cpu, gpu) == ("1.20.0", "False", "True")
+    dropin = root / "etc/systemd/system/edge-agent.service.d/30-jetson.conf"
+    assert "TimeoutStartSec=1800" in dropin.read_text()
+
+    # A CPU-only onnxruntime in the venv (a `pip install onnxruntime` by hand) is refused.
+    pip = root / "opt/edge-triage/venv/bin/pip"
+    cpu_wheel = fake_wheel(tmp_path / "wheels", "onnxruntime", "1.22.0")
+    subprocess.run(
+        [str(pip), "install", "--quiet", "--no-index", str(cpu_wheel)], check=True, timeout=120
+    )
+    again = run_offline(*common)
+    assert again.returncode == 3
+    assert "the venv has the CPU-only onnxruntime 1.22.0" in again.stderr
+    assert "pip uninstall onnxruntime" in again.stderr
+
+
+def test_install_on_a_jetson_refuses_pypis_onnxruntime_extras(tmp_path: Path) -> None:
+    root = jetson_root(tmp_path)
+    for extra in ("cpu", "gpu"):
+        done = run_install("--root", str(root), "--extra", extra)
+        assert done.returncode == 2
+        assert "shadows NVIDIA's onnxruntime-gpu" in done.stderr and "--ort-wheel" in done.stderr
+    # Off a Jetson, NVIDIA's Jetson wheel makes no sense; a wheel that is not there neither.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    wheel = fake_wheel(tmp_path / "wheels", "onnxruntime-gpu")
+    assert run_install("--root", str(plain), "--ort-wheel", str(wheel)).returncode == 2
+    assert run_install("--root", str(root), "--ort-wheel", "/nonexistent.whl").returncode == 2
+    assert run_install("--with-venv").returncode == 2  # only with --root
+    dry = run_install("--root", str(root), "--with-venv", "--dry-run", "--python", sys.executable)
+    assert dry.returncode == 0, dry.stderr
+    assert "jetpack-tensorrt.pth" in dry.stdout and "30-jetson.conf" in dry.stdout
+    assert "[cpu]" not in dry.stdout  # the package goes in without an ONNX Runtime extra
+    assert not (root / "opt").exists()
+
+
+@pytest.mark.slow
+def test_a_jetson_python_mismatch_is_refused(tmp_path: Path) -> None:
+    """JetPack's tensorrt is a compiled module for one Python (3.10 on JetPack 6): a venv of
+    another Python would not import it, so install.sh says which interpreter to use."""
+    root = Path(shutil.copytree(FIXTURES / "jetson-orin-nano", tmp_path / "root"))
+    other = "python3.10" if PYTHON_DIR != "python3.10" else "python3.99"
+    if other != "python3.10":
+        (root / "usr/lib/python3.10").rename(root / "usr/lib" / other)
+    done = run_offline(
+        "--root", str(root), "--with-venv", "--no-package", "--python", sys.executable
+    )
+    assert done.returncode == 2
+    assert f"built for {other}, the venv is {PYTHON_DIR}" in done.stderr
+    assert f"--python /usr/bin/{other}" in done.stderr

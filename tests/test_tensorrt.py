@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jetson_profiles import native_runner_profile
 from tiny_bundle import SIZE, make_bundle
 
 from edge_agent.bundle import Engine, engine_key, engine_slug, load_bundle, read_manifest
@@ -180,9 +181,15 @@ def test_shipped_gpu_profiles_load() -> None:
     assert cuda.tensorrt is not None and cuda.tensorrt.engine == "ort-cache"
     jetsons = {name: resolve_profile(name)[0] for name in JETSON_PROFILES}
     for profile in jetsons.values():
-        assert profile.runtime.runner == "tensorrt"
+        # ONNX Runtime's TensorRT provider until the native runner has run on a GPU.
+        assert profile.runtime.runner == "onnxruntime"
+        assert profile.runtime.providers == [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ]
         assert profile.tensorrt is not None
-        assert profile.tensorrt.engine == "bundle" and profile.tensorrt.precision == "fp16"
+        assert profile.tensorrt.engine == "ort-cache" and profile.tensorrt.precision == "fp16"
     nano, agx = jetsons["jetson-orin-nano"].tensorrt, jetsons["jetson-agx-orin"].tensorrt
     assert nano is not None and agx is not None
     assert nano.workspace_mib < agx.workspace_mib and nano.max_batch < agx.max_batch
@@ -202,7 +209,7 @@ def test_auto_detected_jetson_profiles_exist(tmp_path: Path, model: bytes) -> No
     (tmp_path / "model").write_bytes(model)
     name, _ = detect_profile_name(tmp_path / "model")
     profile, _ = resolve_profile(name)
-    assert profile.name == name and profile.runtime.runner == "tensorrt"
+    assert profile.name == name and profile.runtime.runner == "onnxruntime"
 
 
 # -- ONNX Runtime's TensorRT provider --------------------------------------------------------
@@ -422,7 +429,9 @@ def test_native_runner_without_tensorrt_is_a_missing_resource(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle = load_bundle(make_bundle(tmp_path / "b"))
-    profile, _ = resolve_profile("jetson-orin-nano")
+    profile = load_profile_file(native_runner_profile(tmp_path / "profiles"))
+    assert profile.runtime.runner == "tensorrt" and profile.tensorrt is not None
+    assert profile.tensorrt.engine == "bundle"  # follows the runner: one line opts in
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailable, match="module 'tensorrt'") as info:
         open_runner(bundle, profile)

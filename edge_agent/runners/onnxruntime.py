@@ -128,37 +128,72 @@ def cuda_provider_options() -> dict[str, str]:
     }
 
 
+def session_providers(
+    bundle: Bundle, profile: Profile, usable: list[str], cache_dir: Path | None, ort_version: str
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The ``providers`` argument of ONNX Runtime's InferenceSession for the usable providers,
+    each with its options; makes the TensorRT engine cache folder. ``cache_dir`` is the
+    daemon's ``state_dir/engine-cache``."""
+    providers: list[str | tuple[str, dict[str, str]]] = []
+    for name in usable:
+        if name == "TensorrtExecutionProvider":
+            engines = None
+            if cache_dir is not None:
+                engines = ort_engine_cache_dir(cache_dir, bundle, profile, ort_version)
+                engines.mkdir(parents=True, exist_ok=True)
+                fresh = not any(engines.iterdir())
+                logger.info(
+                    "TensorRT execution provider: engine cache %s%s",
+                    engines,
+                    " (empty: building the engines takes minutes)" if fresh else "",
+                )
+            else:
+                logger.warning(
+                    "TensorRT execution provider without an engine cache: "
+                    "engines are rebuilt at every start"
+                )
+            providers.append((name, tensorrt_provider_options(bundle, profile, engines)))
+        elif name == "CUDAExecutionProvider":
+            providers.append((name, cuda_provider_options()))
+        else:
+            providers.append(name)
+    return providers
+
+
+def _log_skipped(profile: Profile, skipped: list[str], available: list[str], using: str) -> None:
+    """One line that says what the profile wanted, what this ONNX Runtime has and why."""
+    if not skipped:
+        return
+    from ..platform import ort_build
+
+    build = ort_build()
+    installed = ", ".join(f"{n} {v}" for n, v in sorted(build.distributions.items())) or "?"
+    hint = ""
+    if {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(skipped):
+        hint = (
+            "; the GPU providers need onnxruntime-gpu (on a Jetson: NVIDIA's onnxruntime-gpu "
+            "wheel for its JetPack, installed without the cpu extra)"
+        )
+    logger.warning(
+        "profile %s: %s not in this ONNX Runtime build (%s; it has %s): running on %s%s",
+        profile.name,
+        " and ".join(skipped),
+        installed,
+        ", ".join(available),
+        using,
+        hint,
+    )
+
+
 class OnnxRuntimeRunner:
     def __init__(self, bundle: Bundle, profile: Profile, *, cache_dir: Path | None = None) -> None:
         ort = _import_ort()
         self.bundle = bundle
         self.profile = profile
-        usable, skipped = choose_providers(profile, available_providers())
-        for name in skipped:
-            logger.warning("execution provider %s is not available here; skipped", name)
-        providers: list[str | tuple[str, dict[str, str]]] = []
-        for name in usable:
-            if name == "TensorrtExecutionProvider":
-                engines = None
-                if cache_dir is not None:
-                    engines = ort_engine_cache_dir(cache_dir, bundle, profile, ort.__version__)
-                    engines.mkdir(parents=True, exist_ok=True)
-                    fresh = not any(engines.iterdir())
-                    logger.info(
-                        "TensorRT execution provider: engine cache %s%s",
-                        engines,
-                        " (empty: building the engines takes minutes)" if fresh else "",
-                    )
-                else:
-                    logger.warning(
-                        "TensorRT execution provider without an engine cache: "
-                        "engines are rebuilt at every start"
-                    )
-                providers.append((name, tensorrt_provider_options(bundle, profile, engines)))
-            elif name == "CUDAExecutionProvider":
-                providers.append((name, cuda_provider_options()))
-            else:
-                providers.append(name)
+        available = available_providers()
+        usable, skipped = choose_providers(profile, available)
+        _log_skipped(profile, skipped, available, usable[0])
+        providers = session_providers(bundle, profile, usable, cache_dir, ort.__version__)
         if (
             profile.runtime.precision != bundle.manifest.precision
             and not bundle.manifest.model.demo
@@ -181,6 +216,15 @@ class OnnxRuntimeRunner:
                 f"ONNX Runtime cannot open {bundle.encoder_path.name} with {usable}: {exc}"
             ) from exc
         self.provider = self.session.get_providers()[0]
+        if self.provider != usable[0]:
+            # ONNX Runtime drops a provider whose libraries fail to load (TensorRT's or CUDA's
+            # on a box where they are missing or of another version) and goes on with the next.
+            logger.warning(
+                "ONNX Runtime could not start %s (its libraries are missing or of another "
+                "version); running on %s",
+                usable[0],
+                self.provider,
+            )
         self.input_name = bundle.manifest.encoder.input_name
         self.output_name = bundle.manifest.encoder.output_name
         size = bundle.manifest.encoder.preprocessing.input_size

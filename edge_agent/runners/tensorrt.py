@@ -28,6 +28,7 @@ import numpy as np
 
 from ..bundle import Bundle, Engine, Manifest, engine_key
 from ..errors import InferenceError, ProviderUnavailable
+from ..platform import read_model
 from ..profiles import Profile
 
 logger = logging.getLogger(__name__)
@@ -204,10 +205,7 @@ def query_nvidia_smi(index: int = 0) -> str | None:
 
 
 def read_device_tree_model(path: Path = DEVICE_TREE_MODEL) -> str | None:
-    try:
-        return path.read_bytes().rstrip(b"\0").decode(errors="replace")
-    except OSError:
-        return None
+    return read_model(path)
 
 
 def device_identity(index: int = 0, *, cudart: Any = None) -> DeviceIdentity:
