@@ -26,6 +26,7 @@ lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check edge_agent export tests benchmarks
 	$(VENV)/bin/ruff format --check edge_agent export tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/vermin -q -t=3.10- --violations --no-tips --eval-annotations edge_agent export benchmarks tests
 
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/preprocess.py

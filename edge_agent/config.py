@@ -13,10 +13,15 @@ import ipaddress
 import json
 import os
 import re
-import tomllib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): the same parser, as a backport
+    import tomli as tomllib
 
 from pydantic import (
     AfterValidator,

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -138,7 +138,7 @@ def write_bundle(
         try:
             manifest = Manifest(
                 model=model,
-                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 created_by=created_by,
                 precision=precision,
                 encoder=Encoder(

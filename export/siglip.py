@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -517,7 +517,7 @@ def build_siglip_bundle(settings: SiglipSettings) -> SiglipResult:
         if int8_report is not None:
             figures.update(int8_report.manifest())
         fp32_bytes = quantize.file_size(fp32)
-        version = settings.version or datetime.now(UTC).strftime("%Y.%m.%d")
+        version = settings.version or datetime.now(timezone.utc).strftime("%Y.%m.%d")
         with progress.stage("writing bundle"):
             write_bundle(
                 settings.out,

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -535,7 +535,7 @@ def build_for_bundle(
         opt_batch=section.opt_batch,
         max_batch=section.max_batch,
         workspace_mib=section.workspace_mib,
-        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build_seconds=round(seconds, 1),
     )
     size = memoryview(plan).nbytes

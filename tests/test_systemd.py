@@ -113,7 +113,7 @@ def test_install_puts_files_in_place_idempotently_and_uninstall_removes_them(
     assert (root / "etc/edge-agent/agent.toml").stat().st_mode & 0o007 == 0
 
     # The drop-in parses (systemd reads drop-ins next to the unit offline) and keeps the space.
-    dropin = placed["etc/systemd/system/edge-agent.service.d/10-watch-dir.conf"].decode()
+    dropin = str(placed["etc/systemd/system/edge-agent.service.d/10-watch-dir.conf"], "utf-8")
     assert 'ReadOnlyPaths="-/srv/modality out"' in dropin
     done = subprocess.run(
         [analyze(), "security", "--offline=yes", str(unit_copy(tmp_path / "u", dropin))],
@@ -214,7 +214,7 @@ def fake_wheel(folder: Path, distribution: str, version: str = "1.20.0") -> Path
     }
     record = ""
     for name, data in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        digest = str(base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"="), "ascii")
         record += f"{name},sha256={digest},{len(data)}\n"
     record += f"{stem}.dist-info/RECORD,,\n"
     folder.mkdir(parents=True, exist_ok=True)
