@@ -317,7 +317,7 @@ def test_ack_payloads_are_data(tmp_path: Path, daemons: list[Daemon]) -> None:
         assert len(ack_lines) <= 3, ack_lines  # one warning, one real ack (+ a summary)
         latest_status(dashboard, acks_unknown=300, acks_refused=4, acks_received=1, acknowledged=1)
         alert = inject.store.alert(urgent.alert_id)
-        assert alert is not None and alert["acked_by"] == "dr-\\x1b[31mred\\x0ax"
+        assert alert is not None and alert["acked_by"] == "dr-\\x1b[31mred\\nx"
         text = agent_status(tmp_path)
         assert "acks       1 received, 300 for no urgent alert" in text and "4 malformed" in text
         inject.store.close()
