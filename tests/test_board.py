@@ -340,3 +340,11 @@ def test_proxy_header_is_believed_only_from_a_trusted_proxy(tmp_path: Path) -> N
         assert http.request("/", headers={"X-Remote-User": "dr.house"})[0] == 403
     finally:
         untrusted.stop()
+
+
+def test_add_user_keeps_the_mode_an_administrator_gave_the_file(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("")
+    users.chmod(0o640)
+    add_user(users, "alice", "pw")
+    assert stat.S_IMODE(users.stat().st_mode) == 0o640

@@ -12,11 +12,13 @@ nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -66,7 +68,7 @@ def read_users(path: Path) -> dict[str, str]:
 
 def add_user(path: Path, name: str, password: str) -> bool:
     """Add (or replace) an account; True when it replaced one. The file is rewritten
-    atomically with mode 0600 (it holds password hashes)."""
+    atomically; a new file gets mode 0600 (it holds password hashes)."""
     if not valid_user_name(name):
         raise ConfigError("NAME", "1-64 characters of letters, digits and _ . @ -")
     if not password:
@@ -82,6 +84,13 @@ def add_user(path: Path, name: str, password: str) -> bool:
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(kept) + "\n")
         os.chmod(tmp, 0o600)
+        if path.exists():
+            # Keep the owner, group and mode an administrator gave it (e.g. root:edge-board
+            # 0640, so that the board's service user can read it).
+            old = path.stat()
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, old.st_uid, old.st_gid)
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
