@@ -86,7 +86,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     setup_logging("DEBUG" if args.debug else "WARNING")
-    return run_demo(studies=args.studies, broker=args.broker, seed=args.seed, keep=args.keep)
+    return run_demo(
+        studies=args.studies, broker=args.broker, seed=args.seed, keep=args.keep, hold=args.hold
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -208,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="HOST:PORT of a broker to use instead of a private one")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", type=Path, help="keep the demo's folders here")
+    p.add_argument(
+        "--hold",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the triage board up after the table until Enter (default: on a terminal)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("board", help="serve the triage board (web page) for every box")
