@@ -140,11 +140,15 @@ class Board:
             Route("/api/search", self.search, methods=["GET"]),
             Route("/api/ack", self.ack, methods=["POST"]),
             Route("/events", self.stream, methods=["GET"]),
+            Route("/favicon.ico", self.no_icon, methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
         app = Starlette(routes=routes, lifespan=lifespan)
         app.add_middleware(SecurityHeaders)
         return app
+
+    async def no_icon(self, request: Request) -> Response:
+        return Response(status_code=204)  # browsers ask; a 404 would be a console error
 
     # -- who is asking -------------------------------------------------------------------
 

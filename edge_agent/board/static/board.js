@@ -39,7 +39,7 @@
   function clock(iso) {
     const t = new Date(iso);
     if (isNaN(t.getTime())) return String(iso || "");
-    return t.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    return t.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
   }
 
   function key(row) {
@@ -61,10 +61,14 @@
 
     const level = el("td", "level");
     level.appendChild(el("span", "badge badge-" + row.triage, LEVEL_TEXT[row.triage] || row.triage));
-    if (row.previous_triage && row.previous_triage !== row.triage) {
-      level.appendChild(el("span", "was", "was " + (LEVEL_TEXT[row.previous_triage] || row.previous_triage).toLowerCase()));
-    }
     if (row.demo) level.appendChild(el("span", "demo", "DEMO"));
+    if (row.previous_triage && row.previous_triage !== row.triage) {
+      // A level never changes silently: the row says what an earlier revision said.
+      const was = (LEVEL_TEXT[row.previous_triage] || row.previous_triage).toLowerCase();
+      const note = el("span", "was", "↓ was " + was);
+      note.title = "an earlier revision of this study was " + was;
+      level.appendChild(note);
+    }
     tr.appendChild(level);
 
     const finding = el("td", "finding");
@@ -348,7 +352,7 @@
   function setSound(on) {
     if (on && !audio) audio = new (window.AudioContext || window.webkitAudioContext)();
     soundButton.setAttribute("aria-pressed", on ? "true" : "false");
-    soundButton.textContent = on ? "Sound on" : "Sound off";
+    soundButton.textContent = on ? "Sound: on" : "Sound: off";
     try { localStorage.setItem("edge-board-sound", on ? "on" : "off"); } catch (e) { /* private mode */ }
   }
   soundButton.addEventListener("click", function () {
