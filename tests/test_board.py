@@ -348,3 +348,12 @@ def test_add_user_keeps_the_mode_an_administrator_gave_the_file(tmp_path: Path) 
     users.chmod(0o640)
     add_user(users, "alice", "pw")
     assert stat.S_IMODE(users.stat().st_mode) == 0o640
+
+
+def test_a_full_worklist_never_leaves_out_an_unacknowledged_urgent_study(tmp_path: Path) -> None:
+    store = BoardStore(tmp_path / "b.sqlite3")
+    add(store, "1.9", "urgent", complete_at=1000.0)
+    for i in range(5):
+        add(store, f"1.2.{i}", "routine", score=0.1, complete_at=2000.0 + i)
+    shown = [r["study_instance_uid"] for r in store.worklist(0.0, 3)]
+    assert shown == ["1.9", "1.2.4", "1.2.3"]

@@ -271,12 +271,14 @@ class BoardStore:
         return _present(json.loads(found[0]), *found[1:]) if found else None
 
     def worklist(self, since_ts: float, limit: int) -> list[dict[str, Any]]:
-        """Studies completed since ``since_ts`` (at most ``limit`` newest), any order."""
+        """Studies completed since ``since_ts``, any order: at most ``limit``, every
+        unacknowledged urgent one first (a busy day must not push one off), then the newest."""
         with self._lock:
             found = self._db.execute(
                 "SELECT row, acked_alert_id, acked_by, acked_at FROM studies "
                 "WHERE complete_ts >= ? OR complete_ts IS NULL "
-                "ORDER BY complete_ts DESC LIMIT ?",
+                "ORDER BY (triage = 'urgent' AND acked_alert_id IS NULL) DESC, "
+                "complete_ts DESC LIMIT ?",
                 (since_ts, limit),
             ).fetchall()
         return [_present(json.loads(r[0]), *r[1:]) for r in found]
