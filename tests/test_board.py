@@ -332,6 +332,14 @@ def test_proxy_header_is_believed_only_from_a_trusted_proxy(tmp_path: Path) -> N
         other = http.request("/api/state", headers={"X-Remote-User": "mallory"})
         assert other[0] == 401, "the session is the proxy user's, not another's"
         assert http.request("/", headers={"X-Remote-User": "<script>"})[0] == 403
+        behind_tls = Http(server.url.rstrip("/"))
+        status, headers, _ = behind_tls.request(
+            "/", headers={"X-Remote-User": "dr.house", "X-Forwarded-Proto": "https"}
+        )
+        assert status == 200 and "Secure" in headers["set-cookie"]
+        assert "Secure" not in http.request("/", headers={"X-Remote-User": "x"})[1].get(
+            "set-cookie", ""
+        )
     finally:
         server.stop()
     untrusted = proxy_board(tmp_path / "2", ["10.9.9.9"])

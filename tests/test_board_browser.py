@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 SITE, DEVICE = "ward-3", "xr-1"
 AGENT_BASE = f"{PREFIX}/{SITE}/{DEVICE}"
 RENOTIFY_SECONDS = 2
+VIEWER = "https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_instance_uid}"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 def board(tmp_path: Path, broker: Mosquitto) -> Iterator[BoardProcess]:
     port = free_port()
-    config = board_config(tmp_path / "board", broker, port, max_wait_minutes=10)
+    config = board_config(tmp_path / "board", broker, port, max_wait_minutes=10, viewer_url=VIEWER)
     process = BoardProcess(config, tmp_path / "board.log", port).start()
     yield process
     process.kill()
@@ -78,8 +79,9 @@ def login(browser: Any, board: BoardProcess) -> Any:
     page.fill("input[name=username]", USER)
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
-    page.wait_for_selector("#counts", state="attached")
-    page.wait_for_function('document.getElementById("counts").textContent !== ""')
+    # The first render is done once the broker indicator is set (the page's CSP forbids the
+    # string evaluation wait_for_function polls with).
+    page.wait_for_selector("#broker:not([data-connected='unknown'])", state="attached")
     page.evaluate("window.notReloaded = true")
     return page
 
@@ -325,3 +327,38 @@ def test_broker_down_is_shown_and_rows_stay(
     assert page.query_selector("#broker-down:not([hidden])")
     broker.start()
     page.wait_for_selector('#broker[data-connected="yes"]', timeout=30000)
+
+
+def test_max_wait_viewer_link_rejected_files_and_search(
+    broker: Mosquitto, board: BoardProcess, browser: Any
+) -> None:
+    fake = FakeBox(broker)
+    try:
+        now = time.time()
+        fake.study("1.2.5.1", "routine", score=0.1, complete_at=now - 11 * 60)  # past 10 min
+        fake.study("1.2.5.2", "review", score=0.6, complete_at=now - 60)
+        fake.study("1.2.5.3", "routine", score=0.1, accession_number="ACC-77")
+        fake.publish("rejected", json.dumps({"file_id": "f-9", "reason": "not a DICOM file"}))
+        page = login(browser, board)
+        page.wait_for_selector('tr[data-study-uid="1.2.5.3"]')
+        page.wait_for_selector('tr[data-study-uid="1.2.5.1"].overdue')
+        assert "past max wait" in page.inner_text('tr[data-study-uid="1.2.5.1"]').lower()
+        assert page.query_selector('tr[data-study-uid="1.2.5.2"].overdue') is None
+        link = page.get_attribute('tr[data-study-uid="1.2.5.2"] .open a', "href")
+        assert link == VIEWER.format(study_instance_uid="1.2.5.2")
+        assert "not a DICOM file" in page.inner_text("#rejected")
+        assert "ward-9/fake-1" in page.inner_text("#rejected")
+
+        page.fill("#search input[name=q]", "ACC-77")
+        page.click("#search button")
+        page.wait_for_selector('#search-rows tr[data-study-uid="1.2.5.3"]')
+        page.fill("#search input[name=q]", "1.2.5.")
+        page.click("#search button")
+        page.wait_for_selector('#search-rows tr[data-study-uid="1.2.5.1"]')
+        assert len(page.query_selector_all("#search-rows tr")) == 3
+        page.fill("#search input[name=q]", "ACC-7")
+        page.click("#search button")
+        page.wait_for_selector("#search-empty:not([hidden])")
+        assert not page.errors
+    finally:
+        fake.close()

@@ -289,7 +289,11 @@ class Board:
                 return RedirectResponse("/login", 303)
             token, session = self.sessions.create(new_user)
         state = await run_in_threadpool(self.current_state)
-        config = {"max_wait_seconds": self.cfg.max_wait_minutes * 60, "sound": self.cfg.sound}
+        config = {
+            "max_wait_seconds": self.cfg.max_wait_minutes * 60,
+            "sound": self.cfg.sound,
+            "max_rows": WORKLIST_MAX_ROWS,
+        }
         response = self._render(
             "board.html",
             user=session.user,
@@ -334,7 +338,7 @@ class Board:
                 while True:
                     try:
                         text = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # noqa: UP041 (Python 3.10: not TimeoutError)
                         if self.sessions.get(token) is None:
                             return  # logged out or expired: the stream ends with it
                         yield ": keep-alive\n\n"

@@ -141,8 +141,11 @@
     const text = tr.querySelector(".age-text");
     if (!text) return;
     const waited = row.complete_ts ? nowServer() - row.complete_ts : 0;
-    text.textContent = age(waited);
-    tr.classList.toggle("overdue", !row.acked_by && waited > config.max_wait_seconds);
+    const shown = age(waited);
+    // Most rows' text changes once a minute: writing only changes spares the layout.
+    if (text.textContent !== shown) text.textContent = shown;
+    const overdue = !row.acked_by && waited > config.max_wait_seconds;
+    if (tr.classList.contains("overdue") !== overdue) tr.classList.toggle("overdue", overdue);
   }
 
   // -- the worklist -------------------------------------------------------------------------
@@ -164,6 +167,12 @@
     rowsBody.insertBefore(tr, next ? studies.get(next).el : null);
     order.splice(lo, 0, uid);
     studies.set(uid, { row: row, el: tr });
+    // The page holds as many rows as the server sends on a load: the last one goes (never
+    // an unacknowledged urgent one, which sort first).
+    while (order.length > config.max_rows && studies.get(order[order.length - 1]).row.rank > 0) {
+      studies.get(order[order.length - 1]).el.remove();
+      studies.delete(order.pop());
+    }
     return row.rank === 0 && !wasUrgentUnacked;
   }
 
@@ -263,7 +272,8 @@
   function tickBoxes() {
     for (const div of boxes.values()) {
       const seen = div.querySelector(".seen");
-      seen.textContent = "seen " + age(nowServer() - Number(seen.dataset.seen)) + " ago";
+      const text = "seen " + age(nowServer() - Number(seen.dataset.seen)) + " ago";
+      if (seen.textContent !== text) seen.textContent = text;
     }
   }
 
