@@ -1,21 +1,25 @@
 """Triage board benchmark: from the agent's PUBACK to the row in the browsers' DOM.
 
     .venv/bin/python benchmarks/board.py [--rate 20] [--duration 30] [--sessions 20]
-                                         [--history 5000] [--quick]
+                                         [--browsers N] [--history 5000] [--quick]
 
 All real: a private Mosquitto on a loopback port, the board as its own process
-(``edge-agent board``, its SQLite on disk), ``--sessions`` logged-in pages in headless
-Chromium (Debian's ``/usr/bin/chromium`` driven by Playwright), ``--history`` studies already
-in the board's store (the worklist shows at most 500 of them). A publisher stands in for the
+(``edge-agent board``, its SQLite on disk), ``--sessions`` logged-in sessions with their event
+streams open: ``--browsers`` of them (default: all) pages in headless Chromium (Debian's
+``/usr/bin/chromium`` driven by Playwright), the others plain HTTP clients reading the stream
+(what the server sees of a browser; their arrival times are the board's own delivery, without
+a browser's rendering on this machine's CPU), and ``--history`` studies already in the
+board's store (the worklist shows at most 500 of them). A publisher stands in for the
 agents: a paho client (MQTT v5, QoS 1) publishing valid study results, open-loop Poisson at
 ``--rate`` per second, each from one of 8 boxes; 10% urgent, 20% review.
 
 1. **Latency**: each page records, with a MutationObserver, when each row enters its
    worklist (``performance.timeOrigin + performance.now()``, the same wall clock as the
    publisher's ``time.time()``); the publisher records when each PUBACK arrived. Latency is
-   DOM time minus PUBACK time, one sample per (result, page). **Baseline**: a plain MQTT
-   subscriber (paho, QoS 1) on the same topics, in this process: its arrival time minus the
-   PUBACK time is the broker's own delivery latency.
+   DOM time minus PUBACK time, one sample per (result, page). The plain stream clients note
+   when each event's line arrives. **Baseline**: a plain MQTT subscriber (paho, QoS 1) on the
+   same topics, in this process: its arrival time minus the PUBACK time is the broker's own
+   delivery latency.
 2. **First render** with the history in the store: a fresh page's navigation start to the
    ``board-rendered`` mark the page sets once its rows are in the DOM (and the server's time
    to the first byte), ``--renders`` times.
@@ -29,6 +33,7 @@ whatever the figures; 1 when a published result never reached a page (a lost row
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -161,10 +166,12 @@ class Publisher:
             self.acked[mid] = time.time()
 
     def publish(self, site: str, device: str, uid: str, body: bytes) -> None:
-        with self.lock:  # hold the lock so that the PUBACK is noted after the mid is
-            info = self.client.publish(
-                f"{PREFIX}/{site}/{device}/study/{uid}", body, qos=1, properties=self.props
-            )
+        # Not under self.lock: paho calls on_publish holding its own locks, and publish()
+        # takes them too (holding ours across it would deadlock).
+        info = self.client.publish(
+            f"{PREFIX}/{site}/{device}/study/{uid}", body, qos=1, properties=self.props
+        )
+        with self.lock:
             self.mid_uid[info.mid] = uid
 
     def puback_times(self) -> dict[str, float]:
@@ -200,6 +207,58 @@ class PlainSubscriber:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class StreamClient(threading.Thread):
+    """A logged-in session reading ``/events`` over plain HTTP; notes each study's arrival."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.arrived: dict[str, float] = {}
+        self.cookie = self._login()
+        self.ready = threading.Event()
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _login(self) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", "/login")
+        response = conn.getresponse()
+        response.read()
+        token = response.getheader("set-cookie", "").split(";")[0]
+        form = f"username={USER}&password={PASSWORD}&csrf={token.split('=', 1)[1]}"
+        conn.request(
+            "POST",
+            "/login",
+            form,
+            {"Cookie": token, "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response.getheader("set-cookie", "").split(";")[0]
+
+    def run(self) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        self.conn.request("GET", "/events", headers={"Cookie": self.cookie})
+        response = self.conn.getresponse()
+        self.ready.set()
+        event = ""
+        try:
+            for raw in response:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "study":
+                    uid = json.loads(line[6:])["study_instance_uid"]
+                    self.arrived.setdefault(uid, time.time())
+        except (OSError, ValueError):
+            pass  # closed at the end of the run
+
+    def close(self) -> None:
+        if self.conn is not None and self.conn.sock is not None:
+            self.conn.sock.shutdown(2)
+            self.conn.close()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -271,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=20.0, help="results per second (20)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds (30)")
-    parser.add_argument("--sessions", type=int, default=20, help="open pages (20)")
+    parser.add_argument("--sessions", type=int, default=20, help="open sessions (20)")
+    parser.add_argument(
+        "--browsers", type=int, help="of them, Chromium pages (default: all); others plain"
+    )
     parser.add_argument("--history", type=int, default=5000, help="studies in the store (5000)")
     parser.add_argument("--renders", type=int, default=10, help="first renders measured (10)")
     parser.add_argument("--seed", type=int, default=0)
@@ -279,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rate, args.duration, args.sessions = 10.0, 2.0, 2
+        args.rate, args.duration, args.sessions = 10.0, 2.0, 3
         args.history, args.renders = 200, 2
+        args.browsers = 2 if args.browsers is None else args.browsers
+    if args.browsers is None or args.browsers > args.sessions:
+        args.browsers = args.sessions
     from playwright.sync_api import sync_playwright
 
     rng = random.Random(args.seed)
@@ -314,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         print((work / "board.log").read_text(), file=sys.stderr)
                         return 1
                     time.sleep(0.05)
-                return run(args, rng, broker, board, f"http://127.0.0.1:{port}", sync_playwright)
+                return run(args, rng, broker, board, port, sync_playwright)
             finally:
                 board.terminate()
                 board.wait(20)
@@ -326,20 +391,29 @@ def run(
     rng: random.Random,
     broker: Mosquitto,
     board: subprocess.Popen[bytes],
-    url: str,
+    port: int,
     sync_playwright: Any,
 ) -> int:
+    url = f"http://127.0.0.1:{port}"
+    streams: list[StreamClient] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             renders, ttfb, rows = first_renders(browser, url, args.renders)
             print(f"  first renders done; load {load()}", file=sys.stderr)
             pages = []
-            for _ in range(args.sessions):
+            for _ in range(args.browsers):
                 page = login(browser.new_context(), url)
                 page.evaluate(RECORDER)
                 pages.append(page)
-            print(f"  {len(pages)} sessions open; load {load()}", file=sys.stderr)
+            for _ in range(args.sessions - args.browsers):
+                streams.append(StreamClient(port))
+                streams[-1].start()
+                streams[-1].ready.wait(10)
+            print(
+                f"  {len(pages)} pages and {len(streams)} plain streams open; load {load()}",
+                file=sys.stderr,
+            )
             plain = PlainSubscriber(broker)
             publisher = Publisher(broker)
             time.sleep(1.0)
@@ -366,7 +440,10 @@ def run(
             end = time.monotonic() + 15
             seen: list[dict[str, float]] = []
             count = f"Object.keys(window.__seen).length >= {len(uids)}"
-            while time.monotonic() < end and not all(page.evaluate(count) for page in pages):
+            while time.monotonic() < end and not (
+                all(page.evaluate(count) for page in pages)
+                and all(len(s.arrived) >= len(uids) for s in streams)
+            ):
                 time.sleep(0.5)
             seen = [page.evaluate("window.__seen") for page in pages]
             busy = cpu_seconds(board.pid) - cpu_start
@@ -374,23 +451,31 @@ def run(
             publisher.close()
             plain.close()
         finally:
+            for stream in streams:
+                stream.close()
             browser.close()
 
     board_ms = [
         (s[u] / 1000.0 - acked[u]) * 1000.0 for s in seen for u in uids if u in s and u in acked
     ]
     plain_ms = [(plain.arrived[u] - acked[u]) * 1000.0 for u in uids if u in plain.arrived]
+    stream_ms = [
+        (s.arrived[u] - acked[u]) * 1000.0 for s in streams for u in uids if u in s.arrived
+    ]
     missing = sum(1 for s in seen for u in uids if u not in s)
-    lat, base, rend, first = (
+    missing += sum(1 for s in streams for u in uids if u not in s.arrived)
+    lat, base, rend, first, stream = (
         percentiles(board_ms),
         percentiles(plain_ms),
         percentiles(renders),
         percentiles(ttfb),
+        percentiles(stream_ms),
     )
     cpu_per_result = max(0.0, busy - idle * (elapsed + 0.2)) / len(uids) * 1000.0
     print(
         f"\n{len(uids)} results at {len(uids) / elapsed:.1f}/s over {elapsed:.1f} s (open-loop "
-        f"Poisson, {args.rate:g}/s asked), {args.sessions} pages open, "
+        f"Poisson, {args.rate:g}/s asked), {args.sessions} sessions open ({len(pages)} "
+        f"Chromium pages on this machine, {len(streams)} plain streams), "
         f"{args.history} studies in history ({rows} rows on a page)\n"
     )
     print("Latency from PUBACK, ms:\n")
@@ -400,6 +485,11 @@ def run(
         f"| plain MQTT subscriber (baseline) | {base['n']:.0f} | {base['p50']:.1f} "
         f"| {base['p95']:.1f} | {base['p99']:.1f} | {base['max']:.1f} |"
     )
+    if streams:
+        print(
+            f"| event at a plain stream client | {stream['n']:.0f} | {stream['p50']:.1f} "
+            f"| {stream['p95']:.1f} | {stream['p99']:.1f} | {stream['max']:.1f} |"
+        )
     print(
         f"| row in a page's DOM | {lat['n']:.0f} | {lat['p50']:.1f} | {lat['p95']:.1f} "
         f"| {lat['p99']:.1f} | {lat['max']:.1f} |"
@@ -411,7 +501,7 @@ def run(
     for name, m in (("navigation start → rows in DOM", rend), ("request → first byte", first)):
         print(f"| {name} | {m['n']:.0f} | {m['p50']:.0f} | {m['max']:.0f} |")
     print(
-        f"\nboard CPU: {idle * 100:.1f}% idle with {args.sessions} pages open; "
+        f"\nboard CPU: {idle * 100:.1f}% idle with {args.sessions} sessions open; "
         f"{cpu_per_result:.2f} ms CPU per result above idle ({busy:.2f} s over the run)"
     )
     print(
@@ -420,7 +510,8 @@ def run(
         f"{GOAL_RENDER_MS:.0f} ms: {rend['p50']:.0f} ms (p50), "
         f"{'met' if rend['p50'] < GOAL_RENDER_MS else 'NOT met'}"
     )
-    print(json.dumps({"latency": lat, "baseline": base, "render": rend, "ttfb": first}))
+    summary = {"latency": lat, "baseline": base, "stream": stream, "render": rend, "ttfb": first}
+    print(json.dumps(summary))
     return 1 if missing else 0
 
 

@@ -137,8 +137,8 @@
     return tr;
   }
 
-  function tick(tr, row) {
-    const text = tr.querySelector(".age-text");
+  function tick(tr, row, text) {
+    text = text || tr.querySelector(".age-text");
     if (!text) return;
     const waited = row.complete_ts ? nowServer() - row.complete_ts : 0;
     const shown = age(waited);
@@ -166,7 +166,7 @@
     const next = order[lo];
     rowsBody.insertBefore(tr, next ? studies.get(next).el : null);
     order.splice(lo, 0, uid);
-    studies.set(uid, { row: row, el: tr });
+    studies.set(uid, { row: row, el: tr, age: tr.querySelector(".age-text") });
     // The page holds as many rows as the server sends on a load: the last one goes (never
     // an unacknowledged urgent one, which sort first).
     while (order.length > config.max_rows && studies.get(order[order.length - 1]).row.rank > 0) {
@@ -184,7 +184,7 @@
     for (const row of list) {
       const tr = renderRow(row, true);
       fragment.appendChild(tr);
-      studies.set(row.study_instance_uid, { row: row, el: tr });
+      studies.set(row.study_instance_uid, { row: row, el: tr, age: tr.querySelector(".age-text") });
       order.push(row.study_instance_uid);
     }
     rowsBody.appendChild(fragment);
@@ -418,7 +418,7 @@
   setInterval(function () {
     for (const uid of order) {
       const entry = studies.get(uid);
-      tick(entry.el, entry.row);
+      tick(entry.el, entry.row, entry.age);
     }
     tickBoxes();
   }, 1000);
