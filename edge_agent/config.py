@@ -347,7 +347,7 @@ class BoardSettings(_Section):
         "loopback behind a TLS reverse proxy; 0.0.0.0:8080 serves plain HTTP to the network.",
     )
     users_file: Path = Field(
-        default=Path("/etc/edge-agent/board-users"),
+        default=Path("/etc/edge-triage-board/users"),
         description="Accounts, one 'name:argon2 hash' a line (edge-agent board add-user).",
     )
     state_file: Path = Field(

@@ -4,6 +4,7 @@ demo bundle on simulated studies, the board as its own process, and headless Chr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
@@ -105,6 +106,11 @@ def agent_config(tmp_path: Path, broker: Mosquitto) -> Path:
     return config
 
 
+def audit_rows(tmp_path: Path) -> list[tuple[str, str, str]]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "board" / "board.sqlite3")) as db:
+        return db.execute("SELECT user, alert_id, outcome FROM audit").fetchall()
+
+
 def agent_status(watcher: Subscriber) -> dict[str, Any]:
     found = [m.json() for m in watcher.messages if m.topic == f"{AGENT_BASE}/status"]
     return found[-1] if found else {}
@@ -185,10 +191,7 @@ def run_agent_scenario(
         assert ack["by"] == USER and re.fullmatch(r".+T.+Z", ack["at"])
 
         # The audit log has it.
-        audit = sqlite3.connect(tmp_path / "board" / "board.sqlite3").execute(
-            "SELECT user, alert_id, outcome FROM audit"
-        )
-        assert audit.fetchall() == [(USER, ack["alert_id"], "sent")]
+        assert audit_rows(tmp_path) == [(USER, ack["alert_id"], "sent")]
 
         # A killed agent: its Will says offline, the page shows the box as a problem.
         daemon.kill()
@@ -205,6 +208,7 @@ def run_agent_scenario(
         assert levels(page2)[0] == "urgent" and "1.2.3.9" in page2.inner_text("#rows tr")
         assert page2.query_selector(f'[data-box="{SITE}/{DEVICE}"][data-state="offline"]')
         assert "Denied PUBLISH" not in broker.log_text(), "the board wrote outside ack/"
+        assert audit_rows(tmp_path) == [(USER, ack["alert_id"], "sent")], "the audit survived"
         page2.close()
     finally:
         watcher.close()

@@ -50,7 +50,9 @@ def test_board_unit_runs_the_board_with_its_credential() -> None:
         for line in UNIT.read_text().splitlines()
         if "=" in line[:40] and line[0] != "#"
     )
-    assert settings["ExecStart"].endswith("edge-agent board --config /etc/edge-agent/board.toml")
+    assert settings["ExecStart"].endswith(
+        "edge-agent board --config /etc/edge-triage-board/board.toml"
+    )
     assert settings["LoadCredential"].startswith("mqtt_password:")
     assert settings["User"] == "edge-board" and settings["NoNewPrivileges"] == "yes"
     assert settings["StateDirectory"] == "edge-triage-board"

@@ -21,6 +21,11 @@
     return node;
   }
 
+  function setText(node, text) {
+    // Writing only what changed spares the browser a layout (rows arrive many a second).
+    if (node.textContent !== text) node.textContent = text;
+  }
+
   function nowServer() {
     return Date.now() / 1000 - clockSkew;
   }
@@ -141,9 +146,7 @@
     text = text || tr.querySelector(".age-text");
     if (!text) return;
     const waited = row.complete_ts ? nowServer() - row.complete_ts : 0;
-    const shown = age(waited);
-    // Most rows' text changes once a minute: writing only changes spares the layout.
-    if (text.textContent !== shown) text.textContent = shown;
+    setText(text, age(waited)); // most rows' text changes once a minute
     const overdue = !row.acked_by && waited > config.max_wait_seconds;
     if (tr.classList.contains("overdue") !== overdue) tr.classList.toggle("overdue", overdue);
   }
@@ -198,10 +201,11 @@
       if (r.rank === 0) urgent += 1;
       if (r.triage === "review") review += 1;
     }
-    document.getElementById("counts").textContent =
-      urgent + " urgent unacknowledged · " + review + " review · " + order.length + " studies";
+    setText(document.getElementById("counts"),
+      urgent + " urgent unacknowledged · " + review + " review · " + order.length + " studies");
     document.getElementById("empty").hidden = order.length > 0;
-    document.title = urgent ? "(" + urgent + " URGENT) Triage board" : "Triage board";
+    const title = urgent ? "(" + urgent + " URGENT) Triage board" : "Triage board";
+    if (document.title !== title) document.title = title;
     document.body.classList.toggle("has-urgent", urgent > 0);
   }
 
@@ -272,8 +276,7 @@
   function tickBoxes() {
     for (const div of boxes.values()) {
       const seen = div.querySelector(".seen");
-      const text = "seen " + age(nowServer() - Number(seen.dataset.seen)) + " ago";
-      if (seen.textContent !== text) seen.textContent = text;
+      setText(seen, "seen " + age(nowServer() - Number(seen.dataset.seen)) + " ago");
     }
   }
 
