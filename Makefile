@@ -31,6 +31,7 @@ bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/intake.py
 	$(PY) benchmarks/delivery.py
+	$(PY) benchmarks/board.py
 	$(PY) benchmarks/encoder.py
 
 demo-bundle: $(VENV)/.stamp-dev

@@ -266,6 +266,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def chromium_cpu_seconds() -> float:
+    """User + system CPU of every Chromium process (this benchmark's browser)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(chromium)" in text or "(chrome)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float)
     if a.size == 0:
@@ -336,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--history", type=int, default=5000, help="studies in the store (5000)")
     parser.add_argument("--renders", type=int, default=10, help="first renders measured (10)")
+    parser.add_argument(
+        "--chromium-arg",
+        dest="chromium_args",
+        action="append",
+        default=[],
+        help="extra Chromium flag, e.g. --disable-gpu (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="where the board's files live (a temp dir)")
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
@@ -397,7 +418,9 @@ def run(
     url = f"http://127.0.0.1:{port}"
     streams: list[StreamClient] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", *args.chromium_args]
+        )
         try:
             renders, ttfb, rows = first_renders(browser, url, args.renders)
             print(f"  first renders done; load {load()}", file=sys.stderr)
@@ -417,9 +440,10 @@ def run(
             plain = PlainSubscriber(broker)
             publisher = Publisher(broker)
             time.sleep(1.0)
-            idle_start = cpu_seconds(board.pid)
+            idle_start, browser_idle_start = cpu_seconds(board.pid), chromium_cpu_seconds()
             time.sleep(min(args.duration, 10.0))
             idle = (cpu_seconds(board.pid) - idle_start) / min(args.duration, 10.0)
+            browser_idle = (chromium_cpu_seconds() - browser_idle_start) / min(args.duration, 10.0)
 
             n = max(1, round(args.rate * args.duration))
             due, t = [], 0.0
@@ -427,6 +451,7 @@ def run(
                 t += rng.expovariate(args.rate)
                 due.append(t)
             cpu_start, begin = cpu_seconds(board.pid), time.monotonic()
+            browser_start = chromium_cpu_seconds()
             uids = []
             for i, at in enumerate(due):
                 delay = begin + at - time.monotonic()
@@ -447,6 +472,7 @@ def run(
                 time.sleep(0.5)
             seen = [page.evaluate("window.__seen") for page in pages]
             busy = cpu_seconds(board.pid) - cpu_start
+            browser_busy = chromium_cpu_seconds() - browser_start
             acked = publisher.puback_times()
             publisher.close()
             plain.close()
@@ -504,6 +530,13 @@ def run(
         f"\nboard CPU: {idle * 100:.1f}% idle with {args.sessions} sessions open; "
         f"{cpu_per_result:.2f} ms CPU per result above idle ({busy:.2f} s over the run)"
     )
+    if pages:
+        per_result = max(0.0, browser_busy - browser_idle * elapsed) / len(uids) / len(pages)
+        print(
+            f"Chromium CPU ({len(pages)} pages): {browser_idle:.2f} cores idle (the pages' "
+            f"clocks), {browser_busy / elapsed:.2f} cores during the run; "
+            f"{per_result * 1000:.1f} ms per result per page above idle"
+        )
     print(
         f"goal: p99 < {GOAL_P99_MS:.0f} ms: {lat['p99']:.0f} ms, "
         f"{'met' if lat['p99'] < GOAL_P99_MS else 'NOT met'}; first render < "
