@@ -35,7 +35,9 @@
     const s = Math.floor(seconds);
     if (s < 60) return s + " s";
     const m = Math.floor(s / 60);
-    if (m < 60) return m + " min " + String(s % 60).padStart(2, "0") + " s";
+    // Seconds only while they matter: a row whose text changes costs the browser a frame.
+    if (m < 10) return m + " min " + String(s % 60).padStart(2, "0") + " s";
+    if (m < 60) return m + " min";
     const h = Math.floor(m / 60);
     if (h < 24) return h + " h " + String(m % 60).padStart(2, "0") + " min";
     return Math.floor(h / 24) + " d " + (h % 24) + " h";
@@ -156,6 +158,7 @@
     const uid = row.study_instance_uid;
     const old = studies.get(uid);
     const wasUrgentUnacked = old && old.row.rank === 0;
+    const wasOpen = old && old.el.querySelector("details[open]") !== null;
     if (old) {
       old.el.remove();
       order.splice(order.indexOf(uid), 1);
@@ -166,6 +169,8 @@
       if (before(studies.get(order[mid]).row, row)) lo = mid + 1; else hi = mid;
     }
     const tr = renderRow(row, true);
+    const details = tr.querySelector("details");
+    if (wasOpen && details) details.open = true; // a narrative the user opened stays open
     const next = order[lo];
     rowsBody.insertBefore(tr, next ? studies.get(next).el : null);
     order.splice(lo, 0, uid);
