@@ -57,3 +57,12 @@ def test_board_unit_runs_the_board_with_its_credential() -> None:
     assert settings["User"] == "edge-board" and settings["NoNewPrivileges"] == "yes"
     assert settings["StateDirectory"] == "edge-triage-board"
     assert "EDGE_AGENT_BOARD__STATE_FILE=/var/lib/edge-triage-board/" in settings["Environment"]
+
+
+def test_the_example_config_is_valid_and_matches_the_unit() -> None:
+    from edge_agent.config import load_settings
+
+    settings = load_settings(REPO / "systemd" / "board.toml.example")
+    assert settings.board.state_file == Path("/var/lib/edge-triage-board/board.sqlite3")
+    assert settings.board.users_file.parent == Path("/etc/edge-triage-board")
+    assert "/etc/edge-triage-board/board.toml" in UNIT.read_text()
