@@ -33,11 +33,13 @@ whatever the figures; 1 when a published result never reached a page (a lost row
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import platform
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -252,13 +254,18 @@ class StreamClient(threading.Thread):
                 elif line.startswith("data: ") and event == "study":
                     uid = json.loads(line[6:])["study_instance_uid"]
                     self.arrived.setdefault(uid, time.time())
-        except (OSError, ValueError):
-            pass  # closed at the end of the run
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # the socket was shut down at the end of the run
+        finally:
+            self.conn.close()
 
     def close(self) -> None:
-        if self.conn is not None and self.conn.sock is not None:
-            self.conn.sock.shutdown(2)
-            self.conn.close()
+        """Shut the socket down (the reading thread ends on it and closes the connection)."""
+        sock = self.conn.sock if self.conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.join(5)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -113,7 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-BOARD_MODULES = ("starlette", "uvicorn", "argon2", "multipart")
+BOARD_MODULES = ("starlette", "uvicorn", "argon2")
 
 
 def _board_extra() -> None:

@@ -5,6 +5,7 @@ demo bundle on simulated studies, the board as its own process, and headless Chr
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import re
 import sqlite3
@@ -300,6 +301,23 @@ def test_refused_without_session_csrf_or_past_the_rate_limit(board: BoardProcess
     )
     assert status == 403 and b"CSRF" in body, "a POST without the CSRF token"
     assert user.request("/api/state")[0] == 200
+    csrf = re.search(rb'name="csrf-token" content="([^"]+)"', user.request("/")[2])
+    assert csrf is not None
+    big = json.dumps({"study_instance_uid": "1.2.3", "alert_id": "x" * 20000}).encode()
+    headers = {"Content-Type": "application/json", "X-CSRF-Token": csrf.group(1).decode()}
+    assert user.request("/api/ack", big, headers)[0] == 413
+    # Chunked, without a length: bounded all the same.
+    conn = http.client.HTTPConnection("127.0.0.1", board.port, timeout=10)
+    cookie = f"edge_board_session={user.cookie('edge_board_session')}"
+    conn.request(
+        "POST",
+        "/api/ack",
+        iter([big[:4000], big[4000:]]),
+        {**headers, "Cookie": cookie},
+        encode_chunked=True,
+    )
+    assert conn.getresponse().status == 413
+    conn.close()
 
     # Failed logins: five per minute, then refused without checking the password.
     attacker = Http(board.url)

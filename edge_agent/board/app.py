@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -75,6 +77,28 @@ ASGIApp = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
     Awaitable[None],
 ]
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes | None:
+    """The request body, or None past ``limit`` bytes (chunked bodies included: the length
+    header alone would not bound them)."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def read_form(request: Request) -> dict[str, str] | None:
+    """An url-encoded form's first value of each field, or None when too large."""
+    body = await read_body(request)
+    if body is None:
+        return None
+    fields = parse_qs(body.decode(errors="replace"), keep_blank_values=True)
+    return {key: values[0] for key, values in fields.items()}
 
 
 class SecurityHeaders:
@@ -226,10 +250,10 @@ class Board:
     async def login(self, request: Request) -> Response:
         if self.cfg.auth == "proxy":
             return RedirectResponse("/", 303)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        form = await read_form(request)
+        if form is None:
             return self._login_page(request, "Request too large.", 413)
-        form = await request.form()
-        name, password, csrf = (str(form.get(k) or "") for k in ("username", "password", "csrf"))
+        name, password, csrf = (form.get(k, "") for k in ("username", "password", "csrf"))
         if not same_token(request.cookies.get(LOGIN_COOKIE), csrf) or not csrf:
             return self._login_page(request, "The form expired; please try again.", 403)
         address = self.client_address(request)
@@ -253,8 +277,8 @@ class Board:
 
     async def logout(self, request: Request) -> Response:
         session = self.session(request)
-        form = await request.form()
-        if session is None or not same_token(str(form.get("csrf") or ""), session.csrf):
+        form = await read_form(request) or {}
+        if session is None or not same_token(form.get("csrf", ""), session.csrf):
             return JSONResponse({"error": "not logged in or CSRF token missing"}, 403)
         self.sessions.end(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/login", 303)
@@ -343,8 +367,8 @@ class Board:
                             return  # logged out or expired: the stream ends with it
                         yield ": keep-alive\n\n"
                         continue
-                    if text == CLOSED:
-                        return
+                    if text == CLOSED or self.sessions.get(token) is None:
+                        return  # closed, or logged out / expired while events flowed
                     yield text
             finally:
                 self.events.close(queue)
@@ -361,10 +385,11 @@ class Board:
             return JSONResponse({"error": "log in first"}, 401)
         if not same_token(request.headers.get(CSRF_HEADER), session.csrf):
             return JSONResponse({"error": "CSRF token missing or wrong"}, 403)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raw = await read_body(request)
+        if raw is None:
             return JSONResponse({"error": "request too large"}, 413)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return JSONResponse({"error": "not JSON"}, 400)
         uid = body.get("study_instance_uid") if isinstance(body, dict) else None
