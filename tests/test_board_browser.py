@@ -319,6 +319,12 @@ def test_refused_without_session_csrf_or_past_the_rate_limit(board: BoardProcess
     assert conn.getresponse().status == 413
     conn.close()
 
+    # Logging out needs the token too, and ends the session for the stream as well.
+    assert user.request("/logout", b"csrf=wrong")[0] == 403
+    token_field = f"csrf={csrf.group(1).decode()}".encode()
+    assert user.request("/logout", token_field)[0] == 303
+    assert Http(board.url).request("/events", headers={"Cookie": cookie})[0] == 401
+
     # Failed logins: five per minute, then refused without checking the password.
     attacker = Http(board.url)
     attacker.request("/login")
