@@ -49,6 +49,11 @@ class Figures:
     def results(self) -> int:
         return sum(self.results_by_level.values())
 
+    def outbox_oldest_seconds(self, now: float) -> float | None:
+        """How long the oldest waiting message has waited at ``now`` (None: none waits)."""
+        oldest = self.outbox_oldest_at
+        return None if oldest is None else max(0.0, now - oldest)
+
 
 def open_read_only(database: Path) -> sqlite3.Connection:
     """A read-only connection to ``database`` (WAL: it does not block the agent)."""
