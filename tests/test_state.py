@@ -14,64 +14,22 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_delivery import SHA, make_result
 
 from edge_agent.metrics import registry_for
-from edge_agent.results import (
-    FindingResult,
-    InstanceCounts,
-    ModelRef,
-    StudyResult,
-    Timing,
-    alert_id,
-    iso,
-)
+from edge_agent.results import StudyResult, alert_id, iso
 from edge_agent.state import schema
 from edge_agent.state.schema import Layout
 from edge_agent.status import read_status
 from edge_agent.store import InstanceRecord, Message, NarrativeJob, Store
 
-SHA = "5a" * 32
 UID = "1.2.826.0.1.3680043.10.14"
 TOPIC = f"p/study/{UID}"
 
 
-def flag_result(revision: int = 1) -> StudyResult:
-    now = iso(time.time())
-    finding = FindingResult(
-        code="pneumothorax",
-        label="Pneumothorax",
-        score=0.93,
-        urgent_threshold=0.6,
-        review_threshold=0.3,
-        flagged=True,
-    )
-    return StudyResult(
-        alert_id=alert_id(UID, revision, SHA),
-        revision=revision,
-        study_instance_uid=UID,
-        accession_number=None,
-        modality="CR",
-        triage="urgent",
-        reason=None,
-        findings=[finding],
-        model=ModelRef(
-            name="state-test",
-            version="1",
-            sha256=SHA,
-            precision="fp32",
-            provider="CPUExecutionProvider",
-            demo=True,
-        ),
-        instances=InstanceCounts(received=1, scored=1, rejected=0),
-        timing=Timing(
-            first_instance_at=now,
-            complete_at=now,
-            scored_at=now,
-            published_at=now,
-            inference_ms=1.0,
-        ),
-        narrative_status="pending",
-    )
+def flag_result() -> StudyResult:
+    """An urgent result whose draft narrative is on the way."""
+    return make_result(UID, 1, "urgent").model_copy(update={"narrative_status": "pending"})
 
 
 def narrated(flag: StudyResult, revision: int, new_alert: str) -> StudyResult:
