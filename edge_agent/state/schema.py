@@ -106,7 +106,8 @@ CREATE TABLE IF NOT EXISTS narratives (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 """Today's schema. A table added by a version is created here (``IF NOT EXISTS``) when an
-older database is opened; a column added to an existing table comes from its migration."""
+older database is opened; a column added to an existing table comes from its migration.
+:func:`create` runs it statement by statement in one transaction: no ``;`` inside one."""
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 1 -> 2: outbox messages carry their triage level (the cap policy needs it).
@@ -189,9 +190,8 @@ class Layout:
     @classmethod
     def of(cls, conn: sqlite3.Connection) -> Layout:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return cls(
-            {t: frozenset(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
-        )
+        columns = "SELECT name FROM pragma_table_info(?)"  # a name is data, never SQL
+        return cls({t: frozenset(r[0] for r in conn.execute(columns, (t,))) for t in tables})
 
     def has(self, table: str, column: str | None = None) -> bool:
         return table in self.columns and (column is None or column in self.columns[table])
