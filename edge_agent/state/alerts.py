@@ -20,8 +20,10 @@ logger = logging.getLogger(__name__)
 
 AckOutcome = Literal["acknowledged", "already acknowledged", "superseded", "not an urgent alert"]
 
-LIVE = "('pending', 'unacknowledged')"
-"""The states of an alert no dashboard has acknowledged (SQL)."""
+LIVE_STATES = ("pending", "unacknowledged")
+"""The states of an alert no dashboard has acknowledged."""
+LIVE = "(" + ", ".join(f"'{state}'" for state in LIVE_STATES) + ")"
+"""The same, as an SQL list."""
 
 
 def add_result(
@@ -110,7 +112,7 @@ def carry_over(
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (msg.alert_id, study_instance_uid, revision, msg.topic, state, *alert[1:], now, flag),
     )
-    if alert[0] in ("pending", "unacknowledged"):
+    if alert[0] in LIVE_STATES:
         _supersede(conn, flag)
 
 
