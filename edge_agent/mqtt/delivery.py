@@ -35,9 +35,9 @@ class Delivery:
 
     Handed: the ``outbox`` (rows deleted or set aside), ``flight`` and ``strikes`` (the
     bookkeeping), ``link`` (the client in use, and whether it is about to be replaced),
-    ``error`` (notes a delivery problem), ``wake`` (the drain thread looks again) and
-    ``status_settled`` (a status message's PUBACK). ``progress_at`` is when a row last left
-    the outbox (read by the stall check)."""
+    ``error`` (notes a delivery problem) and ``wake`` (the drain thread looks again).
+    ``progress_at`` is when a row last left the outbox, or nothing waited (read by the
+    stall check)."""
 
     def __init__(
         self,
@@ -64,6 +64,10 @@ class Delivery:
         self._publish_props = json_properties(PacketTypes.PUBLISH)
         self._status_refused_logged = False
         self.progress_at = time.monotonic()  # a row left the outbox, or none was waiting
+
+    def nothing_waits(self) -> None:
+        """The outbox has nothing to deliver: nothing is stuck either (the stall check)."""
+        self.progress_at = time.monotonic()
 
     def send(self, message: OutboxMessage, *, resend: bool = False) -> None:
         """Hand one outbox row to paho and remember its mid.

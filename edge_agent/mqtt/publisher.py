@@ -81,7 +81,7 @@ class Publisher:
             status_topic=self._status_topic,
             ack_filter=f"{base}/ack/+",
             error=self._error,
-            connected=self._connected,
+            connected=self._on_connected,
             lost=lambda reason_code: self._delivery.connection_lost(reason_code),
             wake=self._wake.set,
             puback=lambda mid, reason_code: self._delivery.puback(mid, reason_code),
@@ -323,7 +323,7 @@ class Publisher:
             for row in rows:
                 self._delivery.send(row)
             if not rows and not exclude:
-                self._delivery.progress_at = time.monotonic()  # nothing waits: nothing is stuck
+                self._delivery.nothing_waits()
             if len(rows) < room:
                 return
 
@@ -331,11 +331,11 @@ class Publisher:
         """While disconnected: an outbox with nothing to deliver is not stuck either."""
         busy = self._flight.busy(held=True)
         if not busy and not self.strikes.suspects() and not self._outbox.outbox_pending(1, ()):
-            self._delivery.progress_at = time.monotonic()
+            self._delivery.nothing_waits()
 
     # -- network thread ------------------------------------------------------------------
 
-    def _connected(self) -> None:
+    def _on_connected(self) -> None:
         """An accepted CONNACK: a fresh retained status, and the outbox drains."""
         self._publish_state("online")
         self._wake.set()

@@ -36,8 +36,13 @@ import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 
 __all__ = ["Shared", "StudyQueue", "WorkerErrors"]
+
+Slot = Literal["start", "intake", "scoring", "main"]
+"""Whose error: the start (a damaged database set aside), a worker, or the main thread
+(health watch, re-notifications)."""
 
 
 class StudyQueue:
@@ -75,13 +80,13 @@ class WorkerErrors:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._order = itertools.count()
-        self._slots: dict[str, tuple[int, str]] = {}
+        self._slots: dict[Slot, tuple[int, str]] = {}
 
-    def set(self, worker: str, error: str) -> None:
+    def set(self, worker: Slot, error: str) -> None:
         with self._lock:
             self._slots[worker] = (next(self._order), error)
 
-    def get(self, worker: str) -> str | None:
+    def get(self, worker: Slot) -> str | None:
         with self._lock:
             slot = self._slots.get(worker)
         return None if slot is None else slot[1]
