@@ -65,6 +65,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import ScpSettings
 from ..errors import ConfigError, EdgeTriageError, ResourceMissing
+from ..fsutil import fsync_dir
 from ..identifiers import UID_PADDING, uid_problem, valid_uid
 from .watcher import ReadyFile
 
@@ -132,14 +133,6 @@ def transfer_syntaxes() -> list[str]:
     return [*UNCOMPRESSED, *compressed]
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes) -> Path:
     """Write ``data`` durably as ``receive_dir/<study_uid>/<sop_uid>.dcm``.
 
@@ -156,7 +149,7 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
     except FileExistsError:
         pass
     else:
-        _fsync_dir(receive_dir)
+        fsync_dir(receive_dir)
     final = folder / f"{sop_uid}.dcm"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sop_uid}.", suffix=TEMPORARY_SUFFIX)
     try:
@@ -169,7 +162,7 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return final
 
 
