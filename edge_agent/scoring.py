@@ -24,14 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from . import ct, imaging
 from .bundle import RADIOGRAPH_MODALITIES, Bundle
 from .config import SelectionSettings
+from .dicom.instance_file import Rereading, read_again
 from .errors import InputRejected
-from .intake.header import PYDICOM_ERRORS
-from .intake.instance_file import FileGone, OtherInstance, read_dataset
 from .narrative import Source
 from .results import (
     FindingResult,
@@ -51,6 +49,14 @@ from .triage import Head, finding_result, triage_level
 logger = logging.getLogger(__name__)
 
 PROJECTION_MODALITIES = frozenset(RADIOGRAPH_MODALITIES)
+
+REREADING = Rereading(
+    gone="file disappeared from the watch folder before scoring",
+    replaced="file was replaced by another instance before scoring",
+    unreadable="unreadable DICOM file ({error})",
+    not_dicom="not a DICOM file any more (replaced before scoring)",
+)
+"""What a radiograph or CT slice read again for scoring can have become (P/rejected)."""
 
 
 @dataclass
@@ -138,18 +144,9 @@ class Scorer:
     def _read(self, inst: InstanceRow, *, pixels: bool = True) -> pydicom.Dataset:
         """The instance's file read again (opened as the intake opens it: no link followed,
         a regular file only), checked to hold the same SOP Instance UID."""
-        try:
-            return read_dataset(
-                self.watch_dir, inst.path, pixels=pixels, sop_instance_uid=inst.sop_instance_uid
-            )
-        except FileGone as exc:
-            raise InputRejected("file disappeared from the watch folder before scoring") from exc
-        except OtherInstance as exc:
-            raise InputRejected("file was replaced by another instance before scoring") from exc
-        except InvalidDicomError as exc:
-            raise InputRejected("not a DICOM file any more (replaced before scoring)") from exc
-        except PYDICOM_ERRORS as exc:  # everything pydicom raises on a corrupt file
-            raise InputRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc
+        return read_again(
+            self.watch_dir, inst.path, inst.sop_instance_uid, REREADING, pixels=pixels
+        )
 
     def _load(self, inst: InstanceRow) -> np.ndarray:
         return imaging.preprocess(self._read(inst), self.bundle.manifest.encoder.preprocessing)

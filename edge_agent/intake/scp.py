@@ -38,7 +38,6 @@ import os
 import socket
 import socketserver
 import stat
-import struct
 import tempfile
 import threading
 import time
@@ -64,9 +63,10 @@ from pynetdicom.presentation import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import ScpSettings
-from ..errors import ConfigError, EdgeTriageError, ResourceMissing
+from ..dicom.errors import reading
+from ..dicom.uid import UID_PADDING, uid_problem, valid_uid
+from ..errors import ConfigError, EdgeTriageError, InputRejected, ResourceMissing
 from ..fsutil import fsync_dir
-from ..identifiers import UID_PADDING, uid_problem, valid_uid
 from .watcher import ReadyFile
 
 logger = logging.getLogger(__name__)
@@ -105,16 +105,6 @@ LOSSLESS = frozenset(
 )
 SERVE_POLL_SECONDS = 0.5
 ABORT_JOIN_SECONDS = 1.0  # at stop, how long aborted associations' threads are waited for
-_DECODE_ERRORS = (
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    EOFError,
-    OverflowError,
-    NotImplementedError,
-    struct.error,
-)
 
 
 def transfer_syntaxes() -> list[str]:
@@ -432,21 +422,17 @@ class StorageSCP:
     def _store(self, event: Event) -> int:
         ae_title, address = _caller(event)
         try:
-            ds: Dataset = event.dataset
-            study_value = ds.get("StudyInstanceUID")
-            sop_value = ds.get("SOPInstanceUID")
-        except _DECODE_ERRORS as exc:
-            logger.warning(
-                "C-STORE from %s (%r) refused: the data set cannot be decoded (%s)",
-                address,
-                ae_title,
-                type(exc).__name__,
-            )
+            with reading("the data set cannot be decoded ({error})"):
+                ds: Dataset = event.dataset
+                study_value = ds.get("StudyInstanceUID")
+                sop_value = ds.get("SOPInstanceUID")
+        except InputRejected as exc:
+            logger.warning("C-STORE from %s (%r) refused: %s", address, ae_title, exc.reason)
             return STATUS_CANNOT_UNDERSTAND
         affected = valid_uid(getattr(event.request, "AffectedSOPInstanceUID", None))
         if sop_value is None or not str(sop_value).strip(UID_PADDING):
             sop_value = affected  # tolerant: the command names the instance too
-        # The UIDs name the file and its folder: one rule decides (edge_agent/identifiers.py),
+        # The UIDs name the file and its folder: one rule decides (edge_agent/dicom/uid.py),
         # and the reason logged never quotes the value.
         for keyword, value in (("StudyInstanceUID", study_value), ("SOPInstanceUID", sop_value)):
             problem = uid_problem(value)
