@@ -67,7 +67,7 @@ from ..dicom.errors import reading
 from ..dicom.uid import UID_PADDING, uid_problem, valid_uid
 from ..errors import ConfigError, EdgeTriageError, InputRejected, ResourceMissing
 from ..fsutil import fsync_dir
-from .watcher import ReadyFile
+from .watcher import ReadyFile, still_same
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,28 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
         raise
     fsync_dir(folder)
     return final
+
+
+def _study_files(root: Path) -> Iterator[os.DirEntry[str]]:
+    """The entries of each study folder in ``root`` (``<Study>/…``), folders and entries in
+    name order; hidden study folders and links are passed over, and a folder that cannot be
+    listed is logged and passed over too."""
+    try:
+        with os.scandir(root) as listing:
+            studies = sorted(listing, key=lambda e: e.name)
+    except OSError as exc:
+        logger.warning("cannot list %s: %s", root, exc.strerror)
+        return
+    for study in studies:
+        if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with os.scandir(study.path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", study.path, exc.strerror)
+            continue
+        yield from entries
 
 
 def listen_error(settings: ScpSettings, exc: OSError) -> EdgeTriageError:
@@ -303,32 +325,15 @@ class StorageSCP:
         """Delete the temporary files of transfers cut short (a kill, a power cut) before
         they were renamed into place; their senders got no Success and send them again."""
         removed = 0
-        try:
-            studies = list(os.scandir(self.receive_dir))
-        except OSError as exc:
-            logger.warning("cannot list %s: %s", self.receive_dir, exc.strerror)
-            return
-        for study in studies:
-            if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
+        for entry in _study_files(self.receive_dir):
+            if not (entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX)):
                 continue
             try:
-                with os.scandir(study.path) as entries:
-                    names = [
-                        e.name
-                        for e in entries
-                        if e.name.startswith(".")
-                        and e.name.endswith(TEMPORARY_SUFFIX)
-                        and e.is_file(follow_symlinks=False)
-                    ]
-            except OSError as exc:
-                logger.warning("cannot list %s: %s", study.path, exc.strerror)
-                continue
-            for name in names:
-                try:
-                    os.unlink(os.path.join(study.path, name))
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
                     removed += 1
-                except OSError as exc:
-                    logger.warning("cannot remove %s: %s", name, exc.strerror)
+            except OSError as exc:
+                logger.warning("cannot remove %s: %s", entry.name, exc.strerror)
         if removed:
             logger.info(
                 "removed %d temporary file(s) of C-STOREs cut short before this start "
@@ -515,23 +520,9 @@ class ReceivedFolder:
             self._reported[str(path)] = None
 
     def _walk(self) -> Iterator[str]:
-        try:
-            studies = sorted(os.scandir(self.root), key=lambda e: e.name)
-        except OSError as exc:
-            logger.warning("cannot list %s: %s", self.root, exc.strerror)
-            return
-        for study in studies:
-            if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
-                continue
-            try:
-                with os.scandir(study.path) as entries:
-                    names = sorted(e.name for e in entries if not e.name.startswith("."))
-            except OSError as exc:
-                logger.warning("cannot list %s: %s", study.path, exc.strerror)
-                continue
-            for name in names:
-                if name.endswith(".dcm"):
-                    yield os.path.join(study.path, name)
+        for entry in _study_files(self.root):
+            if not entry.name.startswith(".") and entry.name.endswith(".dcm"):
+                yield entry.path
 
     def scan(self, now: float) -> list[ReadyFile]:
         """Received files not yet handled, oldest first, at most ``batch_size``."""
@@ -571,11 +562,7 @@ class ReceivedFolder:
         self._queue.pop(f.relpath, None)
 
     def still_same(self, f: ReadyFile) -> bool:
-        try:
-            st = os.lstat(f.path)
-        except OSError:
-            return False
-        return (st.st_size, st.st_mtime_ns, st.st_ino) == (f.size, f.mtime_ns, f.ino)
+        return still_same(f)
 
     @property
     def waiting(self) -> int:
