@@ -138,7 +138,9 @@ class FolderWatcher:
         # How a log line names something below the root (the agent passes its file-id
         # naming: folders are often named after the patient).
         self._tree = FolderTree(root, self.ignore_suffixes, shown or (lambda rel: rel))
-        self._files = FileStates(handled, stable_seconds, retry_max)
+        self._files = FileStates(handled, stable_seconds)
+        self.retry_first = RETRY_FIRST_SECONDS
+        self.retry_max = retry_max
         self._wake = threading.Event()
         self._inotify = InotifyWatch(root, self._wake)
         self._rearm = False  # inotify was in use and is to be set again on the folder
@@ -160,22 +162,6 @@ class FolderWatcher:
 
     def _on_event(self, event: FileSystemEvent) -> None:
         self._inotify.on_event(event)
-
-    @property
-    def retry_first(self) -> float:
-        return self._files.retry_first
-
-    @retry_first.setter
-    def retry_first(self, seconds: float) -> None:
-        self._files.retry_first = seconds
-
-    @property
-    def retry_max(self) -> float:
-        return self._files.retry_max
-
-    @retry_max.setter
-    def retry_max(self, seconds: float) -> None:
-        self._files.retry_max = seconds
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -358,7 +344,7 @@ class FolderWatcher:
         hand it out again after a back-off (``retry_first`` seconds, doubling up to
         ``retry_max``), or sooner once it changes. ``now`` is the clock ``scan`` is given.
         Returns how many times it failed so far."""
-        return self._files.retry_later(f, now)
+        return self._files.retry_later(f, now, self.retry_first, self.retry_max)
 
     @property
     def retrying(self) -> int:

@@ -28,7 +28,6 @@ class FileStates:
         self,
         handled: dict[str, tuple[int, int]] | None,
         stable_seconds: float,
-        retry_max: float,
     ) -> None:
         self.stable_seconds = stable_seconds
         self.handled: dict[str, Handled] = {
@@ -39,8 +38,6 @@ class FileStates:
         self.pending: dict[str, tuple[int, int, int, int, int, float]] = {}
         # relpath -> (attempts, when to hand it out again)
         self.retry: dict[str, tuple[int, float]] = {}
-        self.retry_first = RETRY_FIRST_SECONDS
-        self.retry_max = retry_max
 
     def observe(self, rel: str, st: os.stat_result, now: float) -> None:
         """``rel`` looks like ``st`` at ``now``: a new or changed signature starts its
@@ -103,9 +100,11 @@ class FileStates:
         self.pending.pop(f.relpath, None)
         self.retry.pop(f.relpath, None)
 
-    def retry_later(self, f: ReadyFile, now: float) -> int:
+    def retry_later(self, f: ReadyFile, now: float, first: float, longest: float) -> int:
+        """``f`` is handed out again ``first`` seconds from ``now``, doubling with each
+        failure up to ``longest`` (or sooner once it changes); returns the failures so far."""
         attempts = self.retry.get(f.relpath, (0, 0.0))[0] + 1
-        delay = min(self.retry_max, self.retry_first * 2 ** min(attempts - 1, 30))
+        delay = min(longest, first * 2 ** min(attempts - 1, 30))
         self.retry[f.relpath] = (attempts, now + delay)
         return attempts
 
