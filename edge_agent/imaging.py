@@ -49,6 +49,7 @@ from pydicom.uid import (
 
 from .bundle import Preprocessing
 from .dicom.errors import failure_name, reading
+from .dicom.uid import valid_uid
 from .errors import ImageRejected
 
 logger = logging.getLogger(__name__)
@@ -356,7 +357,9 @@ def _decode_with_pydicom(
     """
     if syntax is None:
         raise ImageRejected("cannot decode pixel data (no transfer syntax)")
-    name = syntax.name
+    # The registered name, or the UID itself; a value that is no UID came from outside and
+    # is never quoted (it could be anything written into the wrong element).
+    name = syntax.name if valid_uid(syntax) == syntax else "malformed transfer syntax UID"
     with reading(f"cannot decode pixel data ({name}): {{error}}", rejected=ImageRejected):
         decoder = get_decoder(syntax)
     if decoder.is_native:

@@ -134,3 +134,23 @@ def test_no_module_keeps_its_own_list_of_what_pydicom_raises() -> None:
         if path.name != "errors.py" and (lines := _lists_of_mapped_types(path))
     }
     assert found == {}
+
+
+def test_a_transfer_syntax_that_is_no_uid_is_not_quoted() -> None:
+    """The decoder's reason named the transfer syntax by ``UID.name``, which for an
+    unregistered value is the value itself: text from the file, quoted on P/rejected."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    from edge_agent.imaging import decode_pixels
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "DOE^JANE 19700101"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored = 2, 2, 16, 12
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.PixelData = np.arange(4, dtype=np.uint16).tobytes()
+    with pytest.warns(UserWarning), pytest.raises(ImageRejected) as info:
+        decode_pixels(ds)
+    assert "DOE" not in info.value.reason
+    assert info.value.reason.startswith("cannot decode pixel data (malformed transfer syntax UID)")
