@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BundleError
+from .fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -414,15 +415,6 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     tmp.replace(target)
     fsync_dir(root)
     return target
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a power cut must not undo it)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:

@@ -50,8 +50,9 @@ from pydicom.pixels import apply_modality_lut
 from . import imaging
 from .bundle import CTInput, Preprocessing
 from .config import SelectionSettings
+from .dicom.errors import reading
+from .dicom.uid import valid_uid
 from .errors import ImageRejected, InputRejected
-from .identifiers import valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def slice_from_dataset(ds: pydicom.Dataset, path: str = "") -> CTSlice:
 
     Raises :class:`InputRejected` when the SOPInstanceUID or the image size is missing.
     """
-    try:
+    with reading("corrupt DICOM element ({error})"):  # values are parsed on first access
         sop = valid_uid(ds.get("SOPInstanceUID"))
         series = valid_uid(ds.get("SeriesInstanceUID"))
         position = _floats(ds.get("ImagePositionPatient"), 3)
@@ -129,8 +130,6 @@ def slice_from_dataset(ds: pydicom.Dataset, path: str = "") -> CTSlice:
         image_type_value = ds.get("ImageType")
         rows, columns = ds.get("Rows"), ds.get("Columns")
         series_number = _number(ds.get("SeriesNumber"))
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
-        raise InputRejected(f"corrupt DICOM element ({type(exc).__name__})") from exc
     if sop is None:
         raise InputRejected("missing or malformed SOPInstanceUID")
     if not rows or not columns:
@@ -338,10 +337,8 @@ def slice_hu(ds: pydicom.Dataset) -> np.ndarray:
     ):
         raise ImageRejected("colour CT slice: its values are not Hounsfield units")
     pixels = imaging.decode_pixels(ds)
-    try:
+    with reading("cannot apply the Modality LUT: {message}", rejected=ImageRejected):
         hu = apply_modality_lut(pixels, ds)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise ImageRejected(f"cannot apply the Modality LUT: {exc}") from exc
     hu = np.asarray(hu, dtype=np.float64)
     if not np.all(np.isfinite(hu)):
         raise ImageRejected("Modality LUT gives non-finite values")

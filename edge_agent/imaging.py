@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from functools import lru_cache
 from typing import Any
 
 import cv2
 import numpy as np
 import pydicom
-from pydicom.errors import BytesLengthException
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import (
     UID,
@@ -50,6 +48,8 @@ from pydicom.uid import (
 )
 
 from .bundle import Preprocessing
+from .dicom.errors import failure_name, reading
+from .dicom.uid import valid_uid
 from .errors import ImageRejected
 
 logger = logging.getLogger(__name__)
@@ -65,48 +65,6 @@ _NATIVE_LITTLE_ENDIAN = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 )
 _NATIVE = _NATIVE_LITTLE_ENDIAN | {ExplicitVRBigEndian}
-
-# What pydicom and its decoder plugins raise on data they cannot decode. RuntimeError is
-# pydicom's "all plugins failed", NotImplementedError "no plugin for this syntax",
-# AttributeError a missing element the decoder needs.
-_DECODE_ERRORS = (
-    BytesLengthException,
-    ValueError,
-    RuntimeError,
-    NotImplementedError,
-    AttributeError,
-    TypeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    EOFError,
-    struct.error,
-)
-
-# What pydicom raises when a corrupt element is first accessed (values are parsed lazily).
-_VALUE_ERRORS = (
-    ValueError,
-    TypeError,
-    OverflowError,
-    KeyError,
-    IndexError,
-    NotImplementedError,
-    struct.error,
-    BytesLengthException,
-)
-
-# What the LUT functions raise on malformed LUT/window elements (e.g. LINEAR window width < 1,
-# an unknown VOILUTFunction, a LUT descriptor with an unsupported depth, short LUT data).
-_LUT_ERRORS = (
-    ValueError,
-    NotImplementedError,
-    AttributeError,
-    TypeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    struct.error,
-)
 
 # Decoder plugins never used in-process (see _decode_with_pydicom).
 _UNSAFE_PLUGINS = frozenset({"gdcm"})
@@ -269,10 +227,8 @@ def preprocess(
 
 
 def _element(ds: pydicom.Dataset, keyword: str) -> Any:
-    try:
+    with reading(f"malformed {keyword}", rejected=ImageRejected):  # raised on first access
         return ds.get(keyword)
-    except _VALUE_ERRORS as exc:  # raised on first access
-        raise ImageRejected(f"malformed {keyword}") from exc
 
 
 def _int_element(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
@@ -281,10 +237,8 @@ def _int_element(ds: pydicom.Dataset, keyword: str, default: int | None = None) 
         if default is None:
             raise ImageRejected(f"missing {keyword}")
         return default
-    try:
+    with reading(f"malformed {keyword}", rejected=ImageRejected):
         return int(value)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ImageRejected(f"malformed {keyword}") from exc
 
 
 def _number_of_frames(ds: pydicom.Dataset) -> int:
@@ -341,10 +295,8 @@ def _check_pixel_element(ds: pydicom.Dataset) -> None:
     """Pixel Data is parsed lazily: a corrupt element (an unknown VR such as 'OT', a value of
     the wrong type) raises from pydicom on first access. Access it once here, so that it is a
     reason, not a crash; later accesses get the parsed value."""
-    try:
+    with reading("unreadable Pixel Data element ({error})", rejected=ImageRejected):
         ds.PixelData  # noqa: B018 - the access is the check
-    except (NotImplementedError, ValueError, TypeError, KeyError) as exc:
-        raise ImageRejected(f"unreadable Pixel Data element ({type(exc).__name__})") from exc
 
 
 def _check_native_length(
@@ -405,11 +357,11 @@ def _decode_with_pydicom(
     """
     if syntax is None:
         raise ImageRejected("cannot decode pixel data (no transfer syntax)")
-    name = syntax.name
-    try:
+    # The registered name, or the UID itself; a value that is no UID came from outside and
+    # is never quoted (it could be anything written into the wrong element).
+    name = syntax.name if valid_uid(syntax) == syntax else "malformed transfer syntax UID"
+    with reading(f"cannot decode pixel data ({name}): {{error}}", rejected=ImageRejected):
         decoder = get_decoder(syntax)
-    except _DECODE_ERRORS as exc:
-        raise ImageRejected(f"cannot decode pixel data ({name}): {type(exc).__name__}") from exc
     if decoder.is_native:
         plugins = [""]
     else:
@@ -422,16 +374,14 @@ def _decode_with_pydicom(
     for plugin in plugins:
         try:
             array, meta = _decode_first_frame(decoder, ds, frames, plugin, options)
-        except _DECODE_ERRORS as exc:
-            logger.debug("decoding %s with %r failed: %s", name, plugin, exc)
-            failure, cause = type(exc).__name__, exc
         except BaseException as exc:
-            # A Rust decoder (pylibjpeg-rle, via PyO3) panics on some corrupt data with
-            # pyo3_runtime.PanicException, a BaseException that would end the scoring thread.
-            if type(exc).__name__ != "PanicException":
+            # The next plugin may decode what this one could not; a decoder's panic (a
+            # BaseException) must not end the scoring thread either (dicom/errors.py).
+            failed = failure_name(exc)
+            if failed is None:
                 raise
-            logger.debug("decoding %s with %r panicked: %s", name, plugin, exc)
-            failure, cause = "decoder panic", exc
+            logger.debug("decoding %s with %r failed: %s", name, plugin, failed)
+            failure, cause = failed, exc
         else:
             return _to_grey(array, meta, samples, name)
     raise ImageRejected(f"cannot decode pixel data ({name}): {failure}") from cause
@@ -529,17 +479,15 @@ def _unit_table(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[np.ndarray, in
 
 def _lut_chain(ds: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
     """Modality LUT then VOI LUT/window (pydicom's semantics) over ``values``, as float64."""
-    try:
-        # SIGMOID far from its centre overflows exp() to inf, which gives the right limit.
-        with np.errstate(over="ignore"):
-            out = apply_modality_lut(values, ds)
-            if ds.get("VOILUTSequence") and out.dtype.kind == "f" and np.all(out == np.floor(out)):
-                # A VOI LUT indexes integers (pydicom warns on float input): a rescale with
-                # integral results goes in as integers, which gives the identical result.
-                out = out.astype(np.int64)
-            out = apply_voi_lut(out, ds)
-    except _LUT_ERRORS as exc:
-        raise ImageRejected(f"cannot apply the Modality LUT / VOI window: {exc}") from exc
+    # SIGMOID far from its centre overflows exp() to inf, which gives the right limit.
+    lut = "cannot apply the Modality LUT / VOI window: {message}"
+    with reading(lut, rejected=ImageRejected), np.errstate(over="ignore"):
+        out = apply_modality_lut(values, ds)
+        if ds.get("VOILUTSequence") and out.dtype.kind == "f" and np.all(out == np.floor(out)):
+            # A VOI LUT indexes integers (pydicom warns on float input): a rescale with
+            # integral results goes in as integers, which gives the identical result.
+            out = out.astype(np.int64)
+        out = apply_voi_lut(out, ds)
     return np.asarray(out, dtype=np.float64)
 
 

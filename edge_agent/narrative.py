@@ -38,15 +38,21 @@ import pydicom
 
 from . import ct, imaging
 from .bundle import Bundle, Preprocessing, Report
+from .dicom.instance_file import Rereading, read_again
 from .errors import EdgeTriageError, InputRejected, describe
 from .gemma import ChatPrompt, GenerationStopped, GenerationTimeout, OnnxGemma3, TextConfig
-from .intake.header import PYDICOM_ERRORS
-from .intake.instance_file import FileGone, OtherInstance, read_dataset
 from .logs import fields
 from .results import Narrative, NarrativeStatus, StudyResult, iso
 from .store import NarrativeJob, Store
 
 logger = logging.getLogger(__name__)
+
+REREADING = Rereading(
+    gone="the image is no longer in the watch folder",
+    replaced="the image was replaced by another instance since it was scored",
+    unreadable="the image is no longer readable ({error})",
+)
+"""What the image read again for a narrative can have become (``narrative_error``)."""
 
 RETRY_SECONDS = 5.0
 """After a job could not be committed (the store failed), the worker waits this long."""
@@ -272,16 +278,7 @@ class NarrativeWorker:
             raise GenerationStopped
 
     def _read(self, relpath: str, sop_instance_uid: str | None) -> pydicom.Dataset:
-        try:
-            return read_dataset(self.watch_dir, relpath, sop_instance_uid=sop_instance_uid or None)
-        except FileGone as exc:
-            raise InputRejected("the image is no longer in the watch folder") from exc
-        except OtherInstance as exc:
-            raise InputRejected(
-                "the image was replaced by another instance since it was scored"
-            ) from exc
-        except PYDICOM_ERRORS as exc:
-            raise InputRejected(f"the image is no longer readable ({type(exc).__name__})") from exc
+        return read_again(self.watch_dir, relpath, sop_instance_uid or None, REREADING)
 
     def _do(self, job: NarrativeJob) -> None:
         outcome = self._outcome(job)

@@ -24,14 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from . import ct, imaging
 from .bundle import RADIOGRAPH_MODALITIES, Bundle
 from .config import SelectionSettings
+from .dicom.instance_file import Rereading, read_again
 from .errors import InputRejected
-from .intake.header import PYDICOM_ERRORS
-from .intake.instance_file import FileGone, OtherInstance, read_dataset
 from .narrative import Source
 from .results import (
     FindingResult,
@@ -52,6 +50,14 @@ logger = logging.getLogger(__name__)
 
 PROJECTION_MODALITIES = frozenset(RADIOGRAPH_MODALITIES)
 
+REREADING = Rereading(
+    gone="file disappeared from the watch folder before scoring",
+    replaced="file was replaced by another instance before scoring",
+    unreadable="unreadable DICOM file ({error})",
+    not_dicom="not a DICOM file any more (replaced before scoring)",
+)
+"""What a radiograph or CT slice read again for scoring can have become (P/rejected)."""
+
 
 @dataclass
 class StudyScore:
@@ -62,6 +68,28 @@ class StudyScore:
     rejected: list[tuple[InstanceRow, str]] = field(default_factory=list)
     narrative_source: Source | None = None
     """The image that drove an urgent result (what a draft narrative describes)."""
+
+
+@dataclass
+class _Marks:
+    """What became of each instance of the study being scored (``unused`` until marked)."""
+
+    study: StudyRow
+    states: dict[str, tuple[str, str | None]]
+    rejected: list[tuple[InstanceRow, str]] = field(default_factory=list)
+
+    def scored(self, sop_instance_uid: str) -> None:
+        self.states[sop_instance_uid] = ("scored", None)
+
+    def reject(self, inst: InstanceRow, reason: str) -> None:
+        logger.warning(
+            "instance %s of study %s not usable: %s",
+            inst.sop_instance_uid,
+            self.study.study_instance_uid,
+            reason,
+        )
+        self.states[inst.sop_instance_uid] = ("rejected", reason)
+        self.rejected.append((inst, reason))
 
 
 @dataclass
@@ -138,18 +166,9 @@ class Scorer:
     def _read(self, inst: InstanceRow, *, pixels: bool = True) -> pydicom.Dataset:
         """The instance's file read again (opened as the intake opens it: no link followed,
         a regular file only), checked to hold the same SOP Instance UID."""
-        try:
-            return read_dataset(
-                self.watch_dir, inst.path, pixels=pixels, sop_instance_uid=inst.sop_instance_uid
-            )
-        except FileGone as exc:
-            raise InputRejected("file disappeared from the watch folder before scoring") from exc
-        except OtherInstance as exc:
-            raise InputRejected("file was replaced by another instance before scoring") from exc
-        except InvalidDicomError as exc:
-            raise InputRejected("not a DICOM file any more (replaced before scoring)") from exc
-        except PYDICOM_ERRORS as exc:  # everything pydicom raises on a corrupt file
-            raise InputRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc
+        return read_again(
+            self.watch_dir, inst.path, inst.sop_instance_uid, REREADING, pixels=pixels
+        )
 
     def _load(self, inst: InstanceRow) -> np.ndarray:
         return imaging.preprocess(self._read(inst), self.bundle.manifest.encoder.preprocessing)
@@ -160,16 +179,13 @@ class Scorer:
         self, study: StudyRow, instances: list[InstanceRow], rejected_files: int
     ) -> StudyScore | None:
         """Score a study. None when asked to stop part-way (the study stays complete)."""
-        states: dict[str, tuple[str, str | None]] = {
-            i.sop_instance_uid: ("unused", None) for i in instances
-        }
-        rejected: list[tuple[InstanceRow, str]] = []
+        marks = _Marks(study, {i.sop_instance_uid: ("unused", None) for i in instances})
         has_radiographs = any(i.modality in PROJECTION_MODALITIES for i in instances)
         has_ct = any(i.modality == "CT" for i in instances)
         if has_ct and not has_radiographs:
-            outcome = self._score_ct(study, instances, states, rejected)
+            outcome = self._score_ct(marks, instances)
         else:
-            outcome = self._score_radiographs(study, instances, states, rejected)
+            outcome = self._score_radiographs(marks, instances)
         if outcome is None:
             return None
 
@@ -188,7 +204,7 @@ class Scorer:
             instances=InstanceCounts(
                 received=len(instances) + rejected_files,
                 scored=outcome.scored,
-                rejected=len(rejected) + rejected_files,
+                rejected=len(marks.rejected) + rejected_files,
             ),
             timing=Timing(
                 first_instance_at=iso(study.first_instance_at),
@@ -200,46 +216,25 @@ class Scorer:
         )
         return StudyScore(
             result=result,
-            instance_states=states,
-            rejected=rejected,
+            instance_states=marks.states,
+            rejected=marks.rejected,
             narrative_source=outcome.source if triage == "urgent" else None,
         )
 
-    def _reject(
-        self,
-        study: StudyRow,
-        inst: InstanceRow,
-        reason: str,
-        states: dict[str, tuple[str, str | None]],
-        rejected: list[tuple[InstanceRow, str]],
-    ) -> None:
-        logger.warning(
-            "instance %s of study %s not usable: %s",
-            inst.sop_instance_uid,
-            study.study_instance_uid,
-            reason,
-        )
-        states[inst.sop_instance_uid] = ("rejected", reason)
-        rejected.append((inst, reason))
-
-    def _embed(self, tensors: list[np.ndarray]) -> np.ndarray | None:
-        """Embeddings in batches of ``batch_size``; None when asked to stop."""
+    def _embed(self, tensors: list[np.ndarray]) -> tuple[np.ndarray, float] | None:
+        """(embeddings in batches of ``batch_size``, milliseconds it took); None when asked
+        to stop."""
+        start = time.perf_counter()
         out = []
         for i in range(0, len(tensors), self.batch_size):
             if self.should_stop():
                 return None
             out.append(self.runner.embed(np.stack(tensors[i : i + self.batch_size])))
-        return np.concatenate(out)
+        return np.concatenate(out), (time.perf_counter() - start) * 1000
 
     # -- radiographs ------------------------------------------------------------------------
 
-    def _score_radiographs(
-        self,
-        study: StudyRow,
-        instances: list[InstanceRow],
-        states: dict[str, tuple[str, str | None]],
-        rejected: list[tuple[InstanceRow, str]],
-    ) -> _Outcome | None:
+    def _score_radiographs(self, marks: _Marks, instances: list[InstanceRow]) -> _Outcome | None:
         if not self.head.columns(PROJECTION_MODALITIES):
             return _Outcome([], "the model has no findings for radiographs (CR/DX)", 0, 0.0)
         chosen, reason = select_images(instances, self.selection)
@@ -251,18 +246,17 @@ class Scorer:
             try:
                 tensors.append(self._load(inst))
                 loaded.append(inst)
-                states[inst.sop_instance_uid] = ("scored", None)
+                marks.scored(inst.sop_instance_uid)
             except InputRejected as exc:
-                self._reject(study, inst, exc.reason, states, rejected)
+                marks.reject(inst, exc.reason)
         if chosen and not tensors:
-            reason = f"no usable frontal chest image ({rejected[0][1]})"
+            reason = f"no usable frontal chest image ({marks.rejected[0][1]})"
         if not tensors:
             return _Outcome([], reason, 0, 0.0)
-        start = time.perf_counter()
-        embeddings = self._embed(tensors)
-        if embeddings is None:
+        embedded = self._embed(tensors)
+        if embedded is None:
             return None
-        inference_ms = (time.perf_counter() - start) * 1000
+        embeddings, inference_ms = embedded
         image_scores = self.head.scores(embeddings)
         findings = self.head.study_findings(image_scores, PROJECTION_MODALITIES)
         source = None
@@ -280,13 +274,7 @@ class Scorer:
 
     # -- CT ---------------------------------------------------------------------------------
 
-    def _score_ct(
-        self,
-        study: StudyRow,
-        instances: list[InstanceRow],
-        states: dict[str, tuple[str, str | None]],
-        rejected: list[tuple[InstanceRow, str]],
-    ) -> _Outcome | None:
+    def _score_ct(self, marks: _Marks, instances: list[InstanceRow]) -> _Outcome | None:
         manifest = self.bundle.manifest
         columns = self.head.columns({"CT"})
         if manifest.ct is None or not columns:
@@ -307,22 +295,22 @@ class Scorer:
             try:
                 headers.append(ct.slice_from_dataset(self._read(inst, pixels=False), inst.path))
             except InputRejected as exc:
-                self._reject(study, inst, exc.reason, states, rejected)
+                marks.reject(inst, exc.reason)
         candidates, refused = ct.select_series(headers, self.selection)
         for choice in candidates:
             try:
                 outcome = self._score_series(choice, columns, by_sop)
             except _SliceRejected as exc:
-                self._reject(study, exc.instance, exc.reason, states, rejected)
+                marks.reject(exc.instance, exc.reason)
                 refused.append(f"{choice.name}: a slice is not usable ({exc.reason})")
                 continue
             if outcome is None:
                 return None
             for s in choice.geometry.slices:
-                states[s.sop_instance_uid] = ("scored", None)
+                marks.scored(s.sop_instance_uid)
             logger.info(
                 "study %s: scored CT %s (%d slices, %g mm, kernel %s)",
-                study.study_instance_uid,
+                marks.study.study_instance_uid,
                 choice.name,
                 len(choice.geometry.slices),
                 choice.thickness_mm,
@@ -355,12 +343,11 @@ class Scorer:
                 return None
             pending.append(ct.slab_tensor(image, manifest.ct.convention, spec))
             if len(pending) == self.batch_size or slab.index == len(slabs) - 1:
-                start = time.perf_counter()
-                embeddings = self._embed(pending)
-                if embeddings is None:
+                embedded = self._embed(pending)
+                if embedded is None:
                     return None
-                inference_ms += (time.perf_counter() - start) * 1000
-                scores.append(self.head.scores(embeddings)[:, columns])
+                scores.append(self.head.scores(embedded[0])[:, columns])
+                inference_ms += embedded[1]
                 pending = []
         slab_scores = np.concatenate(scores)  # (slabs, CT findings)
         findings = []

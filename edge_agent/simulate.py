@@ -55,6 +55,7 @@ from pydicom.uid import (
 )
 
 from . import __version__
+from .fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -1253,19 +1254,8 @@ def write_instance(ds: FileDataset, folder: Path) -> Path:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes the rename durable (POSIX; a no-op where directories cannot be opened)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pick_findings(rng: np.random.Generator, modality: str, abnormal: bool) -> dict[str, bool]:

@@ -54,8 +54,8 @@ from edge_agent.bundle import (
     load_bundle,
     read_manifest,
 )
+from edge_agent.dicom.uid import UID_PADDING, uid_problem, valid_uid
 from edge_agent.errors import ConfigError, ExtraMissing, InputRejected
-from edge_agent.identifiers import UID_PADDING, uid_problem, valid_uid
 from edge_agent.runners.base import Runner
 from edge_agent.store import InstanceRow
 
@@ -321,19 +321,16 @@ def load_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:
     Raises :class:`InputRejected` (or its :class:`~edge_agent.errors.ImageRejected`) with
     the daemon's reasons for an image it would not score.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     from edge_agent import imaging
+    from edge_agent.dicom.instance_file import Rereading, read_again
 
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise InputRejected(
-            "not a DICOM file any more (changed after its header was read)"
-        ) from exc
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputRejected(f"unreadable DICOM file ({type(exc).__name__})") from exc
+    words = Rereading(
+        gone="file disappeared after its header was read",
+        replaced="",  # no SOP Instance UID to check: never said
+        unreadable="unreadable DICOM file ({error})",
+        not_dicom="not a DICOM file any more (changed after its header was read)",
+    )
+    ds = read_again(path.parent, path.name, None, words)
     return imaging.preprocess(ds, preprocessing)
 
 

@@ -40,13 +40,13 @@ from edge_agent.bundle import (
     FileEntry,
     Manifest,
     engine_slug,
-    fsync_dir,
     invalid,
     load_bundle,
     read_manifest,
     write_manifest,
 )
 from edge_agent.errors import BundleError, ConfigError, EdgeTriageError
+from edge_agent.fsutil import fsync_dir
 from edge_agent.profiles import Profile, TensorRTProfile, resolve_profile
 from edge_agent.runners.tensorrt import (
     DeviceIdentity,

@@ -33,26 +33,27 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from edge_agent.bundle import Preprocessing
+from edge_agent.dicom.errors import MAPPED_TYPES
+from edge_agent.dicom.instance_file import read_again
 from edge_agent.errors import ImageRejected, InputRejected
 from edge_agent.imaging import decode_pixels, preprocess, rgb_to_grey
 from edge_agent.intake.header import Skipped, read_header
+from edge_agent.scoring import REREADING
 from edge_agent.simulate import simulate
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 CORPUS = sorted(p for p in map(Path, pydicom.data.get_testdata_files()) if p.is_file())
 SPEC = Preprocessing(input_size=24, mean=(0.5,) * 3, std=(0.5,) * 3)
 
-# What scoring.Scorer._load catches around pydicom.dcmread (a file that passed the header).
-READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError)
+# What a read of a DICOM file may raise on bad data (edge_agent/dicom/errors.py).
+READ_ERRORS = (OSError, *MAPPED_TYPES)
 
 
 def pixel_outcome(path: Path) -> tuple[str, str | None]:
-    """("decoded", None) or ("rejected", reason): the file read in full and preprocessed."""
+    """("decoded", None) or ("rejected", reason): the file read in full as the scorer reads
+    it again and preprocessed; nothing but InputRejected may come out of either."""
     try:
-        ds = pydicom.dcmread(path)
-    except READ_ERRORS as exc:
-        return "rejected", f"unreadable DICOM file ({type(exc).__name__})"
-    try:
+        ds = read_again(path.parent, path.name, None, REREADING)
         tensor = preprocess(ds, SPEC)
     except InputRejected as exc:
         return "rejected", exc.reason

@@ -12,37 +12,18 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
-import zlib
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
+from ..dicom.errors import reading
+from ..dicom.instance_file import Seen, read_dataset
+from ..dicom.uid import UID_PADDING, uid_problem, valid_uid
 from ..errors import InputRejected
-from ..identifiers import UID_PADDING, uid_problem, valid_uid
 from ..store import InstanceRecord, View
-from .instance_file import Seen, read_dataset
 
 logger = logging.getLogger(__name__)
-
-# What pydicom raises on corrupt or truncated input, when the file is read or, lazily, when
-# an element is first accessed (tests/test_decoding.py fuzzes for these): a file that raises
-# one is rejected, never retried for ever.
-PYDICOM_ERRORS: tuple[type[Exception], ...] = (
-    EOFError,
-    ValueError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    OverflowError,
-    IndexError,
-    NotImplementedError,
-    struct.error,
-    zlib.error,  # a truncated or corrupt deflated dataset
-    BytesLengthException,
-)
 
 TRIAGED_MODALITIES = frozenset({"CR", "DX", "CT"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
@@ -111,7 +92,7 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 
 
 def _uid(ds: pydicom.Dataset, keyword: str, *, required: bool) -> str | None:
-    """The element's UID under the one rule (edge_agent/identifiers.py), padding removed.
+    """The element's UID under the one rule (:mod:`edge_agent.dicom.uid`), padding removed.
     Missing or empty: None, or InputRejected when ``required``; malformed: InputRejected,
     with a reason that never quotes the value."""
     value = ds.get(keyword)
@@ -153,19 +134,14 @@ def read_header(
     of the operating system raises :class:`FileUnreadable` (the intake retries it)."""
     if root is None:
         root, path = Path(path).parent, Path(path).name
-    try:
+    with reading(
+        "unreadable DICOM header ({error})",
+        not_dicom="not a DICOM file (no DICM preamble or unreadable header)",
+    ):
         ds = read_dataset(root, path, pixels=False, seen=seen)
-    except InvalidDicomError as exc:
-        raise InputRejected("not a DICOM file (no DICM preamble or unreadable header)") from exc
-    except PYDICOM_ERRORS as exc:
-        raise InputRejected(f"unreadable DICOM header ({type(exc).__name__})") from exc
-    try:
+    # pydicom parses values lazily: a corrupt element fails only when it is read.
+    with reading("corrupt DICOM element ({error})"):
         return header_from_dataset(ds)
-    except InputRejected:
-        raise
-    except PYDICOM_ERRORS as exc:
-        # pydicom parses values lazily: a corrupt element fails only when it is read.
-        raise InputRejected(f"corrupt DICOM element ({type(exc).__name__})") from exc
 
 
 def _sop_class(ds: pydicom.Dataset) -> str | None:

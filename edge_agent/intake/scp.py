@@ -38,7 +38,6 @@ import os
 import socket
 import socketserver
 import stat
-import struct
 import tempfile
 import threading
 import time
@@ -64,9 +63,11 @@ from pynetdicom.presentation import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ..config import ScpSettings
-from ..errors import ConfigError, EdgeTriageError, ResourceMissing
-from ..identifiers import UID_PADDING, uid_problem, valid_uid
-from .watcher import ReadyFile
+from ..dicom.errors import reading
+from ..dicom.uid import UID_PADDING, uid_problem, valid_uid
+from ..errors import ConfigError, EdgeTriageError, InputRejected, ResourceMissing
+from ..fsutil import fsync_dir
+from .watcher import ReadyFile, still_same
 
 logger = logging.getLogger(__name__)
 
@@ -104,16 +105,6 @@ LOSSLESS = frozenset(
 )
 SERVE_POLL_SECONDS = 0.5
 ABORT_JOIN_SECONDS = 1.0  # at stop, how long aborted associations' threads are waited for
-_DECODE_ERRORS = (
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    EOFError,
-    OverflowError,
-    NotImplementedError,
-    struct.error,
-)
 
 
 def transfer_syntaxes() -> list[str]:
@@ -132,14 +123,6 @@ def transfer_syntaxes() -> list[str]:
     return [*UNCOMPRESSED, *compressed]
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes) -> Path:
     """Write ``data`` durably as ``receive_dir/<study_uid>/<sop_uid>.dcm``.
 
@@ -156,7 +139,7 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
     except FileExistsError:
         pass
     else:
-        _fsync_dir(receive_dir)
+        fsync_dir(receive_dir)
     final = folder / f"{sop_uid}.dcm"
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{sop_uid}.", suffix=TEMPORARY_SUFFIX)
     try:
@@ -169,8 +152,30 @@ def store_instance(receive_dir: Path, study_uid: str, sop_uid: str, data: bytes)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return final
+
+
+def _study_files(root: Path) -> Iterator[os.DirEntry[str]]:
+    """The entries of each study folder in ``root`` (``<Study>/…``), folders and entries in
+    name order; hidden study folders and links are passed over, and a folder that cannot be
+    listed is logged and passed over too."""
+    try:
+        with os.scandir(root) as listing:
+            studies = sorted(listing, key=lambda e: e.name)
+    except OSError as exc:
+        logger.warning("cannot list %s: %s", root, exc.strerror)
+        return
+    for study in studies:
+        if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with os.scandir(study.path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", study.path, exc.strerror)
+            continue
+        yield from entries
 
 
 def listen_error(settings: ScpSettings, exc: OSError) -> EdgeTriageError:
@@ -320,32 +325,15 @@ class StorageSCP:
         """Delete the temporary files of transfers cut short (a kill, a power cut) before
         they were renamed into place; their senders got no Success and send them again."""
         removed = 0
-        try:
-            studies = list(os.scandir(self.receive_dir))
-        except OSError as exc:
-            logger.warning("cannot list %s: %s", self.receive_dir, exc.strerror)
-            return
-        for study in studies:
-            if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
+        for entry in _study_files(self.receive_dir):
+            if not (entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX)):
                 continue
             try:
-                with os.scandir(study.path) as entries:
-                    names = [
-                        e.name
-                        for e in entries
-                        if e.name.startswith(".")
-                        and e.name.endswith(TEMPORARY_SUFFIX)
-                        and e.is_file(follow_symlinks=False)
-                    ]
-            except OSError as exc:
-                logger.warning("cannot list %s: %s", study.path, exc.strerror)
-                continue
-            for name in names:
-                try:
-                    os.unlink(os.path.join(study.path, name))
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
                     removed += 1
-                except OSError as exc:
-                    logger.warning("cannot remove %s: %s", name, exc.strerror)
+            except OSError as exc:
+                logger.warning("cannot remove %s: %s", entry.name, exc.strerror)
         if removed:
             logger.info(
                 "removed %d temporary file(s) of C-STOREs cut short before this start "
@@ -439,21 +427,17 @@ class StorageSCP:
     def _store(self, event: Event) -> int:
         ae_title, address = _caller(event)
         try:
-            ds: Dataset = event.dataset
-            study_value = ds.get("StudyInstanceUID")
-            sop_value = ds.get("SOPInstanceUID")
-        except _DECODE_ERRORS as exc:
-            logger.warning(
-                "C-STORE from %s (%r) refused: the data set cannot be decoded (%s)",
-                address,
-                ae_title,
-                type(exc).__name__,
-            )
+            with reading("the data set cannot be decoded ({error})"):
+                ds: Dataset = event.dataset
+                study_value = ds.get("StudyInstanceUID")
+                sop_value = ds.get("SOPInstanceUID")
+        except InputRejected as exc:
+            logger.warning("C-STORE from %s (%r) refused: %s", address, ae_title, exc.reason)
             return STATUS_CANNOT_UNDERSTAND
         affected = valid_uid(getattr(event.request, "AffectedSOPInstanceUID", None))
         if sop_value is None or not str(sop_value).strip(UID_PADDING):
             sop_value = affected  # tolerant: the command names the instance too
-        # The UIDs name the file and its folder: one rule decides (edge_agent/identifiers.py),
+        # The UIDs name the file and its folder: one rule decides (edge_agent/dicom/uid.py),
         # and the reason logged never quotes the value.
         for keyword, value in (("StudyInstanceUID", study_value), ("SOPInstanceUID", sop_value)):
             problem = uid_problem(value)
@@ -536,23 +520,9 @@ class ReceivedFolder:
             self._reported[str(path)] = None
 
     def _walk(self) -> Iterator[str]:
-        try:
-            studies = sorted(os.scandir(self.root), key=lambda e: e.name)
-        except OSError as exc:
-            logger.warning("cannot list %s: %s", self.root, exc.strerror)
-            return
-        for study in studies:
-            if study.name.startswith(".") or not study.is_dir(follow_symlinks=False):
-                continue
-            try:
-                with os.scandir(study.path) as entries:
-                    names = sorted(e.name for e in entries if not e.name.startswith("."))
-            except OSError as exc:
-                logger.warning("cannot list %s: %s", study.path, exc.strerror)
-                continue
-            for name in names:
-                if name.endswith(".dcm"):
-                    yield os.path.join(study.path, name)
+        for entry in _study_files(self.root):
+            if not entry.name.startswith(".") and entry.name.endswith(".dcm"):
+                yield entry.path
 
     def scan(self, now: float) -> list[ReadyFile]:
         """Received files not yet handled, oldest first, at most ``batch_size``."""
@@ -592,11 +562,7 @@ class ReceivedFolder:
         self._queue.pop(f.relpath, None)
 
     def still_same(self, f: ReadyFile) -> bool:
-        try:
-            st = os.lstat(f.path)
-        except OSError:
-            return False
-        return (st.st_size, st.st_mtime_ns, st.st_ino) == (f.size, f.mtime_ns, f.ino)
+        return still_same(f)
 
     @property
     def waiting(self) -> int:

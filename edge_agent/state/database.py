@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, CorruptState, EdgeTriageError, ResourceMissing
+from ..fsutil import fsync_dir
 from .schema import schema_problem
 
 
@@ -154,9 +155,5 @@ def set_aside(path: Path, now: float | None = None) -> Path:
         old = path.with_name(path.name + end)
         if old.exists():
             os.rename(old, target.with_name(target.name + end))
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)  # the renames survive a power cut
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)  # the renames survive a power cut
     return target
