@@ -176,7 +176,10 @@ def test_a_result_the_locked_database_refuses_is_stored_once_the_lock_goes(
     finally:
         daemon.signal(signal.SIGCONT)
         daemon.signal(signal.SIGTERM)
-        daemon.wait(30)
+        try:
+            daemon.wait(30)
+        finally:
+            daemon.kill()  # never leave it running into the next test (no-op once it exited)
 
 
 @pytest.fixture
@@ -234,4 +237,7 @@ def test_a_result_the_full_state_disk_refuses_is_stored_once_there_is_room(
     finally:
         daemon.signal(signal.SIGCONT)
         daemon.signal(signal.SIGTERM)
-        daemon.wait(30)
+        try:
+            daemon.wait(30)
+        finally:
+            daemon.kill()  # never leave it running into the next test (no-op once it exited)
