@@ -1,8 +1,8 @@
 """Prometheus metrics for fleets that scrape (off by default: ``metrics.port = 0``).
 
-Every scrape reads the state database read-only (:func:`edge_agent.status.read_status`, the
-same view as ``edge-agent status``), so the figures are what is durably true, survive
-restarts, and need no bookkeeping in the daemon's threads. The process collector adds
+Every scrape reads the state database read-only (:func:`edge_agent.state.report.read`: the
+figures of ``edge-agent status`` and ``P/status``), so the figures are what is durably true,
+survive restarts, and need no bookkeeping in the daemon's threads. The process collector adds
 memory and CPU. Labels carry levels and states only: no UIDs, no patient data.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .errors import ResourceMissing
-from .status import read_status
+from .health import HEALTH_FILE, read_health_file
+from .state import report
+from .state.report import Figures
 
 PREFIX = "edge_triage"
+
+
+def _read(database: Path) -> Figures:
+    db = report.open_read_only(database)
+    try:
+        return report.read(db)
+    finally:
+        db.close()
 
 
 def _name(counter: str) -> str:
@@ -40,7 +51,7 @@ class StateCollector(Collector):
             f"{PREFIX}_state_readable", "1 when the state database could be read at this scrape"
         )
         try:
-            report = read_status(self.database, last=0)
+            figures = _read(self.database)
         except (ResourceMissing, sqlite3.Error, OSError):
             up.add_metric([], 0.0)
             yield up
@@ -57,39 +68,41 @@ class StateCollector(Collector):
             f"{PREFIX}_studies", "Studies in the state database by state", labels=["state"]
         )
         for state in ("open", "complete", "scored"):
-            studies.add_metric([state], float(report.studies.get(state, 0)))
+            studies.add_metric([state], float(figures.studies.get(state, 0)))
         yield studies
         by_level = CounterMetricFamily(
             f"{PREFIX}_results",
             "Results committed, by triage level (a narrative revision is not counted again)",
             labels=["triage"],
         )
-        for level in ("urgent", "review", "routine", "not_scored"):
-            by_level.add_metric([level], float(report.results_by_level.get(level, 0)))
+        for level in report.LEVELS:
+            by_level.add_metric([level], float(figures.results_by_level.get(level, 0)))
         yield by_level
-        yield _gauge("outbox_messages", "Messages waiting for the broker's PUBACK", report.outbox)
-        yield _gauge("outbox_urgent_messages", "Urgent results among them", report.outbox_urgent)
+        yield _gauge("outbox_messages", "Messages waiting for the broker's PUBACK", figures.outbox)
+        yield _gauge("outbox_urgent_messages", "Urgent results among them", figures.outbox_urgent)
         yield _gauge(
             "outbox_oldest_age_seconds",
             "Age of the oldest waiting message (0 when none)",
-            report.outbox_oldest_seconds or 0.0,
+            figures.outbox_oldest_seconds(time.time()) or 0.0,
         )
         yield _gauge(
             "outbox_set_aside_messages",
             "Messages set aside after the broker refused them or they broke the connection "
             "(kept in the outbox, retried later)",
-            report.outbox_set_aside,
+            figures.outbox_set_aside,
         )
         yield _gauge(
             "alerts_unacknowledged",
             "Urgent results no dashboard has acknowledged yet",
-            report.alerts_waiting,
+            figures.alerts_waiting,
         )
         rejected = CounterMetricFamily(f"{PREFIX}_rejected_files", "Input files rejected")
-        rejected.add_metric([], float(report.rejected))
+        rejected.add_metric([], float(figures.files.get("rejected", 0)))
         yield rejected
-        yield from _health_metrics(report.health)
-        for key, value in sorted(report.counters.items()):
+        yield from _health_metrics(
+            read_health_file(self.database.parent / HEALTH_FILE, time.time())
+        )
+        for key, value in sorted(figures.counters.items()):
             counter = CounterMetricFamily(f"{PREFIX}_{_name(key)}", f"Agent counter '{key}'")
             counter.add_metric([], float(value))
             yield counter

@@ -1,4 +1,4 @@
-"""The composition root: builds the road and owns its threads.
+"""The composition root: builds the road's workers and owns their threads.
 
     watch folder ─▶ intake thread ─▶ store (instances, studies) ─▶ quiet timer
         ─▶ scoring thread (imaging, runner, triage) ─▶ store (result + outbox)
@@ -8,16 +8,18 @@
 
 Each arrow that crosses a thread goes through the SQLite store, so a crash at any point
 resumes where it stopped: complete studies are scored again, unacknowledged messages are
-published again with the same content.
+published again with the same content. The few things threads share besides the store (a
+stop event, the queue of complete studies, the scoring-idle flag, each thread's last error,
+wake-ups) are listed in :mod:`edge_agent.workers.shared`; the workers themselves are in
+``edge_agent/workers/`` (intake, scoring), ``narrative.py``, ``health.py`` and ``mqtt/``.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,24 +28,21 @@ from typing import Any
 from . import __version__
 from .bundle import Bundle, load_bundle
 from .config import Settings
-from .errors import ConfigError, EdgeTriageError, InputRejected, describe
+from .errors import ConfigError, describe
 from .health import HealthMonitor
-from .identifiers import FILE_ID_KEY, file_id, topic, uid_problem, valid_uid
-from .intake.header import Skipped, read_header
-from .intake.instance_file import FileChanged, FileGone, FileUnreadable, NotRegularFile
-from .intake.scp import ReceivedFolder, StorageSCP, published_path
+from .identifiers import FILE_ID_KEY
+from .intake.scp import ReceivedFolder, StorageSCP
 from .intake.watcher import FolderWatcher, ReadyFile
-from .logs import fields
 from .mqtt import Ack, Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
 from .profiles import Profile, narrative_wanted, resolve_profile
-from .results import RejectedFile, StudyResult
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
-from .store import AckOutcome, Message, NarrativeJob, StudyRow, open_state
-from .waiting import RETRY_MAX_SECONDS, ScoringWaits, retry_delay
+from .store import AckOutcome, open_state
+from .waiting import ScoringWaits
+from .workers import IntakeWorker, Naming, ScoringWorker, Shared
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +56,6 @@ def demo_bundle_path() -> Path:
 
 def bundle_path(settings: Settings) -> Path:
     return settings.bundle if settings.bundle is not None else demo_bundle_path()
-
-
-@dataclass
-class _Prepared:
-    """A scored result, ready to commit (kept while its commit is tried again)."""
-
-    study: StudyRow
-    result: StudyResult
-    message: Message
-    instance_states: dict[str, tuple[str, str | None]]
-    rejects: list[Message]
-    narrative_source: str | None
-    retried: bool = False
 
 
 @dataclass
@@ -95,7 +81,10 @@ def prepare(settings: Settings) -> Components:
 
 
 class Agent:
-    """The daemon. ``run()`` blocks until ``stop()`` (or a signal handler calling it)."""
+    """The daemon, the composition root: builds the workers (``edge_agent/workers/``, the
+    narrative and health workers, the publisher, the C-STORE receiver), owns their threads,
+    the watchdog and the stop. ``run()`` blocks until ``stop()`` (or a signal handler
+    calling it). What the threads share besides the store is :class:`Shared`."""
 
     def __init__(self, settings: Settings, components: Components | None = None) -> None:
         self.settings = settings
@@ -106,54 +95,42 @@ class Agent:
             settings.state_dir / "state.sqlite3",
             outbox_max_messages=settings.mqtt.outbox_max_messages,
         )
+        self.shared = Shared()
+        if aside is not None:
+            damaged = f"state database was damaged: set aside as {aside.name}"
+            self.shared.errors.set("start", damaged)
         self._file_id_key = self.store.secret(FILE_ID_KEY)
+        self.naming = Naming(
+            settings.topic_base, self._file_id_key, publish_paths=settings.phi.publish_paths
+        )
         self.runner: Runner = open_runner(
             self.bundle, self.profile, cache_dir=settings.state_dir / "engine-cache"
         )
-        self._stop = threading.Event()
-        self._queue: queue.Queue[str] = queue.Queue()
-        self._queued: set[str] = set()
-        self._queued_lock = threading.Lock()
         self.waits = ScoringWaits(settings.state_dir)
-        self._prepared: dict[str, _Prepared] = {}  # the scoring thread's only
         self.scorer = Scorer(
             self.bundle,
             self.runner,
             settings.watch_dir,
             batch_size=self.profile.runtime.batch_size,
             publish_accession=settings.phi.publish_accession_number,
-            should_stop=self._stop.is_set,
+            should_stop=self.shared.stop.is_set,
             selection=settings.selection,
         )
+        intake = settings.intake
         self.watcher = FolderWatcher(
             settings.watch_dir,
-            stable_seconds=settings.intake.file_stable_seconds,
-            ignore_suffixes=settings.intake.ignore_suffixes,
+            stable_seconds=intake.file_stable_seconds,
+            ignore_suffixes=intake.ignore_suffixes,
             handled=self.store.file_signatures(),
-            watch_mode=settings.intake.watch_mode,
-            poll_interval=settings.intake.poll_interval_seconds,
-            rescan_seconds=settings.intake.rescan_seconds,
-            retry_max=settings.intake.retry_max_seconds,
-            shown=self._file_name,
+            watch_mode=intake.watch_mode,
+            poll_interval=intake.poll_interval_seconds,
+            rescan_seconds=intake.rescan_seconds,
+            retry_max=intake.retry_max_seconds,
+            shown=self.naming.file_name,
         )
-        # The intake's heartbeat: what it is doing and since when (monotonic), None while it
-        # waits for files. A step that takes longer than intake.stall_seconds (a read from a
-        # hung network mount) makes the agent NOT HEALTHY (:meth:`intake_stall`).
-        self._intake_step: tuple[str, float] | None = None
-        # scp.enabled: the DICOM Storage SCP writes what modalities push into a folder of its
-        # own, the intake's second root (edge_agent/intake/scp.py).
-        self.receiver: StorageSCP | None = None
-        self.received: ReceivedFolder | None = None
-        if settings.scp.enabled:
-            folder = settings.scp.receive_folder(settings.state_dir)
-            self.received = ReceivedFolder(folder, handled=self.store.file_signatures())
-            self.receiver = StorageSCP(settings.scp, folder, on_stored=self._on_received)
         self.publisher = Publisher(
             settings, self.store, status=self.status_fields, on_ack=self._on_ack
         )
-        self._scoring_idle = threading.Event()
-        self._scoring_idle.set()
-        self.narrator = self._narrative_worker()
         self.notifier = Notifier()
         # The box's temperatures, clocks, memory and free space, read by the "health" thread;
         # below the state disk's floor the intake waits (health.intake_paused).
@@ -163,11 +140,39 @@ class Agent:
             settings.watch_dir,
             notify=lambda paused: self.notifier.status(paused or self._summary),
         )
+        # scp.enabled: the DICOM Storage SCP writes what modalities push into a folder of its
+        # own, the intake's second root (edge_agent/intake/scp.py).
+        self.receiver: StorageSCP | None = None
+        self.received: ReceivedFolder | None = None
+        folder = settings.scp.receive_folder(settings.state_dir)
+        if settings.scp.enabled:
+            self.received = ReceivedFolder(folder, handled=self.store.file_signatures())
+        self.intake = IntakeWorker(
+            self.store,
+            self.watcher,
+            self.received,
+            self.naming,
+            self.shared,
+            poll_interval=intake.poll_interval_seconds,
+            stall_seconds=intake.stall_seconds,
+            quiet_seconds=settings.study_quiet_seconds,
+            paused=lambda: self.health.intake_paused,
+            published=self.publisher.wake,
+        )
+        if self.received is not None:
+            self.receiver = StorageSCP(settings.scp, folder, on_stored=self.intake.on_received)
+        self.narrator = self._narrative_worker()
+        self.scoring = ScoringWorker(
+            self.store,
+            self.scorer,
+            self.waits,
+            self.naming,
+            self.shared,
+            narratives=self.narrator,
+            published=self.publisher.wake,
+        )
         self._summary = "starting"
         self._metrics: Any = None
-        self.last_error: str | None = (
-            None if aside is None else f"state database was damaged: set aside as {aside.name}"
-        )
         self._healthy = True
         self._unhealthy_reason = ""
         self._stored_mqtt_error: str | None = None
@@ -201,13 +206,31 @@ class Agent:
             max_new_tokens=cfg.max_new_tokens,
             nice=cfg.nice,
             budget_seconds=budget,
-            scoring_idle=self._scoring_idle,
-            stop=self._stop,
-            topic=lambda uid: self._topic("study", uid),
+            scoring_idle=self.shared.scoring_idle,
+            stop=self.shared.stop,
+            topic=lambda uid: self.naming.topic("study", uid),
             published=self.publisher.wake,
         )
 
+    # One step of a worker, as tests drive it (the workers' own names are public).
+    def _handle_file(self, f: ReadyFile) -> None:
+        self.intake.handle_file(f)
+
+    def _intake_received(self) -> bool:
+        return self.intake.intake_received()
+
+    def _score_one(self, uid: str) -> bool:
+        return self.scoring.score_one(uid)
+
+    def _topic(self, *levels: str) -> str:
+        return self.naming.topic(*levels)
+
     # -- status -----------------------------------------------------------------------------
+
+    @property
+    def last_error(self) -> str | None:
+        """The newest error of the intake, scoring and main threads (and of the start)."""
+        return self.shared.errors.latest()
 
     def status_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = dict(self.store.counters())
@@ -251,7 +274,7 @@ class Agent:
         if self.receiver is not None and not self.receiver.healthy():
             dead.append("C-STORE receiver")
         problems = [f"{', '.join(dead)} stopped"] if dead else []
-        stall = self.intake_stall()
+        stall = self.intake.stall()
         if stall is not None:
             problems.append(stall)
         stalled = self.publisher.stalled()
@@ -282,349 +305,13 @@ class Agent:
             logger.info("healthy again")
             self.notifier.status(self._summary)
             return
-        self.last_error = f"not healthy: {reason}"
+        error = f"not healthy: {reason}"
+        self.shared.errors.set("main", error)
         self.notifier.status(f"NOT HEALTHY: {reason}; watchdog pings stopped")
         logger.error(
             "%s; watchdog pings stop (systemd restarts the agent where WatchdogSec is set)",
-            self.last_error,
+            error,
         )
-
-    # -- intake -----------------------------------------------------------------------------
-
-    def _topic(self, *levels: str) -> str:
-        """``P/level/…``: every level checked (a topic segment, or a UID for study topics),
-        so that no control character or wildcard from a file ever reaches the broker."""
-        return topic(self.settings.topic_base, *levels)
-
-    def _reject_message(self, relpath: str, reason: str, sop_uid: str | None) -> Message:
-        """``P/rejected``: the file by its id; by its path too when phi.publish_paths."""
-        payload = RejectedFile(
-            path=published_path(relpath) if self.settings.phi.publish_paths else None,
-            file_id=file_id(self._file_id_key, relpath),
-            sop_instance_uid=sop_uid,
-            reason=reason,
-        )
-        return Message("rejected", self._topic("rejected"), payload.to_json_bytes())
-
-    def _file_name(self, relpath: str) -> str:
-        """How a log line names a file: by its id (``edge-agent status --file``), and by
-        its path only when phi.publish_paths (folders are often named after the patient)."""
-        name = f"file {file_id(self._file_id_key, relpath)}"
-        return f"{name} ({relpath})" if self.settings.phi.publish_paths else name
-
-    def _on_received(self, path: Path) -> None:
-        """The SCP stored an instance (an association thread): wake the intake."""
-        assert self.received is not None
-        self.received.stored(path)
-        self.watcher.wake()
-
-    def _intake_received(self) -> bool:
-        """Handle a batch of received instances; True when more are ready."""
-        if self.received is None:
-            return False
-        for f in self.received.scan(time.monotonic()):
-            if self._stop.is_set():
-                break
-            self._handle_file(f, self.received)
-        return self.received.more_ready
-
-    def _handle_file(
-        self, f: ReadyFile, source: FolderWatcher | ReceivedFolder | None = None
-    ) -> None:
-        source = source or self.watcher
-        now = time.time()
-        if f.refused is not None:  # a link, FIFO …: reported once, never opened
-            self._reject(source, f, f.refused, now)
-            return
-        self._intake_beat(f"reading {self._file_name(f.relpath)}")
-        try:
-            record = read_header(f.relpath, root=source.root, seen=f)
-        except Skipped as exc:
-            logger.info("skipped %s: %s", self._file_name(f.relpath), exc.reason)
-            self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
-        except (FileChanged, FileGone, NotRegularFile):
-            # Not the file the watcher saw (written, removed, or a link or FIFO swapped in since
-            # it looked): it looks again, and what is there now is read or reported.
-            logger.info(
-                "%s changed while it was read; will look at it again", self._file_name(f.relpath)
-            )
-            return
-        except FileUnreadable as exc:
-            if not isinstance(source, FolderWatcher):
-                self._reject(source, f, exc.reason, now)
-                return
-            attempts = source.retry_later(f, time.monotonic())
-            if attempts == 1:  # once per file: the retries are counted in the status
-                logger.warning(
-                    "cannot read %s yet: %s; trying again with back-off (up to every %.0f s)",
-                    self._file_name(f.relpath),
-                    exc.reason,
-                    source.retry_max,
-                )
-            return
-        except InputRejected as exc:
-            if not source.still_same(f):
-                logger.info(
-                    "%s changed while it was read; will read it again", self._file_name(f.relpath)
-                )
-                return
-            self._reject(source, f, exc.reason, now)
-            return
-        else:
-            status = self.store.add_instance(f.relpath, f.size, f.mtime_ns, record, now)
-            logger.info(
-                "instance %s of study %s (%s, %s): %s",
-                record.sop_instance_uid,
-                record.study_instance_uid,
-                record.modality,
-                record.view,
-                status,
-            )
-        source.mark_handled(f)
-
-    def _reject(
-        self, source: FolderWatcher | ReceivedFolder, f: ReadyFile, reason: str, now: float
-    ) -> None:
-        """Record ``f`` as rejected with its ``P/rejected`` message; not read again while it
-        stays as it is."""
-        logger.warning("rejected %s: %s", self._file_name(f.relpath), reason)
-        self.store.record_file(
-            f.relpath,
-            f.size,
-            f.mtime_ns,
-            "rejected",
-            reason,
-            now,
-            message=self._reject_message(f.relpath, reason, None),
-        )
-        self.publisher.wake()
-        source.mark_handled(f)
-
-    def _intake_beat(self, doing: str | None) -> None:
-        """The intake starts ``doing`` (None: it waits for files)."""
-        self._intake_step = None if doing is None else (doing, time.monotonic())
-
-    def intake_stall(self) -> str | None:
-        """Why the intake is stuck (one step over ``intake.stall_seconds``), or None."""
-        step = self._intake_step
-        if step is None:
-            return None
-        doing, since = step
-        took = time.monotonic() - since
-        if took <= self.settings.intake.stall_seconds:
-            return None
-        return f"intake stuck for {took:.0f} s {doing}"
-
-    def _enqueue(self, uid: str) -> None:
-        with self._queued_lock:
-            if uid in self._queued:
-                return
-            self._queued.add(uid)
-        self._queue.put(uid)
-
-    def _intake_loop(self) -> None:
-        interval = self.settings.intake.poll_interval_seconds
-        self.watcher.start()  # inotify or polling; logs which and why
-        try:
-            while not self._stop.is_set():
-                if self.health.intake_paused:  # state disk below its floor; logged by health
-                    self._stop.wait(interval)
-                    continue
-                more = failed = False
-                try:
-                    self._intake_beat("walking the watch folder")
-                    # at most a batch per scan: a steady stream, however many files wait
-                    for f in self.watcher.scan(time.monotonic()):
-                        if self._stop.is_set():
-                            break
-                        self._handle_file(f)
-                    self._intake_beat("reading received files")
-                    more = self._intake_received() or self.watcher.more_ready
-                    self._intake_beat("closing quiet studies")
-                    for uid in self.store.complete_quiet_studies(
-                        self.settings.study_quiet_seconds, time.time()
-                    ):
-                        logger.info("study %s complete", uid)
-                        self._enqueue(uid)
-                except EdgeTriageError as exc:
-                    self.last_error, failed = str(exc), True
-                    logger.error("intake: %s", exc)
-                except Exception as exc:
-                    # A bug must not stop intake for ever; it is logged with its traceback
-                    # and the next scan tries again (the state database is unchanged by a
-                    # failed step).
-                    self.last_error, failed = f"intake: {describe(exc)}", True
-                    logger.exception("intake step failed")
-                self._intake_beat(None)
-                if failed:
-                    self._stop.wait(interval)
-                elif not more:
-                    self.watcher.wait(interval)  # woken early by inotify events or stop()
-        finally:
-            self.watcher.close()
-
-    # -- scoring ----------------------------------------------------------------------------
-
-    def _score_one(self, uid: str) -> bool:
-        """Score ``uid`` and commit its result; True once stored. Raises when either step
-        fails.
-
-        A result scored before a failed commit is kept (``self._prepared``) and only its
-        commit is tried again: a full disk does not make the encoder run once a minute.
-        """
-        prepared = self._prepared.get(uid)
-        if prepared is None:
-            prepared = self._score(uid)
-            if prepared is None:
-                return False
-            self._prepared[uid] = prepared
-        committed = self._commit(prepared)  # when it raises, the result stays prepared
-        del self._prepared[uid]
-        if not committed and prepared.retried:
-            # Re-opened (and maybe complete again) while it waited: score what is there now.
-            return self._score_one(uid)
-        if not committed:
-            logger.info("study %s changed while it was scored; it will be scored again", uid)
-        return committed
-
-    def _score(self, uid: str) -> _Prepared | None:
-        study = self.store.study(uid)
-        if study is None or study.state != "complete":
-            return None
-        problem = uid_problem(uid)
-        if problem is not None or valid_uid(uid) != uid:
-            # Recorded by an earlier version, whose check let a trailing newline through: its
-            # result could only go out on a topic the broker refuses. Said once per start.
-            logger.error(
-                "a study recorded by an earlier version has a malformed StudyInstanceUID "
-                "(%s): not scored",
-                problem or "padding",
-            )
-            return None
-        instances = self.store.instances(uid)
-        self._scoring_idle.clear()  # the narrative thread waits: flags first
-        try:
-            scored = self.scorer.score(study, instances, self.store.rejected_count(uid))
-        finally:
-            self._scoring_idle.set()
-        if scored is None:
-            logger.info("stopping: study %s left complete, scored at next start", uid)
-            return None
-        result = scored.result
-        narrative = self.narrator is not None and scored.narrative_source is not None
-        if narrative:
-            result = result.model_copy(update={"narrative_status": "pending"})
-        rejects = [
-            self._reject_message(inst.path, reason, inst.sop_instance_uid)
-            for inst, reason in scored.rejected
-        ]
-        message = Message(
-            "result", self._topic("study", uid), result.to_json_bytes(), result.alert_id
-        )
-        source = (
-            scored.narrative_source.to_json() if narrative and scored.narrative_source else None
-        )
-        return _Prepared(study, result, message, scored.instance_states, rejects, source)
-
-    def _commit(self, p: _Prepared) -> bool:
-        """Commit a scored result; False when the study changed meanwhile (nothing stored)."""
-        uid, result = p.study.study_instance_uid, p.result
-        now = time.time()
-        job = None
-        if p.narrative_source is not None and self.narrator is not None:
-            # The budget runs from the commit: a result that waited is not born late.
-            job = NarrativeJob(
-                result.alert_id,
-                uid,
-                result.revision,
-                p.narrative_source,
-                now + self.narrator.budget_seconds,
-            )
-        if not self.store.commit_result(
-            p.study, result.triage, p.message, p.instance_states, p.rejects, now, job
-        ):
-            return False
-        top = max(result.findings, key=lambda f: f.score, default=None)
-        logger.info(
-            "study %s revision %d: %s%s (alert %s, %.0f ms)",
-            uid,
-            result.revision,
-            result.triage,
-            f", top {top.code} {top.score:.3f}" if top else f", {result.reason}",
-            result.alert_id,
-            result.timing.inference_ms,
-            extra=fields(
-                study_uid=uid,
-                alert_id=result.alert_id,
-                revision=result.revision,
-                triage=result.triage,
-                stage="score",
-                duration_ms=round(result.timing.inference_ms or 0.0, 1),
-            ),
-        )
-        self.publisher.wake()
-        if job is not None and self.narrator is not None:
-            self.narrator.wake()
-        return True
-
-    def _next_study(self) -> str | None:
-        """The next study to try: a waiting one whose retry is due, else one from the queue
-        (waiting at most until the next retry is due)."""
-        now = time.monotonic()
-        uid = self.waits.due(now)
-        if uid is not None:
-            return uid
-        wait = self.waits.seconds_to_next(now)
-        try:
-            uid = self._queue.get(timeout=0.5 if wait is None else min(0.5, max(wait, 0.01)))
-        except queue.Empty:
-            return None
-        with self._queued_lock:
-            self._queued.discard(uid)
-        return uid
-
-    def _scoring_loop(self) -> None:
-        while not self._stop.is_set():
-            uid = self._next_study()
-            if uid is None:
-                continue
-            prepared = self._prepared.get(uid)
-            if prepared is not None:
-                prepared.retried = True
-            try:
-                stored = self._score_one(uid)
-            except Exception as exc:
-                self._wait_and_retry(uid, exc)
-                continue
-            entry = self.waits.done(uid)
-            if entry is not None:
-                logger.info(
-                    "study %s: %s after %d failed attempt(s), %.0f s after the first (%s)",
-                    uid,
-                    "stored" if stored else "no longer waiting (not complete any more)",
-                    entry.attempts,
-                    time.time() - entry.since,
-                    entry.reason,
-                )
-
-    def _wait_and_retry(self, uid: str, exc: Exception) -> None:
-        """Keep ``uid`` queued, to be tried again with back-off; log the first failure."""
-        reason = describe(exc)  # "database is locked", "database or disk is full", …
-        self.last_error = f"scoring study {uid}: {reason}"
-        entry, first = self.waits.failed(uid, reason)
-        step = "storing its result" if uid in self._prepared else "scoring"
-        if first:
-            # Once per study (every later attempt is in the status); a bug's traceback once.
-            logger.error(
-                "study %s: %s failed (%s); it stays queued and is tried again in %.0f s, "
-                "then at most every %.0f s, until it is stored",
-                uid,
-                step,
-                reason,
-                retry_delay(entry.attempts),
-                RETRY_MAX_SECONDS,
-                exc_info=not isinstance(exc, (EdgeTriageError, sqlite3.Error, OSError)),
-            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -633,24 +320,22 @@ class Agent:
 
     def run(self) -> None:
         for uid in self.store.studies_in_state("complete"):
-            self._enqueue(uid)  # complete before a restart, not yet scored
+            self.shared.studies.put(uid)  # complete before a restart, not yet scored
         if self.receiver is not None:
             self.receiver.start()  # binds first: a busy port stops the start with its key
         self.health.update()  # the first reading before intake starts (a full disk waits)
         self.publisher.start()
         if self.settings.metrics.port:
             self._start_metrics()
-        self._threads = [
-            threading.Thread(target=self._intake_loop, name="intake", daemon=True),
-            threading.Thread(target=self._scoring_loop, name="scoring", daemon=True),
-            threading.Thread(
-                target=self.health.run, args=(self._stop,), name="health", daemon=True
-            ),
+        stop = self.shared.stop
+        workers: list[tuple[str, Callable[[], None]]] = [
+            (self.intake.name, self.intake.run),
+            (self.scoring.name, self.scoring.run),
+            ("health", lambda: self.health.run(stop)),
         ]
         if self.narrator is not None:
-            self._threads.append(
-                threading.Thread(target=self.narrator.run, name="narrative", daemon=True)
-            )
+            workers.append(("narrative", self.narrator.run))
+        self._threads = [threading.Thread(target=w, name=n, daemon=True) for n, w in workers]
         for t in self._threads:
             t.start()
         model = self.bundle.manifest.model
@@ -673,11 +358,11 @@ class Agent:
         self.started.set()
         ping = self.notifier.watchdog_interval()
         next_ping = 0.0
-        while not self._stop.wait(min(ping or 1.0, 1.0)):
+        while not stop.wait(min(ping or 1.0, 1.0)):
             try:
                 self._renotify()
             except Exception as exc:  # the store failed; next second tries again
-                self.last_error = f"renotify: {describe(exc)}"
+                self.shared.errors.set("main", f"renotify: {describe(exc)}")
                 logger.exception("queueing re-notifications failed")
             self._watch_health()
             if ping and time.monotonic() >= next_ping and self._healthy:
@@ -686,7 +371,7 @@ class Agent:
         self._shutdown()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.shared.stop.set()
         self.watcher.wake()
 
     def _start_metrics(self) -> None:

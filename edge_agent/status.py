@@ -20,9 +20,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import ResourceMissing
 from .health import HEALTH_FILE, read_health_file
 from .identifiers import FILE_ID_KEY, file_id, is_file_id
+from .state import report
+from .state.report import open_read_only
+from .state.schema import Layout
 from .text import escape_controls, printable
 from .waiting import read_waiting
 
@@ -60,14 +62,6 @@ class StatusReport:
         return out
 
 
-def _tables(db: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-
-
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -92,29 +86,23 @@ def _summary(payload: bytes) -> tuple[str | None, float | None, str | None]:
     return best.get("code"), best.get("score"), narrative
 
 
-def _file_id_key(db: sqlite3.Connection, tables: set[str]) -> bytes | None:
+def _file_id_key(db: sqlite3.Connection, layout: Layout) -> bytes | None:
     """The key the agent made file ids with (None: it has not made any yet)."""
-    if "meta" not in tables:
+    if not layout.has("meta"):
         return None
     row = db.execute("SELECT value FROM meta WHERE key = ?", (FILE_ID_KEY,)).fetchone()
     return bytes.fromhex(row[0]) if row else None
-
-
-def _open(database: Path) -> sqlite3.Connection:
-    if not database.is_file():
-        raise ResourceMissing(f"no state database at {database} (has the agent run here?)")
-    return sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5.0)
 
 
 def find_file(database: Path, wanted: str) -> dict[str, Any] | None:
     """The file whose id (``P/rejected``'s ``file_id``) is ``wanted``: its path as recorded,
     status, reason and UIDs; None when no file recorded here has that id."""
     wanted = wanted.strip().lower()
-    db = _open(database)
+    db = open_read_only(database)
     try:
-        tables = _tables(db)
-        key = _file_id_key(db, tables)
-        if key is None or not is_file_id(wanted) or "files" not in tables:
+        layout = Layout.of(db)
+        key = _file_id_key(db, layout)
+        if key is None or not is_file_id(wanted) or not layout.has("files"):
             return None
         found: dict[str, Any] | None = None
         for path, status, reason, sop, study, at in db.execute(
@@ -131,7 +119,7 @@ def find_file(database: Path, wanted: str) -> dict[str, Any] | None:
                     "at": _iso(at),
                 }
                 break
-        if found is not None and "instances" in tables:
+        if found is not None and layout.has("instances"):
             # read, then rejected when its study was scored: that is what P/rejected said
             row = db.execute(
                 "SELECT reason FROM instances WHERE path = ? AND state = 'rejected'",
@@ -161,107 +149,66 @@ def format_file(found: dict[str, Any]) -> str:
 def read_status(database: Path, *, last: int = 5, now: float | None = None) -> StatusReport:
     """The report for the state database at ``database``. Raises ResourceMissing if absent."""
     now = time.time() if now is None else now
-    db = _open(database)
+    db = open_read_only(database)
     try:
-        tables = _tables(db)
-        report = StatusReport(database=database)
-        waiting = read_waiting(database.parent)
-        if waiting is not None and waiting["scoring_waiting"]:
-            studies = waiting.get("scoring_waiting_studies")
-            report.scoring_waiting = waiting["scoring_waiting"]
-            report.scoring_waiting_studies = studies if isinstance(studies, list) else []
-            at = waiting.get("updated_at")
-            report.scoring_waiting_as_of = _iso(at) if isinstance(at, int | float) else None
-        report.health = read_health_file(database.parent / HEALTH_FILE, now)
-        if "studies" in tables:
-            report.studies = dict(
-                db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
-            )
-        if "outbox" in tables:
-            count, oldest = db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
-            report.outbox = count
-            report.outbox_oldest_seconds = None if oldest is None else max(0.0, now - oldest)
-            if "set_aside_at" in _columns(db, "outbox"):
-                aside = db.execute(
-                    "SELECT id, topic, set_aside_at, set_aside_reason FROM outbox "
-                    "WHERE set_aside_at IS NOT NULL ORDER BY id"
-                ).fetchall()
-                report.outbox_set_aside = len(aside)
-                report.set_aside = [
-                    {"id": i, "topic": topic, "at": _iso(at), "reason": reason}
-                    for i, topic, at, reason in aside[:last]
-                ]
-        if "meta" in tables:
-            row = db.execute("SELECT value FROM meta WHERE key = 'mqtt_last_error'").fetchone()
-            report.mqtt_last_error = None if row is None else row[0]
-            if "results" in tables:  # a message's level is its result's
-                (report.outbox_urgent,) = db.execute(
-                    "SELECT COUNT(*) FROM outbox o JOIN results r ON r.alert_id = o.alert_id "
-                    "WHERE r.triage = 'urgent'"
-                ).fetchone()
-        if "alerts" in tables:
-            (report.alerts_waiting,) = db.execute(
-                "SELECT COUNT(*) FROM alerts WHERE state IN ('pending', 'unacknowledged')"
-            ).fetchone()
-        if "narratives" in tables:
-            (report.narratives_pending,) = db.execute("SELECT COUNT(*) FROM narratives").fetchone()
-        if "counters" in tables:
-            report.counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
-        if "files" in tables:
-            (report.rejected,) = db.execute(
-                "SELECT COUNT(*) FROM files WHERE status = 'rejected'"
-            ).fetchone()
-            key = _file_id_key(db, tables)
-            report.last_rejected = [
-                {
-                    "at": _iso(at),
-                    "file_id": file_id(key, path) if key is not None else None,
-                    "path": path,
-                    "reason": reason,
-                }
-                for path, reason, at in db.execute(
-                    "SELECT path, reason, seen_at FROM files WHERE status = 'rejected' "
-                    "ORDER BY seen_at DESC LIMIT ?",
-                    (last,),
-                )
-            ]
-        if "results" in tables:
-            # A narrative revision repeats its flag's triage; it is not one more result.
-            narrated = (
-                "WHERE alert_id NOT IN "
-                "(SELECT alert_id FROM alerts WHERE carried_from IS NOT NULL) "
-                if "carried_from" in _columns(db, "alerts")
-                else ""
-            )
-            report.results_by_level = dict(
-                db.execute(
-                    f"SELECT triage, COUNT(*) FROM results {narrated}GROUP BY triage"
-                ).fetchall()
-            )
-            rows = db.execute(
-                "SELECT r.study_instance_uid, r.revision, r.triage, r.payload, r.created_at, "
-                "COALESCE(s.modality, '') FROM results r LEFT JOIN studies s "
-                "ON s.study_instance_uid = r.study_instance_uid "
-                "ORDER BY r.created_at DESC LIMIT ?",
-                (last,),
-            ).fetchall()
-            for uid, revision, triage, payload, created, modality in rows:
-                code, score, narrative = _summary(payload)
-                report.last_results.append(
-                    {
-                        "at": _iso(created),
-                        "study_instance_uid": uid,
-                        "revision": revision,
-                        "modality": modality,
-                        "triage": triage,
-                        "top_finding": code,
-                        "top_score": score,
-                        "narrative": narrative,
-                    }
-                )
-        return report
+        layout = Layout.of(db)
+        figures = report.read(db, layout)
+        key = _file_id_key(db, layout)
+        aside = report.set_aside(db, layout, last)
+        rejected = report.last_rejected(db, layout, last)
+        results = report.last_results(db, layout, last)
     finally:
         db.close()
+    status = StatusReport(
+        database=database,
+        studies=figures.studies,
+        outbox=figures.outbox,
+        outbox_urgent=figures.outbox_urgent,
+        outbox_oldest_seconds=figures.outbox_oldest_seconds(now),
+        outbox_set_aside=figures.outbox_set_aside,
+        set_aside=[
+            {"id": i, "topic": topic, "at": _iso(at), "reason": reason}
+            for i, topic, at, reason in aside
+        ],
+        mqtt_last_error=figures.mqtt_last_error,
+        alerts_waiting=figures.alerts_waiting,
+        narratives_pending=figures.narratives_pending,
+        counters=figures.counters,
+        rejected=figures.files.get("rejected", 0),
+        results_by_level=figures.results_by_level,
+        last_rejected=[
+            {
+                "at": _iso(at),
+                "file_id": file_id(key, path) if key is not None else None,
+                "path": path,
+                "reason": reason,
+            }
+            for path, reason, at in rejected
+        ],
+        health=read_health_file(database.parent / HEALTH_FILE, now),
+    )
+    for uid, revision, triage, payload, created, modality in results:
+        code, score, narrative = _summary(payload)
+        status.last_results.append(
+            {
+                "at": _iso(created),
+                "study_instance_uid": uid,
+                "revision": revision,
+                "modality": modality,
+                "triage": triage,
+                "top_finding": code,
+                "top_score": score,
+                "narrative": narrative,
+            }
+        )
+    waiting = read_waiting(database.parent)
+    if waiting is not None and waiting["scoring_waiting"]:
+        studies = waiting.get("scoring_waiting_studies")
+        status.scoring_waiting = waiting["scoring_waiting"]
+        status.scoring_waiting_studies = studies if isinstance(studies, list) else []
+        at = waiting.get("updated_at")
+        status.scoring_waiting_as_of = _iso(at) if isinstance(at, int | float) else None
+    return status
 
 
 def format_status(report: StatusReport) -> str:

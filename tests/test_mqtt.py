@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -583,6 +584,48 @@ def test_stop_waits_for_in_flight_pubacks(make_publisher, subscriber, outbox, mo
     threading.Timer(0.3, mosquitto.resume).start()
     pub.stop(timeout=3.0)
     assert outbox.outbox_depth() == 0  # acknowledged during stop, not left for the next run
+
+
+def open_sockets() -> set[str]:
+    """This process's open sockets, as /proc names them (socket:[inode])."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own fd)
+            continue
+        if target.startswith("socket:"):
+            out.add(target)
+    return out
+
+
+def test_stop_leaves_no_socket_of_the_client_open(make_publisher, outbox, mosquitto) -> None:
+    """paho's socket pair (its loop's wake-up) is closed at stop and with a replaced client,
+    not left to garbage collection: there, a client in a reference cycle can lose its
+    sockets first, an "unclosed socket" warning at some later test (filterwarnings=error).
+    The garbage collector is held off so that only stop() can have closed them."""
+    gc.collect()
+    gc.disable()
+    try:
+        before = open_sockets()
+        pub = make_publisher(mqtt={"max_attempts": 1})
+        outbox.add("1.31.1")
+        outbox.add("1.31.2")
+        mosquitto.pause()
+        pub.wake()
+        wait_until(lambda: pub.in_flight == 2, what="2 rows in flight")
+        first_client = pub._client
+        # The connection breaks with both rows unacknowledged: the client is replaced.
+        assert mosquitto._proc is not None
+        os.kill(mosquitto._proc.pid, signal.SIGKILL)
+        mosquitto.kill()  # reaps it
+        mosquitto.start()
+        wait_until(lambda: outbox.outbox_depth() == 0, 15, "every row delivered")
+        assert pub._client is not first_client
+        pub.stop(timeout=2.0)
+        assert open_sockets() - before == set()
+    finally:
+        gc.enable()
 
 
 # -- check_broker --------------------------------------------------------------------------

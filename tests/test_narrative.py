@@ -264,6 +264,7 @@ def test_orin_nano_profile_has_narratives_off() -> None:
 
 
 # -- the worker and the store, without a broker ------------------------------------------
+# (the store's own rules for narratives, which need no model, are in tests/test_state.py)
 
 
 @pytest.fixture
@@ -426,18 +427,6 @@ def test_status_shows_narratives_being_written_and_their_outcome(
     assert "narratives 0 being written; written 1, timed out 0, failed 0" in format_status(after)
 
 
-def test_late_instance_drops_the_old_narrative(
-    flagged: tuple[Store, NarrativeJob, Path], bundle: Path
-) -> None:
-    store, job, _watch = flagged
-    with sqlite3.connect(store.path) as db:  # what add_instance does to a scored study
-        db.execute("UPDATE studies SET state = 'open', revision = revision + 1")
-    built = store.commit_narrative(job, "t", lambda *a: pytest.fail("built"), time.time())
-    assert built is None
-    assert store.narrative_jobs() == []
-    assert len(outbox_results(store)) == 1
-
-
 def test_ack_of_the_flag_also_silences_its_narrative_revision(
     flagged: tuple[Store, NarrativeJob, Path], bundle: Path
 ) -> None:
@@ -459,20 +448,6 @@ def test_acknowledged_flag_stays_acknowledged_in_its_narrative_revision(
     assert store.acknowledge(job.study_instance_uid, job.alert_id, "dr", "t") == "acknowledged"
     follow = narrate(store, job, bundle, watch)
     assert store.alert(follow["alert_id"])["state"] == "acknowledged"  # type: ignore[index]
-
-
-def test_state_database_of_schema_2_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite3"
-    Store(path).close()
-    with sqlite3.connect(path) as db:  # schema 2: alerts without carried_from, no narratives
-        db.executescript(
-            "DROP TABLE narratives; ALTER TABLE alerts DROP COLUMN carried_from;"
-            "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
-        )
-    store = Store(path)
-    columns = [r[1] for r in store._conn().execute("PRAGMA table_info(alerts)")]
-    assert "carried_from" in columns and store.narrative_jobs() == []
-    store.close()
 
 
 def test_prompt_without_transformers_equals_the_export_prompt(

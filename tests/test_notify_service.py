@@ -122,7 +122,7 @@ def test_no_watchdog_once_a_worker_thread_has_died(
         supervise(monkeypatch, systemd)
         agent = Agent(load_settings(config_for(tmp_path, broker)))
         # The scoring worker dies at once (as an uncaught error would end it).
-        monkeypatch.setattr(agent, "_scoring_loop", lambda: None)
+        monkeypatch.setattr(agent.scoring, "run", lambda: None)
         runner = threading.Thread(target=agent.run, daemon=True)
         runner.start()
         try:

@@ -255,3 +255,29 @@ def test_errors_described_for_the_status_never_carry_a_file_name() -> None:
     assert describe(ValueError(f"bad value in {name}")) == "ValueError (see the log)"
     assert describe(sqlite3.OperationalError("database is locked")) == "database is locked"
     assert describe(ConfigError("mqtt.port", "too large")) == "mqtt.port: too large"
+
+
+def test_a_study_is_queued_for_scoring_once_until_taken() -> None:
+    from edge_agent.workers import StudyQueue
+
+    studies = StudyQueue()
+    for uid in ["1.2.3", "1.2.4", "1.2.3"]:
+        studies.put(uid)
+    assert [studies.get(0.01), studies.get(0.01), studies.get(0.01)] == ["1.2.3", "1.2.4", None]
+    studies.put("1.2.3")  # complete again after it was taken: queued again
+    assert studies.get(0.01) == "1.2.3"
+
+
+def test_last_error_is_the_newest_of_the_threads_errors() -> None:
+    from edge_agent.workers import WorkerErrors
+
+    errors = WorkerErrors()
+    assert errors.latest() is None
+    errors.set("start", "state database was damaged")
+    errors.set("intake", "intake: disk I/O error")
+    errors.set("scoring", "scoring study 1.2.3: database is locked")
+    assert errors.latest() == "scoring study 1.2.3: database is locked"
+    errors.set("intake", "intake: disk I/O error")  # the same again is the newest again
+    assert errors.latest() == "intake: disk I/O error"
+    assert errors.get("scoring") == "scoring study 1.2.3: database is locked"
+    assert errors.get("main") is None

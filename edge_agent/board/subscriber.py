@@ -32,7 +32,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from ..config import Settings
 from ..identifiers import is_topic_segment, valid_uid
-from ..mqtt import CONTENT_TYPE, RECONNECT_MAX_SECONDS, RECONNECT_MIN_SECONDS, _new_client
+from ..mqtt.client import (
+    CONTENT_TYPE,
+    RECONNECT_MAX_SECONDS,
+    RECONNECT_MIN_SECONDS,
+    new_client,
+)
 from ..results import read_study_result
 from .store import BoardStore
 from .worklist import Ack
@@ -67,7 +72,7 @@ class BoardClient:
         self._subscribed = threading.Event()
         self._stopping = False
         self.last_error: str | None = None
-        client = _new_client(settings, settings.board.client_id)
+        client = new_client(settings, settings.board.client_id)
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
         client.suppress_exceptions = True
