@@ -19,12 +19,11 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle
 from .config import Settings
 from .errors import ConfigError, EdgeTriageError, InputRejected, describe
 from .health import HealthMonitor
@@ -37,7 +36,12 @@ from .logs import fields
 from .mqtt import Ack, Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
-from .profiles import Profile, narrative_wanted, resolve_profile
+
+# bundle_path and demo_bundle_path stay importable from here (demo, tests, benchmarks).
+from .preflight import bundle_path as bundle_path
+from .preflight import demo_bundle_path as demo_bundle_path
+from .preflight import preflight
+from .profiles import Profile
 from .results import RejectedFile, StudyResult
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
@@ -49,14 +53,6 @@ logger = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 10.0
 SCP_STOP_SECONDS = 3.0  # part of STOP_GRACE_SECONDS: stores being written may finish
-
-
-def demo_bundle_path() -> Path:
-    return Path(str(resources.files("edge_agent") / "data" / "demo-bundle"))
-
-
-def bundle_path(settings: Settings) -> Path:
-    return settings.bundle if settings.bundle is not None else demo_bundle_path()
 
 
 @dataclass
@@ -74,24 +70,30 @@ class _Prepared:
 
 @dataclass
 class Components:
-    """What :func:`prepare` resolved; ``edge-agent check`` reports the same things."""
+    """What the preflight resolved (:func:`prepare`); ``edge-agent check`` runs the same
+    checks and reports the same things."""
 
     settings: Settings
     profile: Profile
     profile_reason: str
     bundle: Bundle
+    narrative: bool = False  # the narrative worker runs (edge_agent.preflight.narrative_plan)
+    narrative_budget: float = 0.0
 
 
 def prepare(settings: Settings) -> Components:
-    profile, why = resolve_profile(settings.profile)
-    if not settings.watch_dir.is_dir():
-        raise ConfigError("watch_dir", f"{settings.watch_dir} is not a folder")
-    if settings.scp.enabled:
-        received = settings.scp.receive_folder(settings.state_dir)
-        if received.is_relative_to(settings.watch_dir.absolute()):
-            raise ConfigError("scp.receive_dir", f"{received} must not be inside watch_dir")
-    bundle = load_bundle(bundle_path(settings))
-    return Components(settings, profile, why, bundle)
+    """Run the preflight checks ``run`` runs (:data:`edge_agent.preflight.CHECKS`); raises
+    the first failure (ConfigError: exit 2, ResourceMissing: exit 3)."""
+    found = preflight(settings)
+    assert found.profile is not None and found.bundle is not None
+    return Components(
+        settings,
+        found.profile,
+        found.profile_reason,
+        found.bundle,
+        narrative=found.narrative,
+        narrative_budget=found.narrative_budget,
+    )
 
 
 class Agent:
@@ -175,18 +177,11 @@ class Agent:
         self.started = threading.Event()
 
     def _narrative_worker(self) -> NarrativeWorker | None:
-        """The draft-narrative thread, when config (or else the profile) enables it and the
-        bundle has a report section."""
-        wanted, budget = narrative_wanted(self.settings.narrative, self.profile)
-        if not wanted:
+        """The draft-narrative thread, when the preflight decided it runs (config, else the
+        profile, enables it and the bundle has a report section)."""
+        if not self.components.narrative:
             return None
-        if self.bundle.manifest.report is None:
-            logger.warning(
-                "narratives enabled, but bundle %s has no report section (edge-export "
-                "add-report): no narratives",
-                self.bundle.root,
-            )
-            return None
+        budget = self.components.narrative_budget
         cfg = self.profile.narrative
         available = set(available_providers())
         providers: list[str] = [p for p in cfg.providers if p in available] or [
@@ -336,17 +331,17 @@ class Agent:
         if f.refused is not None:  # a link, FIFO …: reported once, never opened
             self._reject(source, f, f.refused, now)
             return
-        self._intake_beat(f"reading {self._file_name(f.relpath)}")
+        self._intake_beat(f"reading {self._file_name(f.recorded)}")
         try:
-            record = read_header(f.relpath, root=source.root, seen=f)
+            record = read_header(f.relpath, root=f.root or source.root, seen=f)
         except Skipped as exc:
-            logger.info("skipped %s: %s", self._file_name(f.relpath), exc.reason)
-            self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
+            logger.info("skipped %s: %s", self._file_name(f.recorded), exc.reason)
+            self.store.record_file(f.recorded, f.size, f.mtime_ns, "skipped", exc.reason, now)
         except (FileChanged, FileGone, NotRegularFile):
             # Not the file the watcher saw (written, removed, or a link or FIFO swapped in since
             # it looked): it looks again, and what is there now is read or reported.
             logger.info(
-                "%s changed while it was read; will look at it again", self._file_name(f.relpath)
+                "%s changed while it was read; will look at it again", self._file_name(f.recorded)
             )
             return
         except FileUnreadable as exc:
@@ -357,7 +352,7 @@ class Agent:
             if attempts == 1:  # once per file: the retries are counted in the status
                 logger.warning(
                     "cannot read %s yet: %s; trying again with back-off (up to every %.0f s)",
-                    self._file_name(f.relpath),
+                    self._file_name(f.recorded),
                     exc.reason,
                     source.retry_max,
                 )
@@ -365,13 +360,13 @@ class Agent:
         except InputRejected as exc:
             if not source.still_same(f):
                 logger.info(
-                    "%s changed while it was read; will read it again", self._file_name(f.relpath)
+                    "%s changed while it was read; will read it again", self._file_name(f.recorded)
                 )
                 return
             self._reject(source, f, exc.reason, now)
             return
         else:
-            status = self.store.add_instance(f.relpath, f.size, f.mtime_ns, record, now)
+            status = self.store.add_instance(f.recorded, f.size, f.mtime_ns, record, now)
             logger.info(
                 "instance %s of study %s (%s, %s): %s",
                 record.sop_instance_uid,
@@ -387,15 +382,15 @@ class Agent:
     ) -> None:
         """Record ``f`` as rejected with its ``P/rejected`` message; not read again while it
         stays as it is."""
-        logger.warning("rejected %s: %s", self._file_name(f.relpath), reason)
+        logger.warning("rejected %s: %s", self._file_name(f.recorded), reason)
         self.store.record_file(
-            f.relpath,
+            f.recorded,
             f.size,
             f.mtime_ns,
             "rejected",
             reason,
             now,
-            message=self._reject_message(f.relpath, reason, None),
+            message=self._reject_message(f.recorded, reason, None),
         )
         self.publisher.wake()
         source.mark_handled(f)

@@ -216,20 +216,22 @@ def test_narrative_not_ready_within_the_budget_is_published_as_timeout(
 
 
 def test_no_narrative_unless_enabled_and_the_bundle_has_a_report(
-    tmp_path: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, bundle: Path
 ) -> None:
+    from edge_agent.errors import ConfigError
     from edge_agent.service import Agent
 
     with Mosquitto(tmp_path / "broker") as broker:
         off = Agent(load_settings(None, **daemon_settings(tmp_path, broker, bundle)))
         assert off.narrator is None  # x86-cpu's profile leaves it off; config did not ask
         off.store.close()
+        # Asked for explicitly, a bundle without a report is a config error, as in check
+        # (tests/test_preflight.py has the profile-default case: a warning in both).
         plain = make_bundle(tmp_path / "plain")
         on = daemon_settings(tmp_path, broker, plain, narrative={"enabled": True})
-        agent = Agent(load_settings(None, **on))
-        assert agent.narrator is None
-        agent.store.close()
-    assert "has no report section" in caplog.text
+        with pytest.raises(ConfigError, match="has no report section") as err:
+            Agent(load_settings(None, **on))
+        assert err.value.key == "narrative.enabled"
 
 
 def test_check_names_the_key_when_narratives_are_on_without_a_report(

@@ -208,6 +208,23 @@ def test_published_path() -> None:
     assert published_path("sub dir/a.dcm") == "sub dir/a.dcm"
 
 
+def test_a_received_file_is_relative_to_the_receive_folder(tmp_path: Path) -> None:
+    """Its relpath is relative to its own root (before: the absolute path, which worked only
+    because watch_dir / absolute == absolute); the store still records the absolute path, so
+    the signatures in an existing state database keep matching."""
+    root = tmp_path / "received"
+    root.mkdir()
+    path = store_instance(root, STUDY, SOP, b"x")
+    (ready,) = ReceivedFolder(root).scan(0.0)
+    assert ready.relpath == f"{STUDY}/{SOP}.dcm" and ready.root == root
+    assert ready.root / ready.relpath == ready.path == path
+    assert ready.recorded == str(path)
+    assert published_path(ready.recorded) == f"received/{STUDY}/{SOP}.dcm"
+    st = path.stat()
+    recorded_before = {str(path): (st.st_size, st.st_mtime_ns)}  # as a state database holds it
+    assert ReceivedFolder(root, handled=recorded_before).scan(0.0) == []
+
+
 def test_received_folder_walks_once_then_follows_reports(tmp_path: Path) -> None:
     root = tmp_path / "received"
     root.mkdir()  # the SCP creates it at start
@@ -217,9 +234,9 @@ def test_received_folder_walks_once_then_follows_reports(tmp_path: Path) -> None
     st = done.stat()
     folder = ReceivedFolder(root, handled={str(done): (st.st_size, st.st_mtime_ns)})
     (ready,) = folder.scan(0.0)
-    assert ready.path == old and ready.relpath == str(old)
+    assert ready.path == old and ready.recorded == str(old)
     assert folder.still_same(ready)
-    assert [f.relpath for f in folder.scan(1.0)] == [str(old)]  # not handled: offered again
+    assert [f.recorded for f in folder.scan(1.0)] == [str(old)]  # not handled: offered again
     folder.mark_handled(ready)
     assert folder.scan(2.0) == []
     new = store_instance(root, "1.2.5", "1.2.6", b"new")

@@ -143,13 +143,24 @@ Handled = tuple[int, int, int | None]
 
 @dataclass(frozen=True)
 class ReadyFile:
-    path: Path  # absolute
-    relpath: str  # relative to the watch folder, POSIX separators
+    """A file ready to be read, from one of the intake's roots (the watch folder, or the
+    Storage SCP's receive folder: :class:`~edge_agent.intake.scp.ReceivedFolder`)."""
+
+    path: Path  # absolute: root / relpath
+    relpath: str  # relative to root, POSIX separators
     size: int
     mtime_ns: int
     ino: int = 0
     refused: str | None = None  # not a regular file (a link, FIFO …): why it is not read
     dev: int = 0  # st_dev (0: not known)
+    root: Path | None = None  # the folder relpath is relative to (None: the watch folder)
+    # What the store's files table records (and file_id hashes): relpath for the watch
+    # folder; the absolute path for a received file (ReceivedFolder says why). "": relpath.
+    recorded: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.recorded:
+            object.__setattr__(self, "recorded", self.relpath)
 
 
 @dataclass(frozen=True)
@@ -653,7 +664,9 @@ class FolderWatcher:
             # to the back of the line until it is marked handled
             del self._pending[rel]
             self._pending[rel] = (size, mtime, ino, kind, dev, since)
-            ready.append(ReadyFile(self.root / rel, rel, size, mtime, ino, refusal(kind), dev))
+            ready.append(
+                ReadyFile(self.root / rel, rel, size, mtime, ino, refusal(kind), dev, self.root)
+            )
         return ready
 
     def mark_handled(self, f: ReadyFile) -> None:
