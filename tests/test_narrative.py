@@ -1,6 +1,6 @@
 """Draft narratives: MedGemma's description of the image behind an urgent flag, after it.
 
-Real pieces: the tiny Gemma 3 checkpoint (tests/tiny_gemma3.py) exported by the real
+Real pieces: the tiny Gemma 3 checkpoint (tests/helpers/tiny_gemma3.py) exported by the real
 ``edge-export medgemma`` and put into the tiny bundle by ``edge-export add-report``; the
 daemon (``edge_agent.service.Agent``) with its own threads; a real Mosquitto; PyTorch's
 ``generate`` as the reference for what the narrative must say.
@@ -25,9 +25,9 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from brokers import Subscriber
-from tiny_bundle import make_bundle
-from tiny_gemma3 import make_checkpoint
+from helpers.brokers import Subscriber
+from helpers.tiny_bundle import make_bundle
+from helpers.tiny_gemma3 import make_checkpoint
 
 from edge_agent.bundle import load_bundle
 from edge_agent.config import load_settings
@@ -493,8 +493,8 @@ def test_prompt_without_transformers_equals_the_export_prompt(
 def test_ct_narrative_describes_the_slab_that_drove_the_urgent_finding(
     tmp_path: Path, bundle: Path
 ) -> None:
+    from helpers.ct import chest_phantom, ct_bundle, ct_datasets, ingest, scorer_for
     from pydicom.uid import generate_uid
-    from test_ct import chest_phantom, ct_bundle, ct_datasets, ingest, scorer_for
 
     from edge_agent.bundle import MANIFEST, Manifest, write_manifest
 

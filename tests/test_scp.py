@@ -9,7 +9,6 @@ several instances) and waits for their results.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -22,9 +21,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydantic import ValidationError
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
-from test_e2e import (
+from helpers.daemon import (
     MATRIX,
     PHI_MARKERS,
     SITE,
@@ -34,6 +31,8 @@ from test_e2e import (
     check_payload,
     resolve_file_id,
 )
+from pydantic import ValidationError
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 from edge_agent.check import run_check
 from edge_agent.config import ScpSettings, load_settings
@@ -57,13 +56,6 @@ SMALL = {"rows": 256, "cols": 208}
 MODALITY = "MODALITY1"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SOP = "1.2.826.0.1.3680043.8.498.2"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(key)
 
 
 def storescu(
