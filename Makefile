@@ -32,6 +32,7 @@ bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/intake.py
 	$(PY) benchmarks/delivery.py
+	$(PY) benchmarks/board.py
 	$(PY) benchmarks/encoder.py
 
 demo-bundle: $(VENV)/.stamp-dev
@@ -52,6 +53,7 @@ system-deps-test: system-deps
 	command -v storescu >/dev/null 2>&1 || need="$$need dcmtk"; \
 	command -v gdcmconv >/dev/null 2>&1 || need="$$need libgdcm-tools"; \
 	command -v systemd-analyze >/dev/null 2>&1 || need="$$need systemd"; \
+	[ -x /usr/bin/chromium ] || need="$$need chromium"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing Debian packages:$$need"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
@@ -62,13 +64,13 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.stamp-run: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[cpu]'
+	$(PIP) install -q -e '.[cpu,board]'
 	touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml | $(VENV)/bin/python
 	$(PY) -c 'import torch' 2>/dev/null || \
 	  $(PIP) install -q --retries 1 --extra-index-url $(TORCH_INDEX) '$(TORCH_SPEC)'
-	$(PIP) install -q -e '.[cpu,export,dev]'
+	$(PIP) install -q -e '.[cpu,board,export,dev]'
 	touch $@ $(VENV)/.stamp-run
 
 clean:

@@ -11,9 +11,9 @@
    daemon's ``Agent.status_fields`` over a real ``Store`` with ``--studies`` scored studies,
    then the JSON the status message carries), in three variants taking turns in one run:
    without health, with health as shipped (the health thread's cached reading), and with a
-   reading taken on every refresh (the design the worker avoids). ``Agent.status_fields``
-   runs unbound on a stand-in holding the real store, demo bundle and monitor, so the code
-   measured is the daemon's own.
+   reading taken on every refresh (the design the worker avoids). A real ``Agent`` (demo
+   bundle, x86-cpu, never started) is built over the store, and only its ``health`` is
+   swapped between the variants, so the code measured is the daemon's own.
 
 Prints medians (µs) and the ratios, with the machine and the load average. Exits 0.
 """
@@ -29,16 +29,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.bundle import load_bundle  # noqa: E402
+from edge_agent.config import load_settings  # noqa: E402
 from edge_agent.health import HealthMonitor, read_health  # noqa: E402
 from edge_agent.profiles import resolve_profile  # noqa: E402
-from edge_agent.service import Agent, demo_bundle_path  # noqa: E402
+from edge_agent.service import Agent  # noqa: E402
 from edge_agent.store import InstanceRecord, Message, Store  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "jetson-orin-nano"
@@ -83,7 +82,7 @@ class NoHealth:
 
 def status_payload(agent: Any) -> bytes:
     """As the Publisher builds the retained status message."""
-    payload = {"state": "online", **Agent.status_fields(agent)}
+    payload = {"state": "online", **agent.status_fields()}
     return json.dumps(payload, separators=(",", ":"), default=str).encode()
 
 
@@ -135,37 +134,38 @@ def main(argv: list[str] | None = None) -> int:
             mem = "-" if one.memory_available_mib is None else f"{one.memory_available_mib:.0f}"
             print(f"| {label} | {statistics.median(samples):.0f} | {p90:.0f} | {soc} | {mem} |")
 
-        store = Store(state / "state.sqlite3")
+        agent = Agent(
+            load_settings(
+                watch_dir=watch, state_dir=state, profile="x86-cpu", site="bench", device_id="box"
+            )
+        )
+        store = agent.store
         try:
             fill_store(store, args.studies)
             profile, _ = resolve_profile("jetson-orin-nano")
             monitor = HealthMonitor(profile.health, state, watch, root=FIXTURE)
             monitor.update()
-            base = {
-                "store": store,
-                "bundle": load_bundle(demo_bundle_path()),
-                "runner": SimpleNamespace(provider="CPUExecutionProvider"),
-                "profile": profile,
-                "last_error": None,
-                "publisher": SimpleNamespace(last_error=None),
-                "narrator": None,
-            }
-            without = SimpleNamespace(**base, health=NoHealth())
-            cached = SimpleNamespace(**base, health=monitor)
 
             class EveryTime:
                 def fields(self) -> dict[str, Any]:
                     monitor.update()
                     return monitor.fields()
 
-            fresh = SimpleNamespace(**base, health=EveryTime())
-            variants = {"without health": without, "with health (shipped)": cached}
-            variants["reading (and health.json) on every refresh"] = fresh
+            variants: dict[str, Any] = {
+                "without health": NoHealth(),
+                "with health (shipped)": monitor,
+                "reading (and health.json) on every refresh": EveryTime(),
+            }
+
+            def refresh(health: Any) -> bytes:
+                agent.health = health
+                return status_payload(agent)
+
             times: dict[str, list[float]] = {name: [] for name in variants}
-            sizes = {name: len(status_payload(agent)) for name, agent in variants.items()}
+            sizes = {name: len(refresh(health)) for name, health in variants.items()}
             for _ in range(args.rounds):  # taking turns: drift in the machine hits all three
-                for name, agent in variants.items():
-                    times[name] += timed(lambda a=agent: status_payload(a), args.per_round)
+                for name, health in variants.items():
+                    times[name] += timed(lambda h=health: refresh(h), args.per_round)
         finally:
             store.close()
 

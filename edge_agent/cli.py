@@ -87,7 +87,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     setup_logging("DEBUG" if args.debug else "WARNING")
-    return run_demo(studies=args.studies, broker=args.broker, seed=args.seed, keep=args.keep)
+    return run_demo(
+        studies=args.studies, broker=args.broker, seed=args.seed, keep=args.keep, hold=args.hold
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -122,6 +124,38 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(format_status(report))
+    return 0
+
+
+BOARD_MODULES = ("starlette", "uvicorn", "argon2")
+
+
+def _board_extra() -> None:
+    """The [board] extra is installed, else ExtraMissing saying so."""
+    import importlib.util
+
+    from .errors import ExtraMissing
+
+    for module in BOARD_MODULES:
+        if importlib.util.find_spec(module) is None:
+            raise ExtraMissing(module, "board")
+
+
+def cmd_board(args: argparse.Namespace) -> int:
+    _board_extra()
+    settings = _load(args)
+    if args.board_command == "add-user":
+        from .board.auth import add_user
+
+        password = sys.stdin.readline().rstrip("\r\n")
+        replaced = add_user(settings.board.users_file, args.name, password)
+        action = "replaced" if replaced else "added"
+        print(f"account {args.name!r} {action} in {settings.board.users_file}")
+        return 0
+    setup_logging(settings.log_level if not args.debug else "DEBUG")
+    from .board.server import BoardServer
+
+    BoardServer(settings).run()
     return 0
 
 
@@ -195,7 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="HOST:PORT of a broker to use instead of a private one")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", type=Path, help="keep the demo's folders here")
+    p.add_argument(
+        "--hold",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the triage board up after the table until Enter (default: on a terminal)",
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("board", help="serve the triage board (web page) for every box")
+    p.add_argument("--config", type=Path, help="TOML file (default: $EDGE_AGENT_CONFIG)")
+    p.set_defaults(func=cmd_board, board_command=None)
+    board = p.add_subparsers(dest="board_command")
+    q = board.add_parser(
+        "add-user", help="add an account to board.users_file; the password is read from stdin"
+    )
+    q.add_argument("name", help="user name (letters, digits, _ . @ -)")
+    q.add_argument("--config", type=Path, default=argparse.SUPPRESS)
 
     p = sub.add_parser("schema", help="print the study-result JSON Schema")
     p.add_argument("--out", help="write to this file instead of stdout")

@@ -479,6 +479,130 @@ class NarrativeSettings(_Section):
     )
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port in 1..65535, e.g. 127.0.0.1:8080")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"{host!r} is not an IP address") from exc
+    return host, int(port)
+
+
+class BoardSettings(_Section):
+    """The triage board (``edge-agent board``): the web page that shows every box's results."""
+
+    listen: str = Field(
+        default="127.0.0.1:8080",
+        description="Address the board serves on, HOST:PORT ([::1]:8080 for IPv6). Keep it on "
+        "loopback behind a TLS reverse proxy; 0.0.0.0:8080 serves plain HTTP to the network.",
+    )
+    users_file: Path = Field(
+        default=Path("/etc/edge-triage-board/users"),
+        description="Accounts, one 'name:argon2 hash' a line (edge-agent board add-user).",
+    )
+    state_file: Path = Field(
+        default=Path("/var/lib/edge-triage-board/board.sqlite3"),
+        description="The board's SQLite: results, box status, rejected files, acks, audit log.",
+    )
+    auth: Literal["password", "proxy"] = Field(
+        default="password",
+        description="'password': the login form against users_file; 'proxy': a trusted "
+        "reverse proxy authenticates and names the user in proxy_header.",
+    )
+    proxy_header: str = Field(
+        default="X-Remote-User",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="With auth = 'proxy': the request header holding the user name.",
+    )
+    trusted_proxies: list[str] = Field(
+        default=["127.0.0.1", "::1"],
+        description="With auth = 'proxy': addresses whose proxy_header is believed; a request "
+        "from elsewhere is refused.",
+    )
+    client_id: str = Field(
+        default="edge-triage-board",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="MQTT client id (its persistent session); unique per board on a broker.",
+    )
+    mqtt_session_expiry_hours: float = Field(
+        default=168.0,
+        gt=0,
+        le=24 * 365,
+        description="The broker keeps the board's session (results published while the board "
+        "is down) this long.",
+    )
+    max_wait_minutes: float = Field(
+        default=60.0,
+        gt=0,
+        le=7 * 24 * 60,
+        description="A study older than this (since complete) and not acknowledged is "
+        "highlighted whatever its level.",
+    )
+    worklist_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=24 * 90,
+        description="The worklist shows studies completed this recently; older ones are found "
+        "by search.",
+    )
+    viewer_url: str | None = Field(
+        default=None,
+        description="'Open in viewer' link, an http(s) URL template with "
+        "{study_instance_uid}, e.g. https://pacs/ohif/viewer?StudyInstanceUIDs="
+        "{study_instance_uid}. Unset: no link.",
+    )
+    sound: bool = Field(default=True, description="Play a short tone when an urgent row arrives.")
+    cookie_secure: bool = Field(
+        default=False,
+        description="Mark the session cookie Secure even when the request looks like plain "
+        "HTTP (it is always Secure on HTTPS, also via a proxy's X-Forwarded-Proto).",
+    )
+    session_hours: float = Field(
+        default=12.0, gt=0, le=24 * 7, description="A login lasts this long."
+    )
+    login_attempts_per_minute: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Failed logins allowed per minute from one address and for one user name.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        listen_address(v)
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_address(item)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address") from exc
+        return v
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("must be an http:// or https:// URL")
+        try:
+            v.format(study_instance_uid="1.2.3")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError("may hold only the {study_instance_uid} placeholder") from exc
+        if "{study_instance_uid}" not in v:
+            raise ValueError("must contain {study_instance_uid}")
+        return v
+
+
 class Settings(BaseSettings):
     """The agent's configuration (see README 'Configuration')."""
 
@@ -527,6 +651,7 @@ class Settings(BaseSettings):
     scp: ScpSettings = Field(default_factory=ScpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     narrative: NarrativeSettings = Field(default_factory=NarrativeSettings)
+    board: BoardSettings = Field(default_factory=BoardSettings)
 
     _toml_file: ClassVar[Path | None] = None
 
@@ -584,14 +709,13 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 def _unknown_env_keys(environ: Mapping[str, str]) -> list[str]:
     """EDGE_AGENT_* variables that name no setting (a typo would otherwise be ignored)."""
-    known_top = {name.upper() for name in Settings.model_fields}
+    fields = Settings.model_fields
+    # Sections are the fields whose type is a section model, read from the model itself so
+    # that a new section is never forgotten here.
     sections: dict[str, type[BaseModel]] = {
-        "MQTT": MqttSettings,
-        "INTAKE": IntakeSettings,
-        "PHI": PhiSettings,
-        "SELECTION": SelectionSettings,
-        "SCP": ScpSettings,
-        "METRICS": MetricsSettings,
+        name.upper(): info.annotation
+        for name, info in fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
     }
     bad = []
     for key in environ:
@@ -599,7 +723,7 @@ def _unknown_env_keys(environ: Mapping[str, str]) -> list[str]:
             continue
         rest = key[len(ENV_PREFIX) :]
         top, _, sub = rest.partition("__")
-        if top not in known_top:
+        if top.lower() not in fields:
             bad.append(key)
         elif sub:
             section = sections.get(top)

@@ -2,16 +2,21 @@
 
 A private Mosquitto on a free loopback port (or ``--broker``), the demo bundle shipped in the
 package, a temporary watch folder fed by the simulator, the real daemon in this process and a
-real MQTT subscriber printing each result as it arrives. Everything is marked as coming from
-a demo model.
+real MQTT subscriber printing each result as it arrives. With the ``[board]`` extra the triage
+board runs too, on a free loopback port with a one-time account printed beside its URL, so
+the flags also arrive in a browser. Everything is marked as coming from a demo model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
+import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -22,9 +27,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .config import load_settings
-from .devbroker import Mosquitto
-from .errors import BundleError, ConfigError
+from .config import Settings, load_settings
+from .devbroker import Mosquitto, free_port
+from .errors import BundleError, ConfigError, ExtraMissing
 from .service import Agent, demo_bundle_path
 
 logger = logging.getLogger(__name__)
@@ -81,14 +86,59 @@ class _Results:
         self.client.disconnect()
 
 
+def _start_board(settings: Settings, root: Path, stack: ExitStack) -> None:
+    """The triage board on a free loopback port with a one-time demo account; skipped (with
+    a note) when the [board] extra is not installed."""
+    from .cli import _board_extra
+
+    try:
+        _board_extra()
+    except ExtraMissing as exc:
+        print(f"triage board not started: {exc}\n")
+        return
+    from .board.auth import add_user
+    from .board.server import BoardServer
+
+    board_settings = settings.model_copy(
+        update={
+            "board": settings.board.model_copy(
+                update={
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "users_file": root / "board" / "users",
+                    "state_file": root / "board" / "board.sqlite3",
+                    "client_id": f"edge-demo-board-{os.getpid()}",
+                    "mqtt_session_expiry_hours": 0.1,
+                    "max_wait_minutes": 2.0,
+                }
+            )
+        }
+    )
+    password = secrets.token_urlsafe(12)
+    add_user(board_settings.board.users_file, "demo", password)
+    server = BoardServer(board_settings)
+    server.start_in_thread()
+    stack.callback(server.stop)
+    print(
+        f"triage board: {server.url}  (user demo, password {password}; this run only)\n",
+        flush=True,
+    )
+
+
 def _truth_text(truth: dict[str, bool]) -> str:
     present = [code for code, value in truth.items() if value]
     return "+".join(present) if present else "normal"
 
 
 def run_demo(
-    *, studies: int = 6, broker: str | None = None, seed: int = 1, keep: Path | None = None
+    *,
+    studies: int = 6,
+    broker: str | None = None,
+    seed: int = 1,
+    keep: Path | None = None,
+    hold: bool | None = None,
 ) -> int:
+    """``hold``: keep the board up after the table until Enter or Ctrl-C (default: when
+    standard input is a terminal)."""
     from .simulate import simulate
 
     print(f"edge-agent demo — {BANNER}\n")
@@ -129,6 +179,7 @@ def run_demo(
         stack.callback(runner.join, 20.0)
         stack.callback(agent.stop)
         agent.started.wait(30)
+        _start_board(settings, root, stack)
         model = agent.bundle.manifest
         print(
             f"model {model.model.name} {model.model.version} ({model.precision}) on "
@@ -182,4 +233,8 @@ def run_demo(
             f"truth for {agree}/{len(got)}. Latency is from the last image written to the result "
             f"received and includes the {QUIET_SECONDS:.0f} s quiet period.\n{BANNER}."
         )
+        if hold if hold is not None else sys.stdin.isatty():
+            print("The board stays up: press Enter (or Ctrl-C) to stop.", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                sys.stdin.readline()
         return 0 if len(got) == studies else 1

@@ -227,11 +227,16 @@ class NarrativeWorker:
         """Nice this thread; ONNX Runtime's threads, created by it when the model loads,
         inherit the value (Linux schedules threads, and nice is per thread). Between two
         tokens the worker waits for scoring; during one (a prefill can take seconds on a
-        CPU) the encoder's threads get the larger share of the cores."""
+        CPU) the encoder's threads get the larger share of the cores. ``nice`` is added to
+        the thread's own value: a service started with ``Nice=5`` keeps the narrative
+        ``nice`` steps below its scorer (an absolute value could even raise its priority)."""
         if not self.nice:
             return
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            me = threading.get_native_id()
+            os.setpriority(
+                os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + self.nice)
+            )
         except (OSError, AttributeError) as exc:  # not Linux, or not allowed
             logger.warning("narratives: could not lower their CPU priority: %s", exc)
 

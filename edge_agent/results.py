@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
+import typing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -209,6 +211,45 @@ class StudyResult(_Payload):
 # Fields added to v1 after its first release: always written, but optional for receivers
 # (payloads from earlier agents lack them).
 _ADDED_IN_V1 = ("notify_count", "narrative_status", "narrative", "narrative_error")
+
+
+def _known_fields(model: type[BaseModel], data: Any) -> Any:
+    """``data`` without the keys ``model`` (and the models nested in it) does not know."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key not in data:
+            continue
+        value = data[key]
+        for arg in _model_args(info.annotation):
+            if isinstance(value, list):
+                value = [_known_fields(arg, item) for item in value]
+            else:
+                value = _known_fields(arg, value)
+        out[key] = value
+    return out
+
+
+def _model_args(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models in an annotation such as ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        return [m for arg in typing.get_args(annotation) for m in _model_args(arg)]
+    return []
+
+
+def read_study_result(payload: bytes | str) -> StudyResult:
+    """A received payload as a StudyResult (tolerant reader): fields a newer agent added are
+    ignored, the fixed ones are validated. Raises ValueError (pydantic's ValidationError is
+    one) when it is not JSON or not a v1 study result."""
+    data = json.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return StudyResult.model_validate(_known_fields(StudyResult, data))
 
 
 def alert_id(study_instance_uid: str, revision: int, model_sha256: str) -> str:

@@ -326,3 +326,19 @@ def test_a_folder_setting_is_a_path_or_refused_with_its_key(path: str) -> None:
         assert exc.key == "state_dir"
         return
     assert path.strip() and "\0" not in path and s.state_dir == Path(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path"),
+    [
+        ("EDGE_AGENT_NARRATIVE__ENABLED", "true", ("narrative", "enabled", True)),
+        ("EDGE_AGENT_BOARD__LISTEN", "127.0.0.1:9090", ("board", "listen", "127.0.0.1:9090")),
+    ],
+)
+def test_every_section_is_known_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str, path: tuple[str, str, object]
+) -> None:
+    """The sections checked for unknown env keys come from the model (narrative was missing)."""
+    monkeypatch.setenv(key, value)
+    section, field, expected = path
+    assert getattr(getattr(load_settings(None), section), field) == expected

@@ -36,9 +36,20 @@ pytestmark = pytest.mark.slow
 def write_config(tmp: Path, broker: Mosquitto, state: Path) -> Path:
     watch = tmp / "incoming"
     watch.mkdir(exist_ok=True)
+    # x86-cpu with the state disk's floor off: the floor (health.min_state_free_mib) pauses
+    # the intake before the disk fills, but a disk can still fill (another writer, a floor
+    # set too low), and then the commit must wait, which is what these tests prove.
+    shipped = (Path(__file__).parent.parent / "firmware_configs" / "x86-cpu.toml").read_text()
+    assert "\nmin_state_free_mib = 2048\n" in shipped
+    profile = tmp / "x86-cpu-no-floor.toml"
+    profile.write_text(
+        shipped.replace("\nmin_state_free_mib = 2048\n", "\nmin_state_free_mib = 0\n").replace(
+            "\nmin_state_free_percent = 5\n", "\nmin_state_free_percent = 0\n"
+        )
+    )
     config = tmp / "agent.toml"
     config.write_text(
-        f'watch_dir = "{watch}"\nstate_dir = "{state}"\nprofile = "x86-cpu"\n'
+        f'watch_dir = "{watch}"\nstate_dir = "{state}"\nprofile = "{profile}"\n'
         f'site = "{SITE}"\ndevice_id = "{DEVICE}"\nstudy_quiet_seconds = 1\n'
         "[intake]\npoll_interval_seconds = 0.2\nfile_stable_seconds = 0.3\n"
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nstatus_interval_seconds = 0.5\n'
@@ -165,7 +176,10 @@ def test_a_result_the_locked_database_refuses_is_stored_once_the_lock_goes(
     finally:
         daemon.signal(signal.SIGCONT)
         daemon.signal(signal.SIGTERM)
-        daemon.wait(30)
+        try:
+            daemon.wait(30)
+        finally:
+            daemon.kill()  # never leave it running into the next test (no-op once it exited)
 
 
 @pytest.fixture
@@ -223,4 +237,7 @@ def test_a_result_the_full_state_disk_refuses_is_stored_once_there_is_room(
     finally:
         daemon.signal(signal.SIGCONT)
         daemon.signal(signal.SIGTERM)
-        daemon.wait(30)
+        try:
+            daemon.wait(30)
+        finally:
+            daemon.kill()  # never leave it running into the next test (no-op once it exited)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -34,6 +35,8 @@ class Received(NamedTuple):
     payload: bytes
     properties: Properties | None
     retain: bool
+    received_at: float = 0.0
+    """time.monotonic() when the subscriber received it."""
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -54,6 +57,8 @@ class Subscriber:
         persistent: bool = False,
         client_id: str | None = None,
         timeout: float = 5.0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.topic_filter = topic_filter
         self._cond = threading.Condition()
@@ -65,6 +70,8 @@ class Subscriber:
             protocol=mqtt.MQTTv5,
         )
         self.client.reconnect_delay_set(1, 1)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
@@ -87,7 +94,13 @@ class Subscriber:
     def _on_message(self, client: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._cond:
             self._messages.append(
-                Received(msg.topic, bytes(msg.payload), msg.properties, bool(msg.retain))
+                Received(
+                    msg.topic,
+                    bytes(msg.payload),
+                    msg.properties,
+                    bool(msg.retain),
+                    time.monotonic(),
+                )
             )
             self._cond.notify_all()
 

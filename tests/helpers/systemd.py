@@ -1,7 +1,9 @@
-"""A stand-in for systemd's notify socket, and the environment a Type=notify service gets."""
+"""systemd for tests: a stand-in for its notify socket, the environment a Type=notify service
+gets, and ``systemd-analyze`` with the exposure score the units must stay under."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -60,3 +62,14 @@ def supervise(monkeypatch: pytest.MonkeyPatch, fake: FakeSystemd) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(fake.path))
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # pings expected every second
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+
+REPO = Path(__file__).resolve().parents[2]
+EXPOSURE_LIMIT = 2.0  # systemd-analyze security's exposure score every unit stays under
+
+
+def analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.fail("systemd-analyze is not installed (Debian: systemd)")
+    return tool
