@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import ConfigError, EdgeTriageError, ResourceMissing
+from .errors import BrokerUnreachable, ConfigError, EdgeTriageError, ResourceMissing
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -242,8 +242,8 @@ def _broker(found: Found) -> list[Note]:
     settings.mqtt.password()
     try:
         check_broker(settings, timeout=5.0)
-    except ResourceMissing as exc:
-        raise type(exc)(f"mqtt.host/mqtt.port: {exc}") from exc
+    except BrokerUnreachable as exc:  # named by the keys that say where the broker is
+        raise BrokerUnreachable(f"mqtt.host/mqtt.port: {exc}") from exc
     return [Note("ok", "broker", f"{settings.mqtt.host}:{settings.mqtt.port} reachable")]
 
 
@@ -261,11 +261,12 @@ CHECKS: tuple[Check, ...] = (
 )
 """Every check, in the order both commands run them (``docs/interfaces.md`` shows them)."""
 
-# What a failing check prints in its first column (the key its problems concern).
-_LABELS = {"runtime": "providers", "scp.receive_dir": "scp", "platform": "platform"}
+# What a failing check prints in its first column, where that is not its name.
+_LABELS = {"runtime": "providers", "scp.receive_dir": "scp"}
 
 
 def label(check: Check, found: Found | None = None) -> str:
+    """The first column of a check's lines in ``edge-agent check``."""
     if check.name == "runtime" and found is not None and found.profile is not None:
         return "engine" if found.profile.runtime.runner == "tensorrt" else "providers"
     return _LABELS.get(check.name, check.name)

@@ -75,6 +75,37 @@ def payload_table() -> str:
     return "\n".join(rows)
 
 
+def manifest_table() -> str:
+    """``manifest.json``: the top-level keys and, one level down, the model, encoder and
+    finding entries (the head, CT and report sections are described in their docs)."""
+    from edge_agent.bundle import Encoder, Finding, Manifest, ModelInfo
+
+    rows = ["| key | type | meaning |", "| --- | --- | --- |"]
+    for model, prefix in (
+        (Manifest, ""),
+        (ModelInfo, "model."),
+        (Encoder, "encoder."),
+        (Finding, "findings[]."),
+    ):
+        for name, field in model.model_fields.items():
+            description = _cell(field.description or "")
+            if not description and prefix == "" and name in ("model", "encoder", "findings"):
+                description = "below"
+            kind = _cell(_type(field.annotation))
+            rows.append(f"| `{prefix}{field.alias or name}` | {kind} | {description} |")
+    return "\n".join(rows)
+
+
+def _type(annotation: object) -> str:
+    """A field's type as a reader of the JSON sees it (``Literal['fp32', 'fp16']`` → the
+    values, models by name, no module paths)."""
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation)
+    text = re.sub(r"\b(?:typing|[a-z_]+(?:\.[a-z_]+)+)\.", "", text)
+    text = re.sub(r"Literal\[(.*?)\]", lambda m: m.group(1).replace(", ", " | "), text)
+    return f"`{text}`"
+
+
 def checks_table() -> str:
     from edge_agent.preflight import CHECKS
 
@@ -91,7 +122,12 @@ def checks_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"config": config_table, "payload": payload_table, "checks": checks_table}
+TABLES = {
+    "config": config_table,
+    "payload": payload_table,
+    "checks": checks_table,
+    "manifest": manifest_table,
+}
 
 
 def _block(name: str) -> re.Pattern[str]:
