@@ -1,6 +1,6 @@
 """``edge-agent``: thin command line over the public API.
 
-Exit codes (CONTRACT): 0 ok, 2 usage or config error, 3 a needed resource is missing,
+Exit codes (docs/interfaces.md): 0 ok, 2 usage or config error, 3 a needed resource is missing,
 1 anything else. Errors are one line on stderr; ``--debug`` adds the traceback.
 """
 

@@ -21,12 +21,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle
 from .config import Settings
 from .errors import ConfigError, describe
 from .health import HealthMonitor
@@ -36,7 +34,12 @@ from .intake.watcher import FolderWatcher, ReadyFile
 from .mqtt import Ack, Publisher
 from .narrative import NarrativeWorker
 from .notify import Notifier
-from .profiles import Profile, narrative_wanted, resolve_profile
+
+# bundle_path and demo_bundle_path stay importable from here (demo, tests, benchmarks).
+from .preflight import bundle_path as bundle_path
+from .preflight import demo_bundle_path as demo_bundle_path
+from .preflight import preflight
+from .profiles import Profile
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
@@ -50,34 +53,32 @@ STOP_GRACE_SECONDS = 10.0
 SCP_STOP_SECONDS = 3.0  # part of STOP_GRACE_SECONDS: stores being written may finish
 
 
-def demo_bundle_path() -> Path:
-    return Path(str(resources.files("edge_agent") / "data" / "demo-bundle"))
-
-
-def bundle_path(settings: Settings) -> Path:
-    return settings.bundle if settings.bundle is not None else demo_bundle_path()
-
-
 @dataclass
 class Components:
-    """What :func:`prepare` resolved; ``edge-agent check`` reports the same things."""
+    """What the preflight resolved (:func:`prepare`); ``edge-agent check`` runs the same
+    checks and reports the same things."""
 
     settings: Settings
     profile: Profile
     profile_reason: str
     bundle: Bundle
+    narrative: bool = False  # the narrative worker runs (edge_agent.preflight.narrative_plan)
+    narrative_budget: float = 0.0
 
 
 def prepare(settings: Settings) -> Components:
-    profile, why = resolve_profile(settings.profile)
-    if not settings.watch_dir.is_dir():
-        raise ConfigError("watch_dir", f"{settings.watch_dir} is not a folder")
-    if settings.scp.enabled:
-        received = settings.scp.receive_folder(settings.state_dir)
-        if received.is_relative_to(settings.watch_dir.absolute()):
-            raise ConfigError("scp.receive_dir", f"{received} must not be inside watch_dir")
-    bundle = load_bundle(bundle_path(settings))
-    return Components(settings, profile, why, bundle)
+    """Run the preflight checks ``run`` runs (:data:`edge_agent.preflight.CHECKS`); raises
+    the first failure (ConfigError: exit 2, ResourceMissing: exit 3)."""
+    found = preflight(settings)
+    assert found.profile is not None and found.bundle is not None
+    return Components(
+        settings,
+        found.profile,
+        found.profile_reason,
+        found.bundle,
+        narrative=found.narrative,
+        narrative_budget=found.narrative_budget,
+    )
 
 
 class Agent:
@@ -180,18 +181,11 @@ class Agent:
         self.started = threading.Event()
 
     def _narrative_worker(self) -> NarrativeWorker | None:
-        """The draft-narrative thread, when config (or else the profile) enables it and the
-        bundle has a report section."""
-        wanted, budget = narrative_wanted(self.settings.narrative, self.profile)
-        if not wanted:
+        """The draft-narrative thread, when the preflight decided it runs (config, else the
+        profile, enables it and the bundle has a report section)."""
+        if not self.components.narrative:
             return None
-        if self.bundle.manifest.report is None:
-            logger.warning(
-                "narratives enabled, but bundle %s has no report section (edge-export "
-                "add-report): no narratives",
-                self.bundle.root,
-            )
-            return None
+        budget = self.components.narrative_budget
         cfg = self.profile.narrative
         available = set(available_providers())
         providers: list[str] = [p for p in cfg.providers if p in available] or [

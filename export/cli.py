@@ -1,6 +1,6 @@
 """``edge-export``: build engine bundles for ``edge-agent``.
 
-Exit codes (CONTRACT): 0 ok, 2 usage error, 3 a needed resource is missing (e.g. the
+Exit codes (docs/interfaces.md): 0 ok, 2 usage error, 3 a needed resource is missing (e.g. the
 ``[export]`` extra), 1 anything else. Errors are one line on stderr; ``--debug`` adds the
 traceback. torch and transformers are imported only by the subcommands, so ``--help`` works
 without them.

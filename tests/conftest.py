@@ -1,13 +1,26 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import Mosquitto, Subscriber
+from helpers.brokers import Mosquitto, Subscriber
 
-# -- MQTT: a real broker per test (tests/brokers.py) ---------------------------------------
+# -- the environment ----------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's agent settings (EDGE_AGENT_*) or systemd credentials: a
+    test sets what it needs with monkeypatch (daemon processes inherit the result)."""
+    for key in list(os.environ):
+        if key.startswith("EDGE_AGENT_") or key == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(key)
+
+
+# -- MQTT: a real broker per test (tests/helpers/brokers.py) ---------------------------------------
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """`edge-export add-report`: a MedGemma export into an engine bundle, as a new bundle.
 
-Real pieces throughout: the tiny Gemma 3 checkpoint (tests/tiny_gemma3.py, Gemma 3's own chat
-template) exported by the real `edge-export medgemma` at fp32 (every graph with a .data file
-beside it, as MedGemma 4B's will be), and the tiny hand-built bundle (tests/tiny_bundle.py)
-with a device engine recorded, so that engines are seen to come along.
+Real pieces throughout: the tiny Gemma 3 checkpoint (tests/helpers/tiny_gemma3.py, Gemma 3's
+own chat template) exported by the real `edge-export medgemma` at fp32 (every graph with a
+.data file beside it, as MedGemma 4B's will be), and the tiny hand-built bundle
+(tests/helpers/tiny_bundle.py) with a device engine recorded, so that engines are seen to
+come along.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
+from helpers.tiny_bundle import make_bundle
+from helpers.tiny_gemma3 import CHAT_TEMPLATE, TOKENS_PER_IMAGE, make_checkpoint
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tiny_bundle import make_bundle
-from tiny_gemma3 import CHAT_TEMPLATE, TOKENS_PER_IMAGE, make_checkpoint
 
 from edge_agent.bundle import MANIFEST, Engine, load_bundle
 from export import cli, medgemma, report_bundle

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from board_peers import Http, result_payload
+from helpers.board_peers import Http, result_payload
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

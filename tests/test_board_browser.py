@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from board_peers import (
+from helpers.board_peers import (
     CHROMIUM,
     PASSWORD,
     PASSWORDS,
@@ -28,9 +28,9 @@ from board_peers import (
     mqtt_section,
     secured_broker,
 )
-from brokers import Subscriber
-from polling import wait_until
-from test_e2e import MATRIX, Daemon
+from helpers.brokers import Subscriber
+from helpers.daemon import MATRIX, Daemon
+from helpers.polling import wait_until
 
 from edge_agent.devbroker import Mosquitto, free_port
 from edge_agent.simulate import simulate

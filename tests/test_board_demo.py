@@ -12,7 +12,7 @@ import time
 from urllib.parse import urlencode
 
 import pytest
-from board_peers import Http
+from helpers.board_peers import Http
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_systemd import EXPOSURE_LIMIT, REPO, analyze
+from helpers.systemd import EXPOSURE_LIMIT, REPO, analyze
 
 UNIT = REPO / "systemd" / "edge-triage-board.service"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_bundle import SIZE, make_bundle
+from helpers.tiny_bundle import SIZE, make_bundle
 
 from edge_agent.bundle import load_bundle
 from edge_agent.errors import BundleError

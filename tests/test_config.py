@@ -20,15 +20,6 @@ from edge_agent.config import Settings, load_settings
 from edge_agent.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("EDGE_AGENT_") or key == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(key)
-
-
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(text)

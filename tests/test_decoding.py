@@ -26,9 +26,9 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from helpers.polling import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from polling import wait_until
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

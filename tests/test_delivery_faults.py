@@ -11,21 +11,19 @@ committed outbox row, as a bug upstream would have left it.
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import Mosquitto, Subscriber
-from polling import wait_until
-from test_delivery import BASE, UID, Injector, delivered, start, write_config
-from test_e2e import Daemon
-from test_notify_service import FakeSystemd, supervise
+from helpers.brokers import Mosquitto, SilentListener, Subscriber
+from helpers.daemon import Daemon
+from helpers.delivery import BASE, UID, Injector, delivered, start, write_config
+from helpers.polling import wait_until
+from helpers.systemd import FakeSystemd, supervise
 
 from edge_agent.store import Store
 
@@ -228,29 +226,6 @@ def test_an_outbox_that_does_not_move_while_the_broker_is_there_makes_the_agent_
 
 
 # -- 3. a broker that accepts TCP and never answers CONNECT --------------------------------
-
-
-class SilentListener:
-    """Accepts TCP connections and never says a word."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.accepted:
-            conn.close()
 
 
 @pytest.mark.slow

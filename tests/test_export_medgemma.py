@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from tiny_gemma3 import SLIDING_WINDOW, TOKENS_PER_IMAGE, make_checkpoint  # noqa: E402
+from helpers.tiny_gemma3 import SLIDING_WINDOW, TOKENS_PER_IMAGE, make_checkpoint  # noqa: E402
 from transformers import AutoTokenizer, Gemma3ForConditionalGeneration  # noqa: E402
 
 from edge_agent.gemma import OnnxGemma3, TextConfig, attention_masks  # noqa: E402

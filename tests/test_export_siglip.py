@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
-from tiny_siglip import FINDINGS_TOML, IMAGE_SIZE, make_checkpoint  # noqa: E402
+from helpers.tiny_siglip import FINDINGS_TOML, IMAGE_SIZE, make_checkpoint  # noqa: E402
 from transformers import SiglipModel, SiglipTokenizer  # noqa: E402
 
 from edge_agent import imaging  # noqa: E402
@@ -387,7 +387,7 @@ def test_default_findings_are_the_shipped_chest_findings(
 def test_ct_findings_export_a_bundle_that_scores_ct_through_slabs(
     work: Path, checkpoint: Path, tmp_path: Path
 ) -> None:
-    from test_ct import ingest, score, scorer_for
+    from helpers.ct import ingest, score, scorer_for
 
     from edge_agent.store import Store
     from export.findings import default_findings_path

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.polling import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from polling import wait_until
 
 from edge_agent import platform
 from edge_agent.health import (
@@ -241,7 +241,7 @@ def test_the_daemon_pauses_intake_while_the_state_disk_is_below_its_floor(
 ) -> None:
     """The real agent: with a floor no disk can meet, a study in the watch folder waits, the
     retained status says why; when the floor is met again the study is read and scored."""
-    from brokers import Mosquitto, Subscriber
+    from helpers.brokers import Mosquitto, Subscriber
 
     from edge_agent.config import load_settings
     from edge_agent.service import Agent

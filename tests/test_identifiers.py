@@ -40,13 +40,6 @@ padding = st.text(alphabet=" \0", max_size=3)
 controls = st.sampled_from([chr(c) for c in range(0x20)] + ["\x7f"])
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(key)
-
-
 # -- the UID rule, by property -------------------------------------------------------------
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from polling import wait_until
-from test_e2e import DEVICE, MATRIX, SITE, Collector, Daemon
+from helpers.daemon import DEVICE, MATRIX, SITE, Collector, Daemon
+from helpers.polling import wait_until
 
 from edge_agent.devbroker import Mosquitto
 from edge_agent.simulate import FINDINGS, chest_instance, simulate, write_instance

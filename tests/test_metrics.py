@@ -5,11 +5,18 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+import pytest
+from helpers.status import make_state
 from prometheus_client.parser import text_string_to_metric_families
-from test_status import state  # noqa: F401  (the fixture: one urgent result, one reject)
 
 from edge_agent.devbroker import free_port
 from edge_agent.metrics import start_metrics_server
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A state database: one urgent result, an open study, one rejected file."""
+    return make_state(tmp_path / "state")
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -22,7 +29,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_endpoint_serves_the_state_database(state: Path) -> None:  # noqa: F811
+def test_metrics_endpoint_serves_the_state_database(state: Path) -> None:
     port = free_port()
     info = {"model": "demo", "version": "1", "precision": "fp32", "provider": "CPU"}
     server = start_metrics_server(state / "state.sqlite3", port, "127.0.0.1", info)
@@ -58,7 +65,7 @@ def test_an_unreadable_database_is_a_metric_not_an_error(tmp_path: Path) -> None
 def test_the_daemon_serves_metrics_when_a_port_is_configured(tmp_path: Path) -> None:
     import time
 
-    from test_e2e import Daemon
+    from helpers.daemon import Daemon
 
     from edge_agent.devbroker import Mosquitto
 

@@ -1,4 +1,4 @@
-"""edge_agent.mqtt against a real Mosquitto (tests/brokers.py)."""
+"""edge_agent.mqtt against a real Mosquitto (tests/helpers/brokers.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import Mosquitto, Subscriber, free_port
-from polling import wait_until
-from test_delivery_faults import SilentListener
+from helpers.brokers import Mosquitto, SilentListener, Subscriber, free_port
+from helpers.polling import wait_until
 
 from edge_agent.config import Settings
 from edge_agent.errors import BrokerUnreachable, ConfigError

@@ -1,6 +1,6 @@
 """Draft narratives: MedGemma's description of the image behind an urgent flag, after it.
 
-Real pieces: the tiny Gemma 3 checkpoint (tests/tiny_gemma3.py) exported by the real
+Real pieces: the tiny Gemma 3 checkpoint (tests/helpers/tiny_gemma3.py) exported by the real
 ``edge-export medgemma`` and put into the tiny bundle by ``edge-export add-report``; the
 daemon (``edge_agent.service.Agent``) with its own threads; a real Mosquitto; PyTorch's
 ``generate`` as the reference for what the narrative must say.
@@ -25,9 +25,9 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-from brokers import Subscriber
-from tiny_bundle import make_bundle
-from tiny_gemma3 import make_checkpoint
+from helpers.brokers import Subscriber
+from helpers.tiny_bundle import make_bundle
+from helpers.tiny_gemma3 import make_checkpoint
 
 from edge_agent.bundle import load_bundle
 from edge_agent.config import load_settings
@@ -216,20 +216,22 @@ def test_narrative_not_ready_within_the_budget_is_published_as_timeout(
 
 
 def test_no_narrative_unless_enabled_and_the_bundle_has_a_report(
-    tmp_path: Path, bundle: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, bundle: Path
 ) -> None:
+    from edge_agent.errors import ConfigError
     from edge_agent.service import Agent
 
     with Mosquitto(tmp_path / "broker") as broker:
         off = Agent(load_settings(None, **daemon_settings(tmp_path, broker, bundle)))
         assert off.narrator is None  # x86-cpu's profile leaves it off; config did not ask
         off.store.close()
+        # Asked for explicitly, a bundle without a report is a config error, as in check
+        # (tests/test_preflight.py has the profile-default case: a warning in both).
         plain = make_bundle(tmp_path / "plain")
         on = daemon_settings(tmp_path, broker, plain, narrative={"enabled": True})
-        agent = Agent(load_settings(None, **on))
-        assert agent.narrator is None
-        agent.store.close()
-    assert "has no report section" in caplog.text
+        with pytest.raises(ConfigError, match="has no report section") as err:
+            Agent(load_settings(None, **on))
+        assert err.value.key == "narrative.enabled"
 
 
 def test_check_names_the_key_when_narratives_are_on_without_a_report(
@@ -468,8 +470,8 @@ def test_prompt_without_transformers_equals_the_export_prompt(
 def test_ct_narrative_describes_the_slab_that_drove_the_urgent_finding(
     tmp_path: Path, bundle: Path
 ) -> None:
+    from helpers.ct import chest_phantom, ct_bundle, ct_datasets, ingest, scorer_for
     from pydicom.uid import generate_uid
-    from test_ct import chest_phantom, ct_bundle, ct_datasets, ingest, scorer_for
 
     from edge_agent.bundle import MANIFEST, Manifest, write_manifest
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from test_e2e import MATRIX, SITE, Collector, Daemon, resolve_file_id
+from helpers.daemon import MATRIX, SITE, Collector, Daemon, resolve_file_id
 
 from edge_agent.devbroker import Mosquitto
 from edge_agent.simulate import simulate

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.tiny_bundle import SIZE, make_bundle
 from hypothesis import given
 from hypothesis import strategies as st
-from tiny_bundle import SIZE, make_bundle
 
 from edge_agent import platform
 from edge_agent.bundle import load_bundle

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from brokers import Mosquitto, Subscriber
-from polling import wait_until
-from test_e2e import Daemon
+from helpers.brokers import Mosquitto, Subscriber
+from helpers.daemon import Daemon
+from helpers.polling import wait_until
 
 from edge_agent.simulate import simulate
 

@@ -9,7 +9,6 @@ several instances) and waits for their results.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -22,9 +21,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydantic import ValidationError
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
-from test_e2e import (
+from helpers.daemon import (
     MATRIX,
     PHI_MARKERS,
     SITE,
@@ -34,6 +31,8 @@ from test_e2e import (
     check_payload,
     resolve_file_id,
 )
+from pydantic import ValidationError
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 from edge_agent.check import run_check
 from edge_agent.config import ScpSettings, load_settings
@@ -57,13 +56,6 @@ SMALL = {"rows": 256, "cols": 208}
 MODALITY = "MODALITY1"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SOP = "1.2.826.0.1.3680043.8.498.2"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(key)
 
 
 def storescu(
@@ -208,6 +200,23 @@ def test_published_path() -> None:
     assert published_path("sub dir/a.dcm") == "sub dir/a.dcm"
 
 
+def test_a_received_file_is_relative_to_the_receive_folder(tmp_path: Path) -> None:
+    """Its relpath is relative to its own root (before: the absolute path, which worked only
+    because watch_dir / absolute == absolute); the store still records the absolute path, so
+    the signatures in an existing state database keep matching."""
+    root = tmp_path / "received"
+    root.mkdir()
+    path = store_instance(root, STUDY, SOP, b"x")
+    (ready,) = ReceivedFolder(root).scan(0.0)
+    assert ready.relpath == f"{STUDY}/{SOP}.dcm" and ready.root == root
+    assert ready.root / ready.relpath == ready.path == path
+    assert ready.recorded == str(path)
+    assert published_path(ready.recorded) == f"received/{STUDY}/{SOP}.dcm"
+    st = path.stat()
+    recorded_before = {str(path): (st.st_size, st.st_mtime_ns)}  # as a state database holds it
+    assert ReceivedFolder(root, handled=recorded_before).scan(0.0) == []
+
+
 def test_received_folder_walks_once_then_follows_reports(tmp_path: Path) -> None:
     root = tmp_path / "received"
     root.mkdir()  # the SCP creates it at start
@@ -217,9 +226,9 @@ def test_received_folder_walks_once_then_follows_reports(tmp_path: Path) -> None
     st = done.stat()
     folder = ReceivedFolder(root, handled={str(done): (st.st_size, st.st_mtime_ns)})
     (ready,) = folder.scan(0.0)
-    assert ready.path == old and ready.relpath == str(old)
+    assert ready.path == old and ready.recorded == str(old)
     assert folder.still_same(ready)
-    assert [f.relpath for f in folder.scan(1.0)] == [str(old)]  # not handled: offered again
+    assert [f.recorded for f in folder.scan(1.0)] == [str(old)]  # not handled: offered again
     folder.mark_handled(ready)
     assert folder.scan(2.0) == []
     new = store_instance(root, "1.2.5", "1.2.6", b"new")

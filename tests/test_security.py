@@ -29,11 +29,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from helpers.polling import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from polling import wait_until
 
 from edge_agent.config import Settings
 from edge_agent.devbroker import HOST, Mosquitto, Pki, free_port, write_password_file

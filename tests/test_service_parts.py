@@ -137,7 +137,7 @@ def test_check_looks_for_the_tensorrt_engine_with_a_tensorrt_profile(
     # A Jetson profile with the native runner opted in runs the bundle's own TensorRT engine:
     # check must look for that engine (here: TensorRT is absent, so exit 3 saying so), not for
     # ONNX Runtime providers.
-    from jetson_profiles import native_runner_profile
+    from helpers.jetson_profiles import native_runner_profile
 
     from edge_agent.cli import main
     from edge_agent.devbroker import Mosquitto

@@ -22,11 +22,11 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
-from edge_agent import simulate as sim
 from edge_agent.simulate import (
     FINDINGS,
     SimulatedStudy,
     chest_instance,
+    dicom_writer,
     new_study,
     render_chest,
     simulate,
@@ -327,7 +327,7 @@ def test_files_appear_only_under_final_names(tmp_path, monkeypatch):
         renames.append((src, dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr(sim.os, "replace", spy)
+    monkeypatch.setattr(dicom_writer.os, "replace", spy)
     studies = list(simulate(tmp_path, studies=4, seed=3, **SMALL))
     paths = [p for s in studies for p in s.paths]
     assert [dst for _, dst in renames] == paths
@@ -339,7 +339,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         fp.write(b"\0" * 1000)
         raise OSError("disk full")
 
-    monkeypatch.setattr(sim, "dcmwrite", broken)
+    monkeypatch.setattr(dicom_writer, "dcmwrite", broken)
     with pytest.raises(OSError, match="disk full"):
         write_study(tmp_path, rng(), abnormal=False, **SMALL)
     assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.status import make_state, result_payload
 
 from edge_agent.cli import main
 from edge_agent.identifiers import FILE_ID_KEY, file_id
@@ -14,45 +15,10 @@ from edge_agent.status import find_file, format_status, read_status
 from edge_agent.store import InstanceRecord, Message, Store
 
 
-def result_payload(triage: str) -> bytes:
-    return json.dumps(
-        {
-            "triage": triage,
-            "accession_number": "ACC-SECRET-1",
-            "findings": [
-                {"code": "pneumothorax", "score": 0.91},
-                {"code": "lung_nodule", "score": 0.12},
-            ],
-        }
-    ).encode()
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
-    folder = tmp_path / "state"
-    store = Store(folder / "state.sqlite3")
-    try:
-        for n, study in enumerate(("1.2.3", "1.2.4")):
-            record = InstanceRecord(f"{study}.1", study, f"{study}.9", "CR", "frontal")  # type: ignore[arg-type]
-            store.add_instance(f"{study}.dcm", 10, 1, record, now=100.0 + n)
-        store.add_instance(
-            "open.dcm",
-            10,
-            1,
-            InstanceRecord("1.2.5.1", "1.2.5", "1.2.5.9", "CR", "frontal"),  # type: ignore[arg-type]
-            now=500.0,
-        )
-        store.complete_quiet_studies(10.0, now=200.0)
-        study = store.study("1.2.3")
-        assert study is not None
-        message = Message("result", "p/study/1.2.3", result_payload("urgent"), "alert-1")
-        assert store.commit_result(
-            study, "urgent", message, {"1.2.3.1": ("scored", None)}, [], 201.0
-        )
-        store.record_file("junk/readme.txt", 5, 1, "rejected", "not a DICOM file", 202.0)
-    finally:
-        store.close()
-    return folder
+    """A state database: one urgent result, an open study, one rejected file."""
+    return make_state(tmp_path / "state")
 
 
 def test_status_reports_queue_outbox_alerts_rejects_and_results(state: Path) -> None:

@@ -14,18 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.systemd import EXPOSURE_LIMIT, REPO, analyze
 
-REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "edge-agent.service"
 INSTALL = REPO / "systemd" / "install.sh"
-EXPOSURE_LIMIT = 2.0
-
-
-def analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.fail("systemd-analyze is not installed (Debian: systemd)")
-    return tool
 
 
 def unit_copy(folder: Path, dropin: str | None = None) -> Path:

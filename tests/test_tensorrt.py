@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jetson_profiles import native_runner_profile
-from tiny_bundle import SIZE, make_bundle
+from helpers.jetson_profiles import native_runner_profile
+from helpers.tiny_bundle import SIZE, make_bundle
 
 from edge_agent.bundle import Engine, engine_key, engine_slug, load_bundle, read_manifest
 from edge_agent.errors import BundleError, ConfigError, ProviderUnavailable
@@ -441,7 +441,7 @@ def test_native_runner_without_tensorrt_is_a_missing_resource(
 def test_native_runner_is_imported_only_when_chosen() -> None:
     code = (
         "import sys\n"
-        "from tiny_bundle import make_bundle\n"
+        "from helpers.tiny_bundle import make_bundle\n"
         "import tempfile, pathlib\n"
         "from edge_agent.bundle import load_bundle\n"
         "from edge_agent.profiles import resolve_profile\n"

@@ -24,9 +24,10 @@ titles, addresses and UIDs only, never patient data.
 
 :class:`ReceivedFolder` hands the received files to the intake loop. The SCP tells it about
 each file it stored; at start it walks the folder once for files stored before a crash and
-not yet recorded. Files are keyed by their absolute path (which the store records and the
-scorer opens as is); :func:`published_path` turns that into ``received/<Study>/<SOP>.dcm``
-for ``P/rejected``.
+not yet recorded. Each file it hands out has this folder as its ``root`` and
+``<Study>/<SOP>.dcm`` as its ``relpath``; the store records it by its absolute path
+(``ReadyFile.recorded``), which :func:`published_path` turns into
+``received/<Study>/<SOP>.dcm`` for ``P/rejected``.
 """
 
 from __future__ import annotations
@@ -493,9 +494,13 @@ class ReceivedFolder:
     Files arrive complete (renamed into place), so they need no stability wait. The SCP
     reports each file it stored (:meth:`stored`, any thread); the first scan walks the
     folder for files stored before a restart and not yet recorded (``handled``: the store's
-    signatures, keyed by path). ``ReadyFile.relpath`` is the file's absolute path: that is
-    what the store records and the scorer opens (``watch_dir / absolute`` is the absolute
-    path). A file handed out stays queued until it is marked handled.
+    signatures, keyed by the recorded path). Each :class:`ReadyFile` carries this folder as
+    its ``root`` and ``<Study>/<SOP>.dcm`` as its ``relpath``. It is ``recorded`` (files
+    table, instances, file_id) by its absolute path, as state databases have always held
+    received files: a path relative to the receive folder would collide with a watch-folder
+    path of the same name, and the absolute one tells the scorer and the narrative worker
+    which folder to open it in (:mod:`edge_agent.intake.instance_file` opens an absolute
+    path from its own folder). A file handed out stays queued until it is marked handled.
     """
 
     def __init__(
@@ -554,12 +559,23 @@ class ReceivedFolder:
                 continue
             del self._queue[path]  # to the back of the line until it is marked handled
             self._queue[path] = None
-            ready.append(ReadyFile(Path(path), path, st.st_size, st.st_mtime_ns, st.st_ino))
+            relpath = os.path.relpath(path, self.root).replace(os.sep, "/")
+            ready.append(
+                ReadyFile(
+                    Path(path),
+                    relpath,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    root=self.root,
+                    recorded=path,
+                )
+            )
         return ready
 
     def mark_handled(self, f: ReadyFile) -> None:
-        self._handled[f.relpath] = (f.size, f.mtime_ns)
-        self._queue.pop(f.relpath, None)
+        self._handled[f.recorded] = (f.size, f.mtime_ns)
+        self._queue.pop(f.recorded, None)
 
     def still_same(self, f: ReadyFile) -> bool:
         return still_same(f)

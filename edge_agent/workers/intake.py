@@ -146,17 +146,17 @@ class IntakeWorker:
         self, f: ReadyFile, source: FolderWatcher | ReceivedFolder | None = None
     ) -> None:
         source = source or self.watcher
-        name = self.naming.file_name(f.relpath)
+        name = self.naming.file_name(f.recorded)
         now = time.time()
         if f.refused is not None:  # a link, FIFO …: reported once, never opened
             self._reject(source, f, f.refused, now)
             return
         self._beat(f"reading {name}")
         try:
-            record = read_header(f.relpath, root=source.root, seen=f)
+            record = read_header(f.relpath, root=f.root or source.root, seen=f)
         except Skipped as exc:
             logger.info("skipped %s: %s", name, exc.reason)
-            self.store.record_file(f.relpath, f.size, f.mtime_ns, "skipped", exc.reason, now)
+            self.store.record_file(f.recorded, f.size, f.mtime_ns, "skipped", exc.reason, now)
         except (FileChanged, FileGone, NotRegularFile):
             # Not the file the watcher saw (written, removed, or a link or FIFO swapped in since
             # it looked): it looks again, and what is there now is read or reported.
@@ -182,7 +182,7 @@ class IntakeWorker:
             self._reject(source, f, exc.reason, now)
             return
         else:
-            status = self.store.add_instance(f.relpath, f.size, f.mtime_ns, record, now)
+            status = self.store.add_instance(f.recorded, f.size, f.mtime_ns, record, now)
             logger.info(
                 "instance %s of study %s (%s, %s): %s",
                 record.sop_instance_uid,
@@ -198,15 +198,15 @@ class IntakeWorker:
     ) -> None:
         """Record ``f`` as rejected with its ``P/rejected`` message; not read again while it
         stays as it is."""
-        logger.warning("rejected %s: %s", self.naming.file_name(f.relpath), reason)
+        logger.warning("rejected %s: %s", self.naming.file_name(f.recorded), reason)
         self.store.record_file(
-            f.relpath,
+            f.recorded,
             f.size,
             f.mtime_ns,
             "rejected",
             reason,
             now,
-            message=self.naming.rejected(f.relpath, reason, None),
+            message=self.naming.rejected(f.recorded, reason, None),
         )
         self.published()
         source.mark_handled(f)

@@ -93,7 +93,7 @@ class FileStates:
         entry = self.pending.pop(rel)
         self.pending[rel] = entry
         size, mtime, ino, kind, dev, _ = entry
-        return ReadyFile(root / rel, rel, size, mtime, ino, refusal(kind), dev)
+        return ReadyFile(root / rel, rel, size, mtime, ino, refusal(kind), dev, root)
 
     def mark_handled(self, f: ReadyFile) -> None:
         self.handled[f.relpath] = (f.size, f.mtime_ns, f.ino or None)

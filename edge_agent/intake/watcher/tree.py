@@ -16,13 +16,24 @@ _MAX_WARNED_NAMES = 1_000
 
 @dataclass(frozen=True)
 class ReadyFile:
-    path: Path  # absolute
-    relpath: str  # relative to the watch folder, POSIX separators
+    """A file ready to be read, from one of the intake's roots (the watch folder, or the
+    Storage SCP's receive folder: :class:`~edge_agent.intake.scp.ReceivedFolder`)."""
+
+    path: Path  # absolute: root / relpath
+    relpath: str  # relative to root, POSIX separators
     size: int
     mtime_ns: int
     ino: int = 0
     refused: str | None = None  # not a regular file (a link, FIFO …): why it is not read
     dev: int = 0  # st_dev (0: not known)
+    root: Path | None = None  # the folder relpath is relative to (None: the watch folder)
+    # What the store's files table records (and file_id hashes): relpath for the watch
+    # folder; the absolute path for a received file (ReceivedFolder says why). "": relpath.
+    recorded: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.recorded:
+            object.__setattr__(self, "recorded", self.relpath)
 
 
 def still_same(f: ReadyFile) -> bool:
