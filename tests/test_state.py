@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.delivery import SHA, make_result
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from test_delivery import SHA, make_result
 
 from edge_agent.metrics import registry_for
 from edge_agent.results import StudyResult, alert_id, iso
