@@ -4,11 +4,10 @@ so the benchmark cannot rot; the figures themselves are not judged here."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.bench import run_quick
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -16,26 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_delivery_benchmark_quick(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "dev",  # ResourceWarnings (an unclosed database or socket) are shown…
-            "-W",
-            "error::ResourceWarning",  # …and fail the run
-            str(ROOT / "benchmarks" / "delivery.py"),
-            "--quick",
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
+    out = run_quick("delivery.py", tmp_path)
 
     table = out.split("Latency, study complete", 1)[1].split("Where the time goes", 1)[0]
     latency = re.findall(r"^\| (FULL|NORMAL) \| (\d+) \| (\d+) \| .* \| (\d+) \|$", table, re.M)

@@ -4,11 +4,10 @@ status_fields), so the benchmark cannot rot; the figures themselves are not judg
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.bench import run_quick
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -16,26 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_health_benchmark_quick(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "dev",
-            "-W",
-            "error::ResourceWarning",  # an unclosed database fails the run
-            str(ROOT / "benchmarks" / "health.py"),
-            "--quick",
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
+    out = run_quick("health.py", tmp_path)
     readings = re.findall(r"^\| (this machine \(/\)|fixture Orin Nano) \| \d+ \| \d+ \|", out, re.M)
     assert readings == ["this machine (/)", "fixture Orin Nano"], out
     assert re.search(r"^\| fixture Orin Nano \| \d+ \| \d+ \| 49\.0 \| 5066 \|$", out, re.M), out

@@ -4,11 +4,10 @@ so the benchmark cannot rot; the figures themselves are not judged here."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.bench import run_quick
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -16,26 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_board_benchmark_quick(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "dev",
-            "-W",
-            "error::ResourceWarning",
-            str(ROOT / "benchmarks" / "board.py"),
-            "--quick",
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    out = proc.stdout
+    out = run_quick("board.py", tmp_path, timeout=170)
     assert "rows never shown: 0" in out, out
     figures = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert figures["latency"]["n"] == 2 * figures["baseline"]["n"] > 0, "every row in both pages"
