@@ -1,0 +1,482 @@
+"""``edge-export evaluate``: how a bundle does on a site's own labelled studies.
+
+The studies take the daemon's road with the daemon's code, the same path as
+``edge-export probe`` (:func:`export.probe.scan_data` and :func:`export.probe.embed_studies`:
+header, grouping by study, image selection, preprocessing, the bundle's encoder through its
+runner), then the bundle's head and triage rule (:class:`edge_agent.triage.Head`,
+:func:`edge_agent.triage.triage_level`): a study's score per finding is the maximum over its
+images, rounded as published, flagged at or above the threshold.
+
+Bad input is refused before any pixel is read, naming what is wrong and listing what would
+have been left out: labelled studies that are not in the folder, studies in the folder
+without a label, a column that is not a finding, a value that is not a label.
+
+Output: ``REPORT_DIR/report.json`` (every figure, the model's sha256, the command line),
+``REPORT_DIR/index.html`` (one file, figures embedded, opens without a network) and the
+figures as PNG in ``REPORT_DIR/figures/``. StudyInstanceUIDs are the only study identifiers
+written (worst misses); nothing from a patient's header is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.errors import ConfigError
+
+from . import stats
+
+logger = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+TARGET_SENSITIVITIES = (0.90, 0.95, 0.98)
+DEFAULT_RESAMPLES = 2000
+WORST = 10
+"""Worst false negatives / false positives listed per finding."""
+LISTED = 20
+"""Study UIDs named in a bad-input message (the rest counted)."""
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    resamples: int = DEFAULT_RESAMPLES
+    seed: int = 0
+    prevalence: dict[str, float] | None = None
+    """Per finding code: the prevalence PPV and NPV are also given at."""
+    profile: str | None = None
+    threads: int = 0
+    batch_size: int | None = None
+    workers: int = 1
+    progress: bool | None = None
+    command: str = ""
+    """The command line, recorded in the report."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Every labelled study the daemon would score: its scores, level and truth."""
+
+    study_uids: list[str]
+    codes: list[str]
+    scores: np.ndarray
+    """(studies, findings) as published (rounded to 6 places); nan for a finding the head
+    does not score for radiographs."""
+    levels: list[str]
+    truth: np.ndarray
+    """(studies, findings): 1, 0 or nan (unknown)."""
+    not_scored: Counter[str]
+    rejected_images: Counter[str]
+    images: int
+    provider: str
+    seconds_read: float
+    seconds_embed: float
+
+
+def _listed(uids: Sequence[str]) -> str:
+    shown = ", ".join(sorted(uids)[:LISTED])
+    more = len(uids) - LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check_match(label_uids: set[str], data_uids: set[str], labels: Path, data: Path) -> None:
+    """Refuse labels and folder that do not describe the same studies, listing the strays."""
+    not_in_data = sorted(label_uids - data_uids)
+    unlabelled = sorted(data_uids - label_uids)
+    problems = []
+    if not_in_data:
+        problems.append(
+            f"{len(not_in_data)} labelled studies have no instance in {data} (left out: "
+            f"{_listed(not_in_data)})"
+        )
+    if unlabelled:
+        problems.append(
+            f"{len(unlabelled)} studies in {data} have no row in {labels.name} (left out: "
+            f"{_listed(unlabelled)})"
+        )
+    if problems:
+        raise ConfigError(
+            "--labels",
+            "; ".join(problems)
+            + ". Evaluate on exactly the labelled studies: add the rows, or move the studies "
+            "out of the folder.",
+        )
+
+
+def score_studies(
+    bundle: Bundle, labels_csv: Path, data: Path, settings: EvaluateSettings
+) -> Scored:
+    """The labelled studies through the daemon's road: refuse bad input first, then score."""
+    from edge_agent.runners import open_runner
+    from edge_agent.triage import Head, triage_level
+    from export.probe import ProbeSettings, _profile, embed_studies, read_labels, scan_data
+
+    labels = read_labels(labels_csv, bundle.finding_codes)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # pydicom's warnings can quote element values (patient data): kept out, as the daemon does
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+        scan = scan_data(data, progress=settings.progress)
+        if not scan.studies:
+            raise ConfigError("--data", f"{data} holds no usable DICOM instance")
+        check_match(set(labels.studies), set(scan.studies), labels_csv, data)
+        seconds_read = time.perf_counter() - start
+        probe_settings = ProbeSettings(
+            profile=settings.profile,
+            threads=settings.threads,
+            batch_size=settings.batch_size,
+            workers=settings.workers,
+            progress=settings.progress,
+        )
+        profile, batch_size = _profile(probe_settings, bundle)
+        embedded = embed_studies(
+            bundle,
+            open_runner(bundle, profile),
+            scan,
+            labels,
+            batch_size=batch_size,
+            workers=settings.workers,
+            progress=settings.progress,
+        )
+    head = Head(bundle)
+    image_scores = head.scores(embedded.embeddings)
+    codes = list(labels.codes)
+    scores = np.full((len(embedded.study_uids), len(codes)), np.nan)
+    levels: list[str] = []
+    for i in range(len(embedded.study_uids)):
+        results = head.study_findings(image_scores[embedded.image_study == i])
+        for r in results:
+            scores[i, codes.index(r.code)] = r.score
+        levels.append(triage_level(results))
+    return Scored(
+        study_uids=embedded.study_uids,
+        codes=codes,
+        scores=scores,
+        levels=levels,
+        truth=embedded.truth,
+        not_scored=embedded.not_scored,
+        rejected_images=embedded.rejected_images,
+        images=len(embedded.embeddings),
+        provider=embedded.provider,
+        seconds_read=seconds_read,
+        seconds_embed=embedded.seconds,
+    )
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _r(x: float | None, places: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, places)
+
+
+def _pair(p: tuple[float, float] | tuple[float | None, float | None] | None) -> list[Any] | None:
+    return None if p is None else [_r(p[0]), _r(p[1])]
+
+
+def _at(
+    scores: np.ndarray, truth: np.ndarray, threshold: float, prevalence: float | None
+) -> dict[str, Any]:
+    at = stats.at_threshold(scores, truth, threshold)
+    out: dict[str, Any] = {
+        "threshold": threshold,
+        "tp": at.tp,
+        "fp": at.fp,
+        "tn": at.tn,
+        "fn": at.fn,
+    }
+    for name, prop in (
+        ("sensitivity", at.sensitivity),
+        ("specificity", at.specificity),
+        ("ppv", at.ppv),
+        ("npv", at.npv),
+    ):
+        out[name] = _r(prop.value)
+        out[f"{name}_ci95"] = _pair(prop.ci95)
+    if prevalence is not None and at.sensitivity.n and at.specificity.n:
+        sens, spec = at.sensitivity.value, at.specificity.value
+        assert sens is not None and spec is not None
+        ppv, npv = stats.predictive_values(sens, spec, prevalence)
+        ppv_ci, npv_ci = stats.predictive_values_ci(at.sensitivity, at.specificity, prevalence)
+        out["at_prevalence"] = {
+            "prevalence": prevalence,
+            "ppv": _r(ppv),
+            "ppv_ci95": _pair(ppv_ci),
+            "npv": _r(npv),
+            "npv_ci95": _pair(npv_ci),
+        }
+    return out
+
+
+def finding_report(
+    code: str,
+    scores: np.ndarray,
+    truth: np.ndarray,
+    uids: Sequence[str],
+    review: float,
+    urgent: float | None,
+    settings: EvaluateSettings,
+) -> dict[str, Any]:
+    """Every figure of one finding over the studies labelled for it."""
+    npos, nneg = int(truth.sum()), int((~truth).sum())
+    out: dict[str, Any] = {"n_positive": npos, "n_negative": nneg}
+    both = npos > 0 and nneg > 0
+    out["auroc"] = _r(stats.auroc(scores, truth)) if both else None
+    out["auroc_ci95"] = (
+        _pair(
+            stats.bootstrap_auroc(scores, truth, resamples=settings.resamples, seed=settings.seed)
+        )
+        if both
+        else None
+    )
+    prevalence = (settings.prevalence or {}).get(code)
+    review_at = _at(scores, truth, review, prevalence)
+    out["sensitivity"] = review_at["sensitivity"]
+    out["specificity"] = review_at["specificity"]
+    out["review"] = review_at
+    out["urgent"] = None if urgent is None else _at(scores, truth, urgent, prevalence)
+    out["operating_points"] = (
+        [
+            {
+                "target_sensitivity": target,
+                **_at(scores, truth, stats.operating_point(scores, truth, target), prevalence),
+            }
+            for target in TARGET_SENSITIVITIES
+        ]
+        if npos > 0 and nneg > 0
+        else []
+    )
+    order = np.argsort(scores, kind="stable")
+    out["worst_false_negatives"] = [
+        {"study_instance_uid": uids[i], "score": float(scores[i])}
+        for i in order
+        if truth[i] and scores[i] < review
+    ][:WORST]
+    out["worst_false_positives"] = [
+        {"study_instance_uid": uids[i], "score": float(scores[i])}
+        for i in order[::-1]
+        if not truth[i] and scores[i] >= review
+    ][:WORST]
+    return out
+
+
+LEVELS = ("urgent", "review", "routine")
+
+
+def confusion(levels: Sequence[str], truth: np.ndarray) -> dict[str, dict[str, int]]:
+    """Triage level vs study truth: abnormal (any finding positive), normal (every finding
+    negative) or unknown (no positive, some blank)."""
+    table = {level: {"abnormal": 0, "normal": 0, "unknown": 0} for level in LEVELS}
+    for level, row in zip(levels, truth, strict=True):
+        if np.any(row == 1):
+            kind = "abnormal"
+        elif np.all(row == 0):
+            kind = "normal"
+        else:
+            kind = "unknown"
+        table[level][kind] += 1
+    return table
+
+
+def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> dict[str, Any]:
+    spec = bundle.manifest
+    findings: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for j, finding in enumerate(spec.findings):
+        code = finding.code
+        labelled = ~np.isnan(scored.truth[:, j]) & ~np.isnan(scored.scores[:, j])
+        if not labelled.any():
+            skipped[code] = "no labelled study scored for it"
+            continue
+        findings[code] = finding_report(
+            code,
+            scored.scores[labelled, j],
+            scored.truth[labelled, j].astype(bool),
+            [u for u, keep in zip(scored.study_uids, labelled, strict=True) if keep],
+            finding.review_threshold,
+            finding.urgent_threshold,
+            settings,
+        )
+    return {
+        "report_version": REPORT_VERSION,
+        "command": settings.command,
+        "model": {
+            "name": spec.model.name,
+            "version": spec.model.version,
+            "sha256": bundle.sha256,
+            "demo": spec.model.demo,
+        },
+        "settings": {
+            "bootstrap_resamples": settings.resamples,
+            "seed": settings.seed,
+            "prevalence": settings.prevalence,
+            "target_sensitivities": list(TARGET_SENSITIVITIES),
+        },
+        "studies": {
+            "scored": len(scored.study_uids),
+            "images": scored.images,
+            "not_scored": dict(scored.not_scored.most_common()),
+            "rejected_images": dict(scored.rejected_images.most_common()),
+        },
+        "findings": findings,
+        "findings_not_evaluated": skipped,
+        "triage_confusion": confusion(scored.levels, scored.truth),
+        "timings_s": {
+            "read_headers": round(scored.seconds_read, 3),
+            "decode_and_encode": round(scored.seconds_embed, 3),
+        },
+        "provider": scored.provider,
+    }
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def evaluate(
+    bundle_dir: Path, data: Path, labels_csv: Path, out: Path, settings: EvaluateSettings
+) -> dict[str, Any]:
+    """Score, compute, write report.json, the figures and index.html; return the report."""
+    from export.probe import _require_extra
+
+    from .html import write_html
+
+    _require_extra()
+    bundle = load_bundle(bundle_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a folder")
+    if settings.prevalence:
+        unknown = sorted(set(settings.prevalence) - set(bundle.finding_codes))
+        if unknown:
+            raise ConfigError(
+                "--prevalence",
+                f"{', '.join(unknown)} is not a finding of the bundle (its findings: "
+                f"{', '.join(bundle.finding_codes)})",
+            )
+    scored = score_studies(bundle, labels_csv, data, settings)
+    if not scored.study_uids:
+        raise ConfigError(
+            "--data",
+            "no labelled study could be scored ("
+            + ", ".join(f"{n} × {r}" for r, n in scored.not_scored.most_common())
+            + ")",
+        )
+    start = time.perf_counter()
+    report = build_report(bundle, scored, settings)
+    report["timings_s"]["statistics"] = round(time.perf_counter() - start, 3)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    write_html(out, report, scored)
+    report["timings_s"]["figures"] = round(time.perf_counter() - start, 3)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    lines = [f"{'finding':<20}{'n+':>5}{'n-':>6}{'AUROC':>8}{'95% CI':>16}{'sens':>7}{'spec':>7}"]
+    for code, f in report["findings"].items():
+        ci = f["auroc_ci95"]
+        ci_text = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "—"
+        auroc = "—" if f["auroc"] is None else f"{f['auroc']:.3f}"
+        sens = "—" if f["sensitivity"] is None else f"{f['sensitivity']:.3f}"
+        spec = "—" if f["specificity"] is None else f"{f['specificity']:.3f}"
+        lines.append(
+            f"{code:<20}{f['n_positive']:>5}{f['n_negative']:>6}{auroc:>8}{ci_text:>16}"
+            f"{sens:>7}{spec:>7}"
+        )
+    not_scored = report["studies"]["not_scored"]
+    if not_scored:
+        lines.append(
+            "not scored: " + ", ".join(f"{n} × {reason}" for reason, n in not_scored.items())
+        )
+    return "\n".join(lines)
+
+
+def _prevalence(text: str) -> tuple[str, float]:
+    code, sep, value = text.partition("=")
+    if not sep or not code.strip():
+        raise argparse.ArgumentTypeError("expected CODE=FRACTION, e.g. pneumothorax=0.02")
+    try:
+        p = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 < p < 1.0:
+        raise argparse.ArgumentTypeError(f"{p} is not between 0 and 1 (exclusive)")
+    return code.strip(), p
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    settings = EvaluateSettings(
+        resamples=args.resamples,
+        seed=args.seed,
+        prevalence=dict(args.prevalence) if args.prevalence else None,
+        profile=args.profile,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        command=shlex.join(["edge-export", *args.argv]),
+    )
+    report = evaluate(args.bundle, args.data, args.labels, args.out, settings)
+    print(format_summary(report))
+    print(f"report: {args.out / 'index.html'} and {args.out / 'report.json'}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    from export.probe import UID_COLUMN, _int_at_least
+
+    p = sub.add_parser(
+        "evaluate",
+        help="validate a bundle on a site's labelled studies: AUROC with CI, sensitivity, "
+        "specificity, operating points; an HTML report",
+        description="Score the labelled studies found in a DICOM folder as the daemon would "
+        "(its image selection, preprocessing, encoder, head and triage rule) and write "
+        "REPORT_DIR/report.json, REPORT_DIR/index.html and the figures as PNG.",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder to evaluate")
+    p.add_argument(
+        "--data", type=Path, required=True, metavar="DIR", help="folder of DICOM files (walked)"
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help=f"CSV with a {UID_COLUMN} column and one column per finding code: 1/0, "
+        "true/false, yes/no, blank for unknown; exactly the studies of --data",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR", help="report folder")
+    p.add_argument(
+        "--prevalence",
+        type=_prevalence,
+        action="append",
+        metavar="CODE=P",
+        help="also give PPV and NPV at this prevalence of a finding (repeatable)",
+    )
+    p.add_argument(
+        "--resamples",
+        type=_int_at_least(100),
+        default=DEFAULT_RESAMPLES,
+        help=f"bootstrap resamples of the AUROC interval (default {DEFAULT_RESAMPLES})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--profile", help="device profile for the encoder (default: ONNX Runtime on the CPU)"
+    )
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="ONNX Runtime threads")
+    p.add_argument("--batch-size", type=_int_at_least(1), help="images per encoder call")
+    p.add_argument(
+        "--workers", type=_int_at_least(1), default=1, help="threads reading DICOM images"
+    )
+    p.set_defaults(func=cmd_evaluate, argv=[])
