@@ -285,3 +285,52 @@ def test_not_scored_studies_are_counted_with_their_reason(dataset: Dataset, tmp_
     assert report["studies"]["scored"] == 39
     assert sum(report["studies"]["not_scored"].values()) == 1
     assert "not scored: 1 ×" in run.out
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_path: Path) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--reference", DEMO, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    assert ref["model"]["sha256"] == load_bundle(DEMO).sha256
+    assert (ref["studies"], ref["agreement"], ref["kappa"], ref["changed"]) == (40, 1.0, 1.0, [])
+    assert "triage agreement 1.0" in run.out
+    assert "Against the reference" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_time_to_notification_from_the_state_database(dataset: Dataset, tmp_path: Path) -> None:
+    from helpers.status import make_state
+
+    state = make_state(tmp_path / "state") / "state.sqlite3"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ttn = json.loads((tmp_path / "r" / "report.json").read_text())["time_to_notification"]
+    # make_state: study 1.2.3's first instance at t=100, its urgent result at t=201
+    assert (ttn["studies"], ttn["p50_s"], ttn["p95_s"], ttn["max_s"]) == (1, 101.0, 101.0, 101.0)
+    assert ttn["by_level"]["urgent"]["studies"] == 1
+    assert "p95 101.0 s" in run.out
+
+
+def test_a_missing_state_database_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--state", tmp_path / "nope.sqlite3",
+        ]
+    )  # fmt: skip
+    assert run.code == 3 and "no state database" in run.err
+    assert not (tmp_path / "r").exists()

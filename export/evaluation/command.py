@@ -30,12 +30,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from export.probe import DataScan, Labels
 
 from . import stats
 
@@ -115,13 +118,11 @@ def check_match(label_uids: set[str], data_uids: set[str], labels: Path, data: P
         )
 
 
-def score_studies(
+def read_input(
     bundle: Bundle, labels_csv: Path, data: Path, settings: EvaluateSettings
-) -> Scored:
-    """The labelled studies through the daemon's road: refuse bad input first, then score."""
-    from edge_agent.runners import open_runner
-    from edge_agent.triage import Head, triage_level
-    from export.probe import ProbeSettings, _profile, embed_studies, read_labels, scan_data
+) -> tuple[Labels, DataScan, float]:
+    """Read the labels and every header; refuse bad input before any pixel is read."""
+    from export.probe import read_labels, scan_data
 
     labels = read_labels(labels_csv, bundle.finding_codes)
     start = time.perf_counter()
@@ -129,18 +130,30 @@ def score_studies(
         # pydicom's warnings can quote element values (patient data): kept out, as the daemon does
         warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
         scan = scan_data(data, progress=settings.progress)
-        if not scan.studies:
-            raise ConfigError("--data", f"{data} holds no usable DICOM instance")
-        check_match(set(labels.studies), set(scan.studies), labels_csv, data)
-        seconds_read = time.perf_counter() - start
-        probe_settings = ProbeSettings(
-            profile=settings.profile,
-            threads=settings.threads,
-            batch_size=settings.batch_size,
-            workers=settings.workers,
-            progress=settings.progress,
-        )
-        profile, batch_size = _profile(probe_settings, bundle)
+    if not scan.studies:
+        raise ConfigError("--data", f"{data} holds no usable DICOM instance")
+    check_match(set(labels.studies), set(scan.studies), labels_csv, data)
+    return labels, scan, time.perf_counter() - start
+
+
+def score_scan(
+    bundle: Bundle, labels: Labels, scan: DataScan, settings: EvaluateSettings, read: float = 0.0
+) -> Scored:
+    """Score the labelled studies of ``scan`` with ``bundle`` as the daemon would."""
+    from edge_agent.runners import open_runner
+    from edge_agent.triage import Head, triage_level
+    from export.probe import ProbeSettings, _profile, embed_studies
+
+    probe_settings = ProbeSettings(
+        profile=settings.profile,
+        threads=settings.threads,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        progress=settings.progress,
+    )
+    profile, batch_size = _profile(probe_settings, bundle)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
         embedded = embed_studies(
             bundle,
             open_runner(bundle, profile),
@@ -170,9 +183,103 @@ def score_studies(
         rejected_images=embedded.rejected_images,
         images=len(embedded.embeddings),
         provider=embedded.provider,
-        seconds_read=seconds_read,
+        seconds_read=read,
         seconds_embed=embedded.seconds,
     )
+
+
+def score_studies(
+    bundle: Bundle, labels_csv: Path, data: Path, settings: EvaluateSettings
+) -> Scored:
+    """The labelled studies through the daemon's road: refuse bad input first, then score."""
+    labels, scan, read = read_input(bundle, labels_csv, data, settings)
+    return score_scan(bundle, labels, scan, settings, read)
+
+
+def compare_reference(
+    reference: Bundle, labels: Labels, scan: DataScan, scored: Scored, settings: EvaluateSettings
+) -> dict[str, Any]:
+    """The same studies scored by ``reference``: triage-level agreement, Cohen's kappa and
+    every study whose level changes (by StudyInstanceUID). A study one bundle does not
+    score counts as ``not_scored`` for it."""
+    from export.probe import Labels
+
+    blank = Labels(
+        path=labels.path,
+        codes=tuple(reference.finding_codes),
+        studies={uid: (None,) * len(reference.finding_codes) for uid in labels.studies},
+    )
+    ref = score_scan(reference, blank, scan, settings)
+    ours = dict(zip(scored.study_uids, scored.levels, strict=True))
+    theirs = dict(zip(ref.study_uids, ref.levels, strict=True))
+    uids = sorted(set(labels.studies) & set(scan.studies))
+    a = [theirs.get(u, "not_scored") for u in uids]
+    b = [ours.get(u, "not_scored") for u in uids]
+    table: dict[str, dict[str, int]] = {}
+    for x, y in zip(a, b, strict=True):
+        table.setdefault(x, {}).setdefault(y, 0)
+        table[x][y] += 1
+    kappa = stats.cohen_kappa(a, b)
+    agree = sum(x == y for x, y in zip(a, b, strict=True))
+    spec = reference.manifest
+    return {
+        "model": {
+            "name": spec.model.name,
+            "version": spec.model.version,
+            "sha256": reference.sha256,
+        },
+        "studies": len(uids),
+        "agreement": _r(agree / len(uids)) if uids else None,
+        "kappa": _r(kappa),
+        "levels": table,
+        "changed": [
+            {"study_instance_uid": u, "reference": x, "level": y}
+            for u, x, y in zip(uids, a, b, strict=True)
+            if x != y
+        ],
+    }
+
+
+def time_to_notification(state_db: Path) -> dict[str, Any]:
+    """From a study's first instance received to its first result stored in the outbox
+    (seconds), read-only from the agent's state database: p50/p95/max over all studies
+    with a result, and by the first result's triage level."""
+    import sqlite3
+
+    from edge_agent.state.report import open_read_only
+
+    try:
+        conn = open_read_only(state_db)
+        try:
+            rows = conn.execute(
+                "SELECT r.triage, r.created_at - s.first_instance_at FROM studies s "
+                "JOIN results r ON r.study_instance_uid = s.study_instance_uid "
+                "WHERE r.revision = (SELECT MIN(revision) FROM results "
+                "WHERE study_instance_uid = s.study_instance_uid)"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise ConfigError("--state", f"{state_db}: not a readable state database ({exc})") from exc
+
+    def summary(values: list[float]) -> dict[str, Any]:
+        if not values:
+            return {"studies": 0, "p50_s": None, "p95_s": None, "max_s": None}
+        v = np.asarray(values, dtype=np.float64)
+        return {
+            "studies": len(values),
+            "p50_s": round(float(np.percentile(v, 50)), 3),
+            "p95_s": round(float(np.percentile(v, 95)), 3),
+            "max_s": round(float(v.max()), 3),
+        }
+
+    out = summary([float(d) for _, d in rows])
+    out["by_level"] = {
+        level: summary([float(d) for t, d in rows if t == level])
+        for level in sorted({t for t, _ in rows})
+    }
+    out["measured"] = "first instance received -> first result stored for publishing"
+    return out
 
 
 # --------------------------------------------------------------------------- statistics
@@ -345,7 +452,14 @@ def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> 
 
 
 def evaluate(
-    bundle_dir: Path, data: Path, labels_csv: Path, out: Path, settings: EvaluateSettings
+    bundle_dir: Path,
+    data: Path,
+    labels_csv: Path,
+    out: Path,
+    settings: EvaluateSettings,
+    *,
+    reference_dir: Path | None = None,
+    state_db: Path | None = None,
 ) -> dict[str, Any]:
     """Score, compute, write report.json, the figures and index.html; return the report."""
     from export.probe import _require_extra
@@ -354,6 +468,8 @@ def evaluate(
 
     _require_extra()
     bundle = load_bundle(bundle_dir)
+    reference = load_bundle(reference_dir) if reference_dir is not None else None
+    notification = time_to_notification(state_db) if state_db is not None else None
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a folder")
     if settings.prevalence:
@@ -364,7 +480,8 @@ def evaluate(
                 f"{', '.join(unknown)} is not a finding of the bundle (its findings: "
                 f"{', '.join(bundle.finding_codes)})",
             )
-    scored = score_studies(bundle, labels_csv, data, settings)
+    labels, scan, read = read_input(bundle, labels_csv, data, settings)
+    scored = score_scan(bundle, labels, scan, settings, read)
     if not scored.study_uids:
         raise ConfigError(
             "--data",
@@ -375,6 +492,10 @@ def evaluate(
     start = time.perf_counter()
     report = build_report(bundle, scored, settings)
     report["timings_s"]["statistics"] = round(time.perf_counter() - start, 3)
+    if reference is not None:
+        report["reference"] = compare_reference(reference, labels, scan, scored, settings)
+    if notification is not None:
+        report["time_to_notification"] = notification
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     write_html(out, report, scored)
@@ -394,6 +515,18 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"{code:<20}{f['n_positive']:>5}{f['n_negative']:>6}{auroc:>8}{ci_text:>16}"
             f"{sens:>7}{spec:>7}"
+        )
+    ref = report.get("reference")
+    if ref is not None:
+        lines.append(
+            f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']}, "
+            f"kappa {ref['kappa']}, {len(ref['changed'])} studies change level"
+        )
+    ttn = report.get("time_to_notification")
+    if ttn is not None:
+        lines.append(
+            f"time to notification over {ttn['studies']} studies: p50 {ttn['p50_s']} s, "
+            f"p95 {ttn['p95_s']} s, max {ttn['max_s']} s"
         )
     not_scored = report["studies"]["not_scored"]
     if not_scored:
@@ -427,7 +560,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         command=shlex.join(["edge-export", *args.argv]),
     )
-    report = evaluate(args.bundle, args.data, args.labels, args.out, settings)
+    report = evaluate(
+        args.bundle,
+        args.data,
+        args.labels,
+        args.out,
+        settings,
+        reference_dir=args.reference,
+        state_db=args.state,
+    )
     print(format_summary(report))
     print(f"report: {args.out / 'index.html'} and {args.out / 'report.json'}")
     return 0
@@ -463,6 +604,19 @@ def register(sub: Any) -> None:
         action="append",
         metavar="CODE=P",
         help="also give PPV and NPV at this prevalence of a finding (repeatable)",
+    )
+    p.add_argument(
+        "--reference",
+        type=Path,
+        metavar="B0",
+        help="another bundle (the one in service): triage-level agreement, Cohen's kappa and "
+        "the studies whose level changes",
+    )
+    p.add_argument(
+        "--state",
+        type=Path,
+        metavar="STATE_DB",
+        help="the agent's state database (read only): time to notification p50/p95/max",
     )
     p.add_argument(
         "--resamples",

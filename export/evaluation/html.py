@@ -197,6 +197,7 @@ studies, seed {report["settings"]["seed"]}; rate intervals are Wilson 95%.</p>
 <table><tr><th class=l>level</th><th>abnormal</th><th>normal</th><th>unknown</th></tr>
 {conf_rows}</table>
 <h2>Not scored</h2>{not_scored_html}
+{_reference_html(report.get("reference"))}{_notification_html(report.get("time_to_notification"))}
 {"".join(sections)}
 </body></html>
 """
@@ -206,3 +207,48 @@ studies, seed {report["settings"]["seed"]}; rate intervals are Wilson 95%.</p>
 def _safe(code: str) -> str:
     """A finding code as a file name part (codes are data: nothing but [a-z0-9_-] kept)."""
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in code)
+
+
+def _reference_html(ref: dict[str, Any] | None) -> str:
+    if ref is None:
+        return ""
+    e = html.escape
+    levels = sorted({y for row in ref["levels"].values() for y in row} | set(ref["levels"]))
+    head = "".join(f"<th>{e(y)}</th>" for y in levels)
+    rows = "".join(
+        f"<tr><td class=l>{e(x)}</td>"
+        + "".join(f"<td>{ref['levels'].get(x, {}).get(y, 0)}</td>" for y in levels)
+        + "</tr>"
+        for x in levels
+    )
+    changed = "".join(
+        f"<li><code>{e(c['study_instance_uid'])}</code> {e(c['reference'])} → {e(c['level'])}</li>"
+        for c in ref["changed"][:50]
+    )
+    more = len(ref["changed"]) - 50
+    return (
+        f"<h2>Against the reference {e(ref['model']['name'])} {e(ref['model']['version'])}</h2>"
+        f"<p>Reference sha256 <code>{e(ref['model']['sha256'])}</code>; {ref['studies']} "
+        f"studies, triage agreement {_fmt(ref['agreement'])}, Cohen's kappa "
+        f"{_fmt(ref['kappa'])}. Rows: the reference's level; columns: this bundle's.</p>"
+        f"<table><tr><th class=l>reference</th>{head}</tr>{rows}</table>"
+        f"<ul>{changed or '<li>no study changes level</li>'}"
+        f"{f'<li>and {more} more (report.json)</li>' if more > 0 else ''}</ul>"
+    )
+
+
+def _notification_html(ttn: dict[str, Any] | None) -> str:
+    if ttn is None:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td class=l>{e(name)}</td><td>{v['studies']}</td><td>{_fmt(v['p50_s'])}</td>"
+        f"<td>{_fmt(v['p95_s'])}</td><td>{_fmt(v['max_s'])}</td></tr>"
+        for name, v in [("all", ttn), *ttn["by_level"].items()]
+    )
+    return (
+        "<h2>Time to notification (state database)</h2>"
+        f"<p>{e(ttn['measured'])}, seconds.</p>"
+        "<table><tr><th class=l>level</th><th>studies</th><th>p50</th><th>p95</th>"
+        f"<th>max</th></tr>{rows}</table>"
+    )
