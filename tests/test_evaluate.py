@@ -334,3 +334,67 @@ def test_a_missing_state_database_is_refused_before_any_work(
     )  # fmt: skip
     assert run.code == 3 and "no state database" in run.err
     assert not (tmp_path / "r").exists()
+
+
+def _digest(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_operating_points_written_into_a_new_revision_give_the_claimed_sensitivity(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    before = _digest(DEMO)
+    new = tmp_path / "bundle-sens98"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--resamples", "200",
+            "--write-bundle", new, "--at-sensitivity", "0.98",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert _digest(DEMO) == before  # the source is never touched
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    bundle = load_bundle(new)
+    assert report["revision"]["model_sha256"] == bundle.sha256 != load_bundle(DEMO).sha256
+    assert bundle.manifest.model.version.endswith("sens98")
+    for finding in bundle.manifest.findings:
+        (point,) = [
+            p
+            for p in report["findings"][finding.code]["operating_points"]
+            if p["target_sensitivity"] == 0.98
+        ]
+        assert finding.review_threshold == point["threshold"]
+        if finding.urgent_threshold is not None:
+            assert finding.urgent_threshold >= finding.review_threshold
+    # evaluated again, the new revision flags what the report claimed at its review threshold
+    again = run_cli(
+        [
+            "evaluate", "--bundle", new, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r2", "--threads", "1", "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert again.code == 0, again.err
+    for code, f in json.loads((tmp_path / "r2" / "report.json").read_text())["findings"].items():
+        assert f["sensitivity"] >= 0.98, code
+
+
+def test_a_revision_over_the_source_bundle_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO, copy)
+    before = _digest(copy)
+    run = run_cli(
+        [
+            "evaluate", "--bundle", copy, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--write-bundle", copy,
+        ]
+    )  # fmt: skip
+    assert run.code == 2 and "is the source bundle" in run.err
+    assert _digest(copy) == before
+    assert not (tmp_path / "r").exists()

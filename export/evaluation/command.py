@@ -448,6 +448,102 @@ def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> 
     }
 
 
+# --------------------------------------------------------------------------- new revision
+
+
+def _revision_version(old: str, target: float) -> str:
+    # PEP 440 local version, as probe's: "1.0" -> "1.0+sens95", "1.0+probe" -> "1.0+probe.sens95"
+    tag = f"sens{round(target * 100)}"
+    return f"{old}.{tag}" if "+" in old else f"{old}+{tag}"
+
+
+def write_revision(
+    bundle: Bundle,
+    report: dict[str, Any],
+    target: float,
+    out: Path,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """A new bundle revision at ``out`` whose review thresholds are the report's operating
+    points at ``target`` sensitivity (urgent thresholds kept, raised to review where they
+    would fall below it). The source bundle is never touched. Returns what was written."""
+    from edge_agent.bundle import ModelInfo, read_manifest
+
+    from ..bundle_writer import write_bundle
+
+    spec = bundle.manifest
+    findings = []
+    changed: dict[str, dict[str, float | None]] = {}
+    for finding in spec.findings:
+        points = (report["findings"].get(finding.code) or {}).get("operating_points", [])
+        point = next((p for p in points if p["target_sensitivity"] == target), None)
+        if point is None:
+            logger.warning(
+                "finding %s keeps its thresholds: no operating point (no positive and negative "
+                "labelled studies)",
+                finding.code,
+            )
+            findings.append(finding)
+            continue
+        review = float(point["threshold"])
+        urgent = finding.urgent_threshold
+        if urgent is not None:
+            urgent = max(urgent, review)
+        findings.append(
+            finding.model_copy(update={"review_threshold": review, "urgent_threshold": urgent})
+        )
+        changed[finding.code] = {"review_threshold": review, "urgent_threshold": urgent}
+    if spec.engines:
+        logger.warning(
+            "source device engines are not carried over (%s): rebuild them with "
+            "edge-export tensorrt",
+            ", ".join(spec.engines),
+        )
+    if spec.report is not None:
+        logger.warning(
+            "the source's narrative report section is not carried over: add it again with "
+            "edge-export add-report"
+        )
+    metrics: dict[str, float | int | str] = dict(spec.metrics or {})
+    metrics["thresholds"] = (
+        f"review at sensitivity {target} on {report['studies']['scored']} labelled studies "
+        f"(edge-export evaluate of model sha256 {bundle.sha256[:12]})"
+    )
+    for code, f in report["findings"].items():
+        if f["auroc"] is not None:
+            metrics[f"site_auroc_{code}"] = f["auroc"]
+    version = _revision_version(spec.model.version, target)
+    notice = spec.model.notice
+    write_bundle(
+        out,
+        encoder_onnx=bundle.encoder_path,
+        model=ModelInfo(
+            name=spec.model.name,
+            version=version,
+            source=spec.model.source,
+            demo=spec.model.demo,
+            notice=Path(notice).name if notice else None,
+        ),
+        precision=spec.precision,
+        preprocessing=spec.encoder.preprocessing,
+        ct=spec.ct,
+        head=spec.head,
+        findings=findings,
+        parity=spec.parity,
+        metrics=metrics,
+        extra_files=[bundle.root / notice] if notice else [],
+        overwrite=overwrite,
+    )
+    return {
+        "path": str(out),
+        "version": version,
+        "target_sensitivity": target,
+        "model_sha256": read_manifest(out).model_sha256(),
+        "thresholds": changed,
+    }
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -460,9 +556,11 @@ def evaluate(
     *,
     reference_dir: Path | None = None,
     state_db: Path | None = None,
+    revision: tuple[Path, float] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score, compute, write report.json, the figures and index.html; return the report."""
-    from export.probe import _require_extra
+    from export.probe import _check_out, _require_extra
 
     from .html import write_html
 
@@ -470,6 +568,8 @@ def evaluate(
     bundle = load_bundle(bundle_dir)
     reference = load_bundle(reference_dir) if reference_dir is not None else None
     notification = time_to_notification(state_db) if state_db is not None else None
+    if revision is not None:
+        _check_out(Path(bundle_dir), revision[0], overwrite)  # before all the work
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a folder")
     if settings.prevalence:
@@ -496,6 +596,10 @@ def evaluate(
         report["reference"] = compare_reference(reference, labels, scan, scored, settings)
     if notification is not None:
         report["time_to_notification"] = notification
+    if revision is not None:
+        report["revision"] = write_revision(
+            bundle, report, revision[1], revision[0], overwrite=overwrite
+        )
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     write_html(out, report, scored)
@@ -521,6 +625,14 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']}, "
             f"kappa {ref['kappa']}, {len(ref['changed'])} studies change level"
+        )
+    rev = report.get("revision")
+    if rev is not None:
+        lines.append(
+            f"new bundle {rev['path']}: version {rev['version']}, review thresholds at "
+            f"sensitivity {rev['target_sensitivity']} ("
+            + ", ".join(f"{c} {t['review_threshold']}" for c, t in rev["thresholds"].items())
+            + ")"
         )
     ttn = report.get("time_to_notification")
     if ttn is not None:
@@ -568,6 +680,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         settings,
         reference_dir=args.reference,
         state_db=args.state,
+        revision=None if args.write_bundle is None else (args.write_bundle, args.at_sensitivity),
+        overwrite=args.overwrite,
     )
     print(format_summary(report))
     print(f"report: {args.out / 'index.html'} and {args.out / 'report.json'}")
@@ -618,6 +732,21 @@ def register(sub: Any) -> None:
         metavar="STATE_DB",
         help="the agent's state database (read only): time to notification p50/p95/max",
     )
+    p.add_argument(
+        "--write-bundle",
+        type=Path,
+        metavar="NEW",
+        help="also write a new bundle revision whose review thresholds are the operating "
+        "points at --at-sensitivity (the source bundle is not modified)",
+    )
+    p.add_argument(
+        "--at-sensitivity",
+        type=float,
+        choices=TARGET_SENSITIVITIES,
+        default=0.95,
+        help="target sensitivity of --write-bundle's review thresholds (default 0.95)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --write-bundle")
     p.add_argument(
         "--resamples",
         type=_int_at_least(100),
