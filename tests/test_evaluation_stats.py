@@ -165,3 +165,40 @@ def test_kappa_by_hand() -> None:
     b = list("xxxxyxxyyy")
     assert stats.cohen_kappa(a, b) == pytest.approx((0.7 - 0.5) / 0.5)
     assert stats.cohen_kappa([], []) is None
+
+
+def test_histogram_counts_every_score_in_its_bin() -> None:
+    assert stats.histogram(np.array([0.0, 0.04, 0.05, 0.99, 1.0]), bins=20) == [
+        2, 1, *([0] * 17), 2,
+    ]  # fmt: skip
+
+
+def test_psi_by_hand() -> None:
+    # shares (.5, .5) -> (.25, .75): (.25-.5) ln(.5) + (.75-.5) ln(1.5)
+    expected = -0.25 * np.log(0.5) + 0.25 * np.log(1.5)
+    assert stats.psi([50, 50], [25, 75]) == pytest.approx(expected)
+    assert stats.psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0)
+    assert stats.psi([10, 0], [5, 5]) > 1  # an emptied bin filled: large but finite
+    with pytest.raises(ValueError):
+        stats.psi([0, 0], [1, 1])
+
+
+def test_sparse_bins_are_merged_until_each_holds_five_percent() -> None:
+    base, cur = stats.merge_sparse_bins([88, 1, 1, 1, 1, 1, 5, 2], [80, 0, 0, 0, 5, 5, 4, 6])
+    assert (base, cur) == ([88, 5, 7], [80, 10, 10])  # the short last bin joins the one before
+    assert sum(base) == 100 and sum(cur) == 100
+
+
+def test_two_proportion_p_value_by_hand() -> None:
+    # 50/100 vs 30/100: pooled .4, se sqrt(.4 * .6 * .02) = .069282, z = 2.8868, p = .00389
+    assert stats.two_proportion_p_value(50, 100, 30, 100) == pytest.approx(0.00389, abs=1e-5)
+    assert stats.two_proportion_p_value(0, 0, 3, 10) == 1.0
+
+
+def test_psi_p_value_is_large_for_one_distribution_and_tiny_for_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    a = stats.histogram(rng.beta(2, 5, 400), bins=10)
+    b = stats.histogram(rng.beta(2, 5, 400), bins=10)
+    c = stats.histogram(rng.beta(5, 2, 400), bins=10)
+    assert stats.psi_p_value(stats.psi(a, b), a, b) > 0.01
+    assert stats.psi_p_value(stats.psi(a, c), a, c) < 1e-6

@@ -365,6 +365,8 @@ def finding_report(
         if npos > 0 and nneg > 0
         else []
     )
+    out["score_histogram"] = stats.histogram(scores)
+    out["flag_rate"] = _r(float((scores >= review).mean()))
     order = np.argsort(scores, kind="stable")
     out["worst_false_negatives"] = [
         {"study_instance_uid": uids[i], "score": float(scores[i])}
@@ -661,7 +663,39 @@ def _prevalence(text: str) -> tuple[str, float]:
     return code.strip(), p
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    from .drift import drift
+
+    if args.baseline is None:
+        raise ConfigError("--baseline", "--drift needs the baseline REPORT_DIR")
+    result = drift(args.drift, args.baseline, args.psi_limit, args.alpha)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for code, f in result["findings"].items():
+            if f["studies"]:
+                lo, hi = f["flag_rate_ci95"]
+                print(
+                    f"{code:<20} {f['studies']:>6} studies  PSI {f['psi']:.3f}  flag rate "
+                    f"{f['flag_rate']:.3f} ({lo:.3f}-{hi:.3f}), "
+                    f"baseline {f['baseline_flag_rate']:.3f}"
+                )
+        for reason, n in result["left_out"].items():
+            print(f"left out: {n} × {reason}")
+        print(result["verdict"])
+    return 1 if result["moved"] else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.drift is not None:
+        return cmd_drift(args)
+    missing = [
+        f"--{name.replace('_', '-')}"
+        for name in ("bundle", "data", "labels", "out")
+        if getattr(args, name) is None
+    ]
+    if missing:
+        raise ConfigError(missing[0], f"required (missing: {', '.join(missing)})")
     settings = EvaluateSettings(
         resamples=args.resamples,
         seed=args.seed,
@@ -699,19 +733,37 @@ def register(sub: Any) -> None:
         "(its image selection, preprocessing, encoder, head and triage rule) and write "
         "REPORT_DIR/report.json, REPORT_DIR/index.html and the figures as PNG.",
     )
-    p.add_argument("--bundle", type=Path, required=True, help="bundle folder to evaluate")
-    p.add_argument(
-        "--data", type=Path, required=True, metavar="DIR", help="folder of DICOM files (walked)"
-    )
+    p.add_argument("--bundle", type=Path, help="bundle folder to evaluate")
+    p.add_argument("--data", type=Path, metavar="DIR", help="folder of DICOM files (walked)")
     p.add_argument(
         "--labels",
         type=Path,
-        required=True,
         metavar="CSV",
         help=f"CSV with a {UID_COLUMN} column and one column per finding code: 1/0, "
         "true/false, yes/no, blank for unknown; exactly the studies of --data",
     )
-    p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR", help="report folder")
+    p.add_argument("--out", type=Path, metavar="REPORT_DIR", help="report folder")
+    p.add_argument(
+        "--drift",
+        type=Path,
+        metavar="STATE_DB",
+        help="instead: compare the agent's results (its state database, read only) with "
+        "--baseline; exit 1 when the stream moved",
+    )
+    p.add_argument("--baseline", type=Path, metavar="REPORT_DIR", help="the report to compare with")
+    p.add_argument(
+        "--psi-limit",
+        type=float,
+        default=0.25,
+        help="with --drift: a finding moved at this population stability index (default 0.25)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="with --drift: significance level of the PSI and flag-rate tests (default 0.01)",
+    )
+    p.add_argument("--json", action="store_true", help="with --drift: print the result as JSON")
     p.add_argument(
         "--prevalence",
         type=_prevalence,

@@ -235,3 +235,84 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     if expected == 1.0:
         return 1.0
     return (observed - expected) / (1 - expected)
+
+
+HISTOGRAM_BINS = 20
+"""Equal-width score bins on [0, 1] of the report's score histograms (drift's baseline)."""
+
+
+def histogram(scores: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[int]:
+    """Studies per equal-width score bin on [0, 1] (a score of 1 in the last bin)."""
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    which = np.minimum((s * bins).astype(int), bins - 1)
+    return [int(n) for n in np.bincount(which, minlength=bins)]
+
+
+PSI_FLOOR = 1e-4
+"""Share given to an empty bin so that PSI stays finite (a common convention)."""
+
+
+def psi(baseline: Sequence[int], current: Sequence[int]) -> float:
+    """Population stability index of two histograms over the same bins:
+    sum((c - b) * ln(c / b)) over the bins' shares, empty bins floored at PSI_FLOOR.
+    Rules of thumb: < 0.1 stable, 0.1-0.25 some shift, > 0.25 a shift to act on."""
+    b = np.asarray(baseline, dtype=np.float64)
+    c = np.asarray(current, dtype=np.float64)
+    if b.shape != c.shape or b.sum() == 0 or c.sum() == 0:
+        raise ValueError("PSI needs two non-empty histograms over the same bins")
+    pb = np.maximum(b / b.sum(), PSI_FLOOR)
+    pc = np.maximum(c / c.sum(), PSI_FLOOR)
+    return float(np.sum((pc - pb) * np.log(pc / pb)))
+
+
+def psi_p_value(value: float, baseline: Sequence[int], current: Sequence[int]) -> float:
+    """How likely a PSI this large is between two samples of one distribution: PSI is the
+    symmetrised Kullback-Leibler divergence, and PSI / (1/n1 + 1/n2) is close to chi-square
+    with (bins used - 1) degrees of freedom when nothing moved. Its expected value,
+    (bins - 1)(1/n1 + 1/n2), is why a fixed PSI limit alone cries wolf on small samples."""
+    from scipy.stats import chi2
+
+    b, c = np.asarray(baseline), np.asarray(current)
+    df = int(np.sum((b > 0) | (c > 0))) - 1
+    if df < 1:
+        return 1.0
+    return float(chi2.sf(value / (1 / b.sum() + 1 / c.sum()), df))
+
+
+def two_proportion_p_value(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided p-value of the pooled two-proportion z-test (1.0 when undefined)."""
+    from scipy.stats import norm
+
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    pooled = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0
+    return float(2 * norm.sf(abs(k1 / n1 - k2 / n2) / se))
+
+
+def merge_sparse_bins(
+    baseline: Sequence[int], current: Sequence[int], min_share: float = 0.05
+) -> tuple[list[int], list[int]]:
+    """Adjacent bins merged until each holds at least ``min_share`` of the baseline (and at
+    least 5 studies): PSI over near-empty bins measures sampling noise, not drift."""
+    b_total = sum(baseline)
+    need = max(5.0, min_share * b_total)
+    mb: list[int] = []
+    mc: list[int] = []
+    acc_b = acc_c = 0
+    for x, y in zip(baseline, current, strict=True):
+        acc_b += x
+        acc_c += y
+        if acc_b >= need:
+            mb.append(acc_b)
+            mc.append(acc_c)
+            acc_b = acc_c = 0
+    if acc_b or acc_c:
+        if mb:
+            mb[-1] += acc_b
+            mc[-1] += acc_c
+        else:
+            mb, mc = [acc_b], [acc_c]
+    return mb, mc
