@@ -21,6 +21,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
+jsonschema = pytest.importorskip("jsonschema")
 
 from sklearn.metrics import roc_auc_score
 
@@ -113,8 +114,6 @@ def evaluated(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Eva
 def test_report_has_the_fixed_fields_and_validates_against_its_schema(
     evaluated: Evaluated,
 ) -> None:
-    import jsonschema
-
     report = evaluated.report
     jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     assert report["model"]["sha256"] == load_bundle(DEMO).sha256
@@ -298,7 +297,9 @@ def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_pa
         ]
     )  # fmt: skip
     assert run.code == 0, run.err
-    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ref = report["reference"]
     assert ref["model"]["sha256"] == load_bundle(DEMO).sha256
     assert (ref["studies"], ref["agreement"], ref["kappa"], ref["changed"]) == (40, 1.0, 1.0, [])
     assert "triage agreement 1.0" in run.out
@@ -316,7 +317,9 @@ def test_time_to_notification_from_the_state_database(dataset: Dataset, tmp_path
         ]
     )  # fmt: skip
     assert run.code == 0, run.err
-    ttn = json.loads((tmp_path / "r" / "report.json").read_text())["time_to_notification"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ttn = report["time_to_notification"]
     # make_state: study 1.2.3's first instance at t=100, its urgent result at t=201
     assert (ttn["studies"], ttn["p50_s"], ttn["p95_s"], ttn["max_s"]) == (1, 101.0, 101.0, 101.0)
     assert ttn["by_level"]["urgent"]["studies"] == 1
@@ -359,6 +362,7 @@ def test_operating_points_written_into_a_new_revision_give_the_claimed_sensitivi
     assert run.code == 0, run.err
     assert _digest(DEMO) == before  # the source is never touched
     report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     bundle = load_bundle(new)
     assert report["revision"]["model_sha256"] == bundle.sha256 != load_bundle(DEMO).sha256
     assert bundle.manifest.model.version.endswith("sens98")
