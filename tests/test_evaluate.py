@@ -21,8 +21,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
-jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("jsonschema")
 
+import jsonschema
 from sklearn.metrics import roc_auc_score
 
 from edge_agent.bundle import load_bundle
