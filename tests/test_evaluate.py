@@ -403,3 +403,14 @@ def test_a_revision_over_the_source_bundle_is_refused_before_any_work(
     assert run.code == 2 and "is the source bundle" in run.err
     assert _digest(copy) == before
     assert not (tmp_path / "r").exists()
+
+
+def test_progress_bars_on_request(dataset: Dataset, tmp_path: Path) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--resamples", "100", "--progress",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert "reading headers" in run.err and "embedding" in run.err and "100%" in run.err

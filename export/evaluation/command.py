@@ -704,6 +704,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         threads=args.threads,
         batch_size=args.batch_size,
         workers=args.workers,
+        progress=args.progress,
         command=shlex.join(["edge-export", *args.argv]),
     )
     report = evaluate(
@@ -813,5 +814,11 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), help="images per encoder call")
     p.add_argument(
         "--workers", type=_int_at_least(1), default=1, help="threads reading DICOM images"
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: when stderr is a terminal)",
     )
     p.set_defaults(func=cmd_evaluate, argv=[])
