@@ -213,7 +213,8 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
     if ref is None:
         return ""
     e = html.escape
-    levels = sorted({y for row in ref["levels"].values() for y in row} | set(ref["levels"]))
+    seen = {y for row in ref["levels"].values() for y in row} | set(ref["levels"])
+    levels = [x for x in ("urgent", "review", "routine", "not_scored") if x in seen]
     head = "".join(f"<th>{e(y)}</th>" for y in levels)
     rows = "".join(
         f"<tr><td class=l>{e(x)}</td>"
