@@ -86,6 +86,8 @@ class Scored:
     provider: str
     seconds_read: float
     seconds_embed: float
+    seconds_decode: float = 0.0
+    seconds_encode: float = 0.0
 
 
 def _listed(uids: Sequence[str]) -> str:
@@ -185,6 +187,8 @@ def score_scan(
         provider=embedded.provider,
         seconds_read=read,
         seconds_embed=embedded.seconds,
+        seconds_decode=embedded.decode_seconds,
+        seconds_encode=embedded.encode_seconds,
     )
 
 
@@ -445,6 +449,8 @@ def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> 
         "timings_s": {
             "read_headers": round(scored.seconds_read, 3),
             "decode_and_encode": round(scored.seconds_embed, 3),
+            "decode": round(scored.seconds_decode, 3),
+            "encode": round(scored.seconds_encode, 3),
         },
         "provider": scored.provider,
     }
