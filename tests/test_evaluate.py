@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
@@ -414,3 +416,19 @@ def test_progress_bars_on_request(dataset: Dataset, tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.code == 0, run.err
     assert "reading headers" in run.err and "embedding" in run.err and "100%" in run.err
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_prevalence_parser_takes_code_equals_fraction_or_says_why(text: str) -> None:
+    import argparse
+
+    from export.evaluation.command import _prevalence
+
+    try:
+        code, p = _prevalence(text)
+    except argparse.ArgumentTypeError as exc:
+        assert str(exc)
+        return
+    assert code and code == code.strip() and 0 < p < 1
+    assert text.split("=", 1)[0].strip() == code

@@ -153,3 +153,10 @@ def test_drift_needs_a_baseline_report(tmp_path: Path) -> None:
 def test_evaluate_without_drift_needs_its_four_arguments(tmp_path: Path) -> None:
     code, _, err = run_cli(["evaluate", "--bundle", DEMO])
     assert code == 2 and "--data" in err and "--labels" in err and "--out" in err
+
+
+def test_drift_refuses_the_evaluation_arguments(tmp_path: Path) -> None:
+    code, _, err = run_cli(
+        ["evaluate", "--drift", tmp_path / "s", "--baseline", tmp_path, "--bundle", DEMO]
+    )
+    assert code == 2 and "drop --bundle" in err

@@ -694,6 +694,15 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.drift is not None:
+        mixed = [
+            f"--{name.replace('_', '-')}"
+            for name in ("bundle", "data", "labels", "out", "reference", "state", "write_bundle")
+            if getattr(args, name) is not None
+        ]
+        if mixed:
+            raise ConfigError(
+                "--drift", f"compares stored results with --baseline only: drop {', '.join(mixed)}"
+            )
         return cmd_drift(args)
     missing = [
         f"--{name.replace('_', '-')}"
