@@ -109,6 +109,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_an_unchanged_stream_is_not_drift(baseline: Path, tmp_path: Path) -> None:
     data, labels = simulated(tmp_path, 150, 0.3, seed=22)
     state = state_with_results(tmp_path / "state", data, labels)
@@ -117,6 +118,7 @@ def test_an_unchanged_stream_is_not_drift(baseline: Path, tmp_path: Path) -> Non
     assert out.strip().splitlines()[-1].startswith("stable: 150 studies")
 
 
+@pytest.mark.slow
 def test_a_planted_shift_is_reported_as_drift(baseline: Path, tmp_path: Path) -> None:
     data, labels = simulated(tmp_path, 150, 0.9, seed=23)  # three times the abnormal share
     state = state_with_results(tmp_path / "state", data, labels)
