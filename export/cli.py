@@ -284,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands that live in their own modules register themselves here (each module's
     # register(sub) adds its parser and sets func); they import torch & co. only when run.
     from . import medgemma, probe, report_bundle, tensorrt
+    from .evaluation import command as evaluation
 
     probe.register(sub)
+    evaluation.register(sub)
     tensorrt.register(sub)
     medgemma.register(sub)
     report_bundle.register(sub)
@@ -312,6 +314,7 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by evaluate's report
     debug = bool(args.debug)
     setup_logging(debug)
     if threading.current_thread() is not threading.main_thread():

@@ -353,6 +353,11 @@ class Embedded:
     rejected_images: Counter[str]
     provider: str
     seconds: float
+    decode_seconds: float = 0.0
+    """Time spent reading and preprocessing images, summed over the loading threads (with
+    ``workers > 1`` it overlaps the encoder and can exceed ``seconds``)."""
+    encode_seconds: float = 0.0
+    """Time spent in the encoder."""
 
 
 @contextlib.contextmanager
@@ -411,15 +416,21 @@ def embed_studies(
             continue
         jobs.extend((uid, inst) for inst in chosen)
 
+    decode_times: list[float] = []  # list.append is atomic: safe from the loading threads
+
     def load(job: tuple[str, InstanceRow]) -> np.ndarray | str:
+        began = time.perf_counter()
         try:
             return load_image(scan.root / job[1].path, spec)
         except InputRejected as exc:
             return exc.reason
+        finally:
+            decode_times.append(time.perf_counter() - began)
 
     rejected: Counter[str] = Counter()
     kept_uids: list[str] = []
     vectors: list[np.ndarray] = []
+    encode_seconds = 0.0
     start = time.perf_counter()
     with (
         _loaded_batches(load, jobs, batch_size, workers) as batches,
@@ -435,7 +446,9 @@ def embed_studies(
                     tensors.append(out)
                     kept_uids.append(uid)
             if tensors:
+                began = time.perf_counter()
                 vectors.append(runner.embed(np.stack(tensors)))
+                encode_seconds += time.perf_counter() - began
             bar.update(len(batch))
     seconds = time.perf_counter() - start
 
@@ -459,6 +472,8 @@ def embed_studies(
         rejected_images=rejected,
         provider=str(runner.provider),
         seconds=seconds,
+        decode_seconds=sum(decode_times),
+        encode_seconds=encode_seconds,
     )
 
 

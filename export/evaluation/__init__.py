@@ -1,0 +1,1 @@
+"""``edge-export evaluate``: site validation of a bundle on labelled studies."""

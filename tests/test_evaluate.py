@@ -1,0 +1,434 @@
+"""``edge-export evaluate`` on simulated studies with known truth and the shipped demo bundle,
+through the real CLI; the page checked in headless Chromium with the network cut."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("sklearn")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+pytest.importorskip("jsonschema")
+
+import jsonschema
+from sklearn.metrics import roc_auc_score
+
+from edge_agent.bundle import load_bundle
+from edge_agent.service import demo_bundle_path
+from edge_agent.simulate import FINDINGS, simulate
+from export.cli import main
+from export.evaluation import stats
+from export.evaluation.command import EvaluateSettings, score_studies
+
+pytestmark = pytest.mark.export
+
+DEMO = demo_bundle_path()
+HEADER = ["study_instance_uid", *FINDINGS]
+SCHEMA = Path(__file__).parents[1] / "export" / "evaluation" / "report.schema.json"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(args: Sequence[object]) -> Run:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def write_labels(path: Path, rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@dataclass(frozen=True)
+class Dataset:
+    data: Path
+    labels: Path
+    rows: list[list[str]]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """40 simulated studies; three labels per finding flipped against the simulator's truth
+    so that the demo bundle is not perfect on them (AUROC below 1, misses to list)."""
+    root = tmp_path_factory.mktemp("evaluate-data")
+    sims = simulate(
+        root / "dicom", studies=40, abnormal=0.5, seed=3, rows=256, cols=256, layout="nested"
+    )
+    rows = [[s.study_instance_uid, *("1" if s.truth[c] else "0" for c in FINDINGS)] for s in sims]
+    for j in range(len(FINDINGS)):
+        for i in (j, 10 + j, 20 + j):
+            rows[i][1 + j] = "0" if rows[i][1 + j] == "1" else "1"
+    rows[-1][1] = ""  # unknown: left out for that finding only
+    return Dataset(root / "dicom", write_labels(root / "labels.csv", rows), rows)
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    run: Run
+    out: Path
+    report: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def evaluated(dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Evaluated:
+    out = tmp_path_factory.mktemp("evaluate-out") / "report"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", out, "--threads", "1", "--prevalence", "pneumothorax=0.02",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    return Evaluated(run, out, json.loads((out / "report.json").read_text()))
+
+
+def test_report_has_the_fixed_fields_and_validates_against_its_schema(
+    evaluated: Evaluated,
+) -> None:
+    report = evaluated.report
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    assert report["model"]["sha256"] == load_bundle(DEMO).sha256
+    assert str(report["command"]).startswith("edge-export evaluate --bundle ")
+    findings = report["findings"]
+    assert set(findings) == set(FINDINGS)
+    for code in FINDINGS:
+        f = findings[code]
+        for key in (
+            "auroc",
+            "auroc_ci95",
+            "n_positive",
+            "n_negative",
+            "sensitivity",
+            "specificity",
+        ):
+            assert key in f
+    assert findings["pneumothorax"]["n_positive"] + findings["pneumothorax"]["n_negative"] == 39
+    assert findings["lung_nodule"]["n_positive"] + findings["lung_nodule"]["n_negative"] == 40
+    assert findings["pneumothorax"]["review"]["at_prevalence"]["prevalence"] == 0.02
+    assert "pneumothorax" in evaluated.run.out and "AUROC" in evaluated.run.out
+
+
+def test_figures_are_written_as_png(evaluated: Evaluated) -> None:
+    pngs = sorted((evaluated.out / "figures").glob("*.png"))
+    assert len(pngs) == len(FINDINGS)
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def test_auroc_equals_scikit_learn_and_the_interval_holds_it(
+    evaluated: Evaluated, dataset: Dataset
+) -> None:
+    bundle = load_bundle(DEMO)
+    scored = score_studies(bundle, dataset.labels, dataset.data, EvaluateSettings(threads=1))
+    for j, code in enumerate(scored.codes):
+        keep = ~np.isnan(scored.truth[:, j])
+        truth, scores = scored.truth[keep, j].astype(bool), scored.scores[keep, j]
+        f = evaluated.report["findings"][code]
+        assert f["auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-4)
+        assert f["auroc"] < 1.0  # the flipped labels
+        lo, hi = f["auroc_ci95"]
+        assert lo <= f["auroc"] <= hi
+        assert [round(x, 4) for x in stats.bootstrap_auroc(scores, truth, seed=0)] == [lo, hi]
+        review = bundle.manifest.findings[j].review_threshold
+        assert f["sensitivity"] == pytest.approx(float((scores[truth] >= review).mean()), abs=1e-4)
+        assert f["specificity"] == pytest.approx(float((scores[~truth] < review).mean()), abs=1e-4)
+        for op in f["operating_points"]:
+            assert op["sensitivity"] >= op["target_sensitivity"]
+        assert f["worst_false_negatives"] or f["worst_false_positives"]
+
+
+def test_confusion_table_counts_every_scored_study(evaluated: Evaluated, dataset: Dataset) -> None:
+    table = evaluated.report["triage_confusion"]
+    assert sum(sum(c.values()) for c in table.values()) == 40
+    # the study with a blank label is unknown only when its other label is negative
+    unknown = 1 if dataset.rows[-1][2] == "0" else 0
+    assert sum(c["unknown"] for c in table.values()) == unknown
+    abnormal = sum(1 for r in dataset.rows if "1" in r[1:])
+    assert sum(c["abnormal"] for c in table.values()) == abnormal
+
+
+def test_page_opens_offline_in_chromium_with_its_figures(evaluated: Evaluated) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
+    page_html = (evaluated.out / "index.html").read_text()
+    assert "http://" not in page_html and "https://" not in page_html
+    requests: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            context = browser.new_context(offline=True)
+            page = context.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((evaluated.out / "index.html").as_uri())
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+            assert len(widths) == len(FINDINGS)
+            assert all(w > 500 for w in widths)
+            assert "pneumothorax" in page.inner_text("h2#pneumothorax")
+            page.screenshot(path=str(evaluated.out / "screenshot.png"), full_page=True)
+        finally:
+            browser.close()
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad(dataset: Dataset, tmp_path: Path, labels: Path, data: Path | None = None) -> Run:
+    out = tmp_path / "report"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", data or dataset.data, "--labels", labels,
+            "--out", out,
+        ]
+    )  # fmt: skip
+    assert run.code == 2, run.err
+    assert not (out / "report.json").exists()
+    return run
+
+
+def test_labels_for_studies_not_in_the_folder_are_listed(dataset: Dataset, tmp_path: Path) -> None:
+    stray = "1.2.3.4.5.6.7"
+    labels = write_labels(tmp_path / "l.csv", [*dataset.rows, [stray, "1", "0"]])
+    run = _bad(dataset, tmp_path, labels)
+    assert "1 labelled studies have no instance" in run.err and stray in run.err
+
+
+def test_studies_without_labels_are_listed(dataset: Dataset, tmp_path: Path) -> None:
+    labels = write_labels(tmp_path / "l.csv", dataset.rows[1:])
+    run = _bad(dataset, tmp_path, labels)
+    assert "1 studies in" in run.err and dataset.rows[0][0] in run.err
+
+
+def test_a_column_that_is_not_a_finding_is_named(dataset: Dataset, tmp_path: Path) -> None:
+    labels = write_labels(
+        tmp_path / "l.csv", [[*r, "0"] for r in dataset.rows], [*HEADER, "fracture"]
+    )
+    assert "'fracture' is not a finding" in _bad(dataset, tmp_path, labels).err
+
+
+def test_a_value_that_is_not_a_label_is_named(dataset: Dataset, tmp_path: Path) -> None:
+    rows = [list(r) for r in dataset.rows]
+    rows[4][2] = "2"
+    run = _bad(dataset, tmp_path, write_labels(tmp_path / "l.csv", rows))
+    assert "line 6, column 'lung_nodule': '2' is not a label" in run.err
+
+
+def test_an_empty_folder_is_refused(dataset: Dataset, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert "no usable DICOM" in _bad(dataset, tmp_path, dataset.labels, tmp_path / "empty").err
+
+
+def test_a_prevalence_for_an_unknown_finding_is_refused(dataset: Dataset, tmp_path: Path) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--prevalence", "fracture=0.1",
+        ]
+    )  # fmt: skip
+    assert run.code == 2 and "fracture is not a finding" in run.err
+
+
+def test_a_bad_prevalence_is_refused_by_the_parser(dataset: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()):
+        main(["evaluate", "--bundle", str(DEMO), "--data", "d", "--labels", "l", "--out", "o",
+              "--prevalence", "pneumothorax=1.5"])  # fmt: skip
+    assert exc.value.code == 2
+
+
+def test_not_scored_studies_are_counted_with_their_reason(dataset: Dataset, tmp_path: Path) -> None:
+    data = tmp_path / "dicom"
+    shutil.copytree(dataset.data, data)
+    import pydicom
+
+    lateral_only = dataset.rows[0][0]
+    for p in (data / lateral_only).rglob("*.dcm"):
+        if pydicom.dcmread(p, stop_before_pixels=True).ViewPosition in ("PA", "AP"):
+            ds = pydicom.dcmread(p)
+            ds.ViewPosition = "LL"
+            ds.save_as(p)
+    run = run_cli(
+        ["evaluate", "--bundle", DEMO, "--data", data, "--labels", dataset.labels,
+         "--out", tmp_path / "r", "--threads", "1"]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["studies"]["scored"] == 39
+    assert sum(report["studies"]["not_scored"].values()) == 1
+    assert "not scored: 1 ×" in run.out
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_path: Path) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--reference", DEMO, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ref = report["reference"]
+    assert ref["model"]["sha256"] == load_bundle(DEMO).sha256
+    assert (ref["studies"], ref["agreement"], ref["kappa"], ref["changed"]) == (40, 1.0, 1.0, [])
+    assert "triage agreement 1.0" in run.out
+    assert "Against the reference" in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_time_to_notification_from_the_state_database(dataset: Dataset, tmp_path: Path) -> None:
+    from helpers.status import make_state
+
+    state = make_state(tmp_path / "state") / "state.sqlite3"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ttn = report["time_to_notification"]
+    # make_state: study 1.2.3's first instance at t=100, its urgent result at t=201
+    assert (ttn["studies"], ttn["p50_s"], ttn["p95_s"], ttn["max_s"]) == (1, 101.0, 101.0, 101.0)
+    assert ttn["by_level"]["urgent"]["studies"] == 1
+    assert "p95 101.0 s" in run.out
+
+
+def test_a_missing_state_database_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--state", tmp_path / "nope.sqlite3",
+        ]
+    )  # fmt: skip
+    assert run.code == 3 and "no state database" in run.err
+    assert not (tmp_path / "r").exists()
+
+
+def _digest(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_operating_points_written_into_a_new_revision_give_the_claimed_sensitivity(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    before = _digest(DEMO)
+    new = tmp_path / "bundle-sens98"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--resamples", "200",
+            "--write-bundle", new, "--at-sensitivity", "0.98",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert _digest(DEMO) == before  # the source is never touched
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    bundle = load_bundle(new)
+    assert report["revision"]["model_sha256"] == bundle.sha256 != load_bundle(DEMO).sha256
+    assert bundle.manifest.model.version.endswith("sens98")
+    for finding in bundle.manifest.findings:
+        (point,) = [
+            p
+            for p in report["findings"][finding.code]["operating_points"]
+            if p["target_sensitivity"] == 0.98
+        ]
+        assert finding.review_threshold == point["threshold"]
+        if finding.urgent_threshold is not None:
+            assert finding.urgent_threshold >= finding.review_threshold
+    # evaluated again, the new revision flags what the report claimed at its review threshold
+    again = run_cli(
+        [
+            "evaluate", "--bundle", new, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r2", "--threads", "1", "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert again.code == 0, again.err
+    for code, f in json.loads((tmp_path / "r2" / "report.json").read_text())["findings"].items():
+        assert f["sensitivity"] >= 0.98, code
+
+
+def test_a_revision_over_the_source_bundle_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO, copy)
+    before = _digest(copy)
+    run = run_cli(
+        [
+            "evaluate", "--bundle", copy, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--write-bundle", copy,
+        ]
+    )  # fmt: skip
+    assert run.code == 2 and "is the source bundle" in run.err
+    assert _digest(copy) == before
+    assert not (tmp_path / "r").exists()
+
+
+def test_progress_bars_on_request(dataset: Dataset, tmp_path: Path) -> None:
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--resamples", "100", "--progress",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert "reading headers" in run.err and "embedding" in run.err and "100%" in run.err
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_prevalence_parser_takes_code_equals_fraction_or_says_why(text: str) -> None:
+    import argparse
+
+    from export.evaluation.command import _prevalence
+
+    try:
+        code, p = _prevalence(text)
+    except argparse.ArgumentTypeError as exc:
+        assert str(exc)
+        return
+    assert code and code == code.strip() and 0 < p < 1
+    assert text.split("=", 1)[0].strip() == code
