@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Codes of our own (PS3.16 8.2: a private coding scheme designator starts with "99").
 PRIVATE_SCHEME = "99EDGETRIAGE"
+SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR Storage
 SERIES_DESCRIPTION = "AI triage"
 SERIES_NUMBER = 9901
 MANUFACTURER = "edge-triage"
