@@ -501,6 +501,13 @@ class PacsSettings(_Section):
         description="How long to wait for the PACS to connect, answer an association or a "
         "C-ECHO/C-STORE before the attempt counts as failed.",
     )
+    retry_max_seconds: FiniteFloat = Field(
+        default=300.0,
+        ge=1,
+        le=86400,
+        description="A result the PACS did not store is tried again after 2 s, then after "
+        "twice as long each time, at most this long apart; it is never given up.",
+    )
     tls_ca: OptionalPath = Field(
         default=None, description="CA certificate (PEM); when set, DICOM runs over TLS."
     )
