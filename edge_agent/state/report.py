@@ -110,8 +110,7 @@ def _read(conn: sqlite3.Connection, layout: Layout) -> Figures:
     pacs_failing, pacs_oldest = 0, None
     if layout.has("pacs_outbox"):
         pacs_depth, pacs_failing, pacs_oldest = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at) "
-            "FROM pacs_outbox"
+            "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at) FROM pacs_outbox"
         ).fetchone()
     return Figures(
         studies=grouped("studies", "SELECT state, COUNT(*) FROM studies GROUP BY state"),
