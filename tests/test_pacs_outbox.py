@@ -256,3 +256,18 @@ def test_orthanc_down_20_s_mid_burst_every_sr_arrives_once(
     assert len(set(srs)) == len(srs) == 14
     assert read_status(st.path).counters.get("pacs_stored") == 14
     st.close()
+
+
+def test_a_source_image_gone_keeps_the_row_with_its_reason(tmp_path: Path, watch: Path) -> None:
+    st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
+    result, sops = commit_study(st, watch, "urgent", 1)
+    (watch / f"{sops[0]}.dcm").unlink()
+    worker = worker_for(st, watch, 9, threading.Event())  # never dialled: the build fails first
+    before = time.time()
+    assert worker.step(before)
+    assert st.pacs_depth() == 1
+    assert worker.last_error == "a scored image is no longer in the watch folder"
+    assert st.pacs_due(before + 1.0) == []  # backed off (2 s)
+    assert [r.alert_id for r in st.pacs_due(before + 3.0)] == [result.alert_id]
+    assert read_status(st.path).pacs_last_error == worker.last_error
+    st.close()

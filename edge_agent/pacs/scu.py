@@ -182,7 +182,7 @@ def store(peer: Peer, ds: Dataset) -> None:
             if code:
                 logger.info("PACS stored the SR with warning status 0x%04X", code)
             return
-        raise PacsError(_store_failure(code, status.get("ErrorComment")), retry=_retryable(code))
+        raise PacsError(_store_failure(code), retry=_retryable(code))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -192,7 +192,10 @@ def _retryable(code: int) -> bool:
     return code & 0xFF00 == 0xA700 or code == 0x0110
 
 
-def _store_failure(code: int, comment: object) -> str:
+def _store_failure(code: int) -> str:
+    """The status's meaning. The PACS's Error Comment is left out: free text from the PACS
+    may quote the data set (a patient name in a mismatch message), and the reason reaches
+    the log, ``edge-agent status`` and the MQTT status message."""
     if code & 0xFF00 == 0xA700:
         what = "refused: out of resources"
     elif code & 0xFF00 == 0xA900:
@@ -205,8 +208,4 @@ def _store_failure(code: int, comment: object) -> str:
         what = "refused: not authorised"
     else:
         what = "failed"
-    text = f"C-STORE {what} (status 0x{code:04X})"
-    if comment:
-        # The PACS's own words, shortened: they name the problem, never our data.
-        text += f": {str(comment)[:120]}"
-    return text
+    return f"C-STORE {what} (status 0x{code:04X})"

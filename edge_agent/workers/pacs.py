@@ -101,7 +101,7 @@ class PacsWorker:
         """One attempt for ``row``: True when the PACS stored its SR."""
         result = StudyResult.model_validate_json(row.payload)
         try:
-            sr = build_sr(result, self.sources(result), concepts=self.concepts, agent=self.agent)
+            sr = self.build(result, row.alert_id)
             store(self.peer, sr)
         except (PacsError, SRError, InputRejected) as exc:
             reason = exc.reason if isinstance(exc, PacsError) else str(exc)
@@ -127,6 +127,17 @@ class PacsWorker:
             self.peer.where,
         )
         return True
+
+    def build(self, result: StudyResult, alert_id: str) -> Dataset:
+        """The SR of ``result``; anything that keeps it from being built is an SRError (the
+        row is kept and retried, never lost to a header highdicom refuses)."""
+        try:
+            return build_sr(result, self.sources(result), concepts=self.concepts, agent=self.agent)
+        except (SRError, InputRejected):
+            raise
+        except Exception as exc:
+            logger.exception("PACS: the SR of result %s cannot be built", alert_id)
+            raise SRError(f"SR not built: {describe(exc)}") from exc
 
     def sources(self, result: StudyResult) -> list[Dataset]:
         """Headers of the study's scored instances (the SR's evidence and patient/study)."""
