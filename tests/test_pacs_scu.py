@@ -3,6 +3,7 @@ and by pynetdicom SCPs that refuse the SOP class or answer with a failure status
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from edge_agent.check import run_check
 from edge_agent.config import PacsSettings, load_settings
-from edge_agent.devbroker import HOST, Mosquitto, free_port
+from edge_agent.devbroker import HOST, Mosquitto, Pki, free_port
 from edge_agent.pacs.scu import PacsError, Peer, echo, store
 from edge_agent.pacs.sr import build_sr
 from edge_agent.service import prepare
@@ -214,3 +215,38 @@ def test_check_says_when_the_pacs_refuses_the_sr_class(
         scp.close()
     out = capsys.readouterr().out
     assert "does not accept the SOP class Enhanced SR Storage" in out
+
+
+@needs_orthanc
+def test_dicom_over_tls_with_the_pacs_ca(tmp_path: Path) -> None:
+    fleet = Pki(tmp_path / "ca")
+    rogue = Pki(tmp_path / "rogue", ca_name="another CA")
+    cert, key = fleet.issue("pacs", "pacs.hospital.lan", dns=["localhost"], ip=[HOST])
+    server = Orthanc(tmp_path / "orthanc", tls=(cert, key, fleet.ca_cert))
+    server.start()
+    try:
+
+        def tls_peer(ca: Path) -> Peer:
+            return Peer.from_settings(
+                PacsSettings(
+                    enabled=True,
+                    host=HOST,
+                    port=server.dicom_port,
+                    called_ae="ORTHANC",
+                    timeout_seconds=5,
+                    tls_ca=ca,
+                )
+            )
+
+        echo(tls_peer(fleet.ca_cert))
+        sr = an_sr()
+        store(tls_peer(fleet.ca_cert), sr)
+        assert [i["SOPInstanceUID"] for i in server.instances()] == [sr.SOPInstanceUID]
+        with pytest.raises(PacsError) as err:  # a certificate of another CA: refused
+            echo(tls_peer(rogue.ca_cert))
+        assert err.value.retry is True
+    finally:
+        server.stop()
+        # pynetdicom leaves the socket of a failed handshake to the garbage collector:
+        # collected here, inside this module's filter, not at the end of the session.
+        gc.collect()

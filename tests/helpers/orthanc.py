@@ -31,7 +31,16 @@ needs_orthanc = pytest.mark.skipif(
 
 
 class Orthanc:
-    def __init__(self, root: Path, *, aet: str = "ORTHANC", check_called_aet: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        aet: str = "ORTHANC",
+        check_called_aet: bool = True,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """``tls``: (certificate, key, CA of the clients): DICOM over TLS only, client
+        certificates not required."""
         self.root = root
         self.aet = aet
         self.dicom_port = free_port()
@@ -55,6 +64,17 @@ class Orthanc:
                     "DicomAlwaysAllowEcho": True,
                     "Plugins": [],
                     "ConcurrentJobs": 1,
+                    **(
+                        {
+                            "DicomTlsEnabled": True,
+                            "DicomTlsCertificate": str(tls[0]),
+                            "DicomTlsPrivateKey": str(tls[1]),
+                            "DicomTlsTrustedCertificates": str(tls[2]),
+                            "DicomTlsRemoteCertificateRequired": False,
+                        }
+                        if tls is not None
+                        else {}
+                    ),
                 },
                 indent=2,
             )
