@@ -118,3 +118,47 @@ def test_a_pacs_that_refuses_the_association_leaves_mqtt_going_and_says_why(
     finally:
         daemon.kill()
     assert_no_phi(collector, daemon.log)
+
+
+def test_sigkill_while_srs_are_sent_loses_none_and_stores_none_twice(
+    tmp_path: Path, peers: tuple[Mosquitto, Orthanc, Collector]
+) -> None:
+    """SIGKILL lands somewhere in the PACS worker's loop (maybe between a C-STORE and its
+    row's removal: not aimed, the window is not forced); after the restart every result has
+    exactly its SR, with the UID derived from it."""
+    broker, orthanc, collector = peers
+    levels = 'levels = ["urgent", "review", "routine", "not_scored"]\n'
+    where = f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\ncalled_ae = "ORTHANC"\n'
+    config = config_for(tmp_path, broker, where + levels)
+    database = tmp_path / "state" / "state.sqlite3"
+    daemon = Daemon(config, tmp_path / "agent.log")
+    daemon.start()
+    try:
+        list(simulate(tmp_path / "incoming", studies=6, abnormal=0.5, seed=17, **MATRIX))
+        wait_until(
+            lambda: (
+                database.exists() and (read_status(database).counters.get("pacs_stored", 0) >= 1)
+            ),
+            90,
+            "the first SR stored",
+            poll=0.05,
+        )
+        daemon.kill()  # SIGKILL
+        daemon.start()
+        collector.wait(lambda: len(collector.results()) >= 6, 120, "6 results on MQTT")
+        wait_until(
+            lambda: (
+                read_status(database).pacs_outbox == 0
+                and len(read_status(database).results_by_level) > 0
+                and sum(read_status(database).results_by_level.values()) == 6
+            ),
+            90,
+            "every result's SR stored",
+            poll=0.5,
+        )
+    finally:
+        daemon.kill()
+    results = {StudyResult.model_validate(r).alert_id: r for r in collector.results()}
+    want = {sop_instance_uid(StudyResult.model_validate(r)) for r in results.values()}
+    srs = [i["SOPInstanceUID"] for i in orthanc.instances() if i.get("Modality") == "SR"]
+    assert sorted(srs) == sorted(want) and len(srs) == 6
