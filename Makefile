@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Each creates .venv and installs
-# what it needs, Debian/Ubuntu packages included (mosquitto; dcmtk and gdcm tools for tests).
+# what it needs, Debian/Ubuntu packages included (mosquitto; dcmtk, gdcm tools, Orthanc and
+# dicom3tools for tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -52,6 +53,8 @@ system-deps-test: system-deps
 	@need=""; \
 	command -v storescu >/dev/null 2>&1 || need="$$need dcmtk"; \
 	command -v gdcmconv >/dev/null 2>&1 || need="$$need libgdcm-tools"; \
+	command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need="$$need orthanc"; \
+	command -v dciodvfy >/dev/null 2>&1 || need="$$need dicom3tools"; \
 	command -v systemd-analyze >/dev/null 2>&1 || need="$$need systemd"; \
 	[ -x /usr/bin/chromium ] || need="$$need chromium"; \
 	if [ -n "$$need" ]; then \

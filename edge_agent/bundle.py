@@ -108,9 +108,23 @@ ImageModality = Literal["CR", "DX", "CT"]
 RADIOGRAPH_MODALITIES: tuple[ImageModality, ...] = ("CR", "DX")
 
 
+class Concept(_Strict):
+    """A coded concept for a finding (SNOMED CT ``SCT`` or RadLex ``RADLEX``): what the DICOM
+    Structured Report sent to the PACS names the finding with (see edge_agent/pacs/sr.py)."""
+
+    scheme: Literal["SCT", "RADLEX"]
+    value: str = Field(pattern=r"^[A-Za-z0-9.]{1,64}$")
+    meaning: str = Field(min_length=1, max_length=64)
+
+
 class Finding(_Strict):
     code: str = Field(pattern=r"^[a-z0-9_]+$")
     label: str
+    concept: Concept | None = Field(
+        default=None,
+        description="The finding's SNOMED CT / RadLex code for DICOM SR; None: the SR names it "
+        "with a private-scheme code. Not part of the model's identity (it decides no score).",
+    )
     prompts: Prompts = Field(default_factory=Prompts)
     review_threshold: float = Field(ge=0.0, le=1.0)
     urgent_threshold: float | None = Field(
@@ -376,7 +390,9 @@ class Manifest(_Strict):
             "findings": [
                 f.model_dump(
                     mode="json",
-                    exclude={"modalities"} if f.modalities == RADIOGRAPH_MODALITIES else None,
+                    exclude={"concept", "modalities"}
+                    if f.modalities == RADIOGRAPH_MODALITIES
+                    else {"concept"},
                 )
                 for f in self.findings
             ],

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -44,6 +45,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 from .identifiers import topic_prefix, topic_segment
+from .results import TriageLevel
 
 ENV_PREFIX = "EDGE_AGENT_"
 ENV_CONFIG_FILE = "EDGE_AGENT_CONFIG"
@@ -124,6 +126,15 @@ def _client_id(value: str | None) -> str | None:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """The TLS rule of every client section (mqtt, pacs): raises ValueError when broken."""
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key must be given together")
+    if cert is not None and ca is None:
+        # Without tls_ca the client would connect in plain TCP and ignore the certificate.
+        raise ValueError("tls_ca is required when tls_cert/tls_key are set")
 
 
 class MqttSettings(_Section):
@@ -224,11 +235,7 @@ class MqttSettings(_Section):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> MqttSettings:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
-        if self.tls_cert is not None and self.tls_ca is None:
-            # Without tls_ca the client would connect in plain TCP and ignore the certificate.
-            raise ValueError("tls_ca is required when tls_cert/tls_key are set")
+        tls_files(self.tls_ca, self.tls_cert, self.tls_key)
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file needs username (a password alone is never sent)")
         return self
@@ -463,6 +470,71 @@ class ScpSettings(_Section):
         return Path(os.path.abspath(folder))
 
 
+TRIAGE_LEVELS: tuple[str, ...] = typing.get_args(TriageLevel)
+
+
+class PacsSettings(_Section):
+    """The site's PACS: a DICOM Structured Report per study result, sent with C-STORE."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Send each result of the chosen levels to the PACS as a DICOM SR (in the "
+        "study it describes; it carries the patient and study modules, so it goes only there).",
+    )
+    host: Annotated[str, AfterValidator(_host)] = Field(
+        default="localhost", description="PACS host name or address."
+    )
+    port: int = Field(default=104, ge=1, le=65535, description="PACS DICOM port.")
+    called_ae: str = Field(default="PACS", description="The PACS's AE title (called AE title).")
+    calling_ae: str = Field(
+        default="EDGETRIAGE", description="This agent's AE title when it calls the PACS."
+    )
+    levels: TextList = Field(
+        default=["urgent", "review"],
+        min_length=1,
+        description="Triage levels whose results are sent: urgent, review, routine, not_scored.",
+    )
+    timeout_seconds: FiniteFloat = Field(
+        default=30.0,
+        ge=1,
+        le=600,
+        description="How long to wait for the PACS to connect, answer an association or a "
+        "C-ECHO/C-STORE before the attempt counts as failed.",
+    )
+    retry_max_seconds: FiniteFloat = Field(
+        default=300.0,
+        ge=1,
+        le=86400,
+        description="A result the PACS did not store is tried again after 2 s, then after "
+        "twice as long each time, at most this long apart; it is never given up.",
+    )
+    tls_ca: OptionalPath = Field(
+        default=None, description="CA certificate (PEM); when set, DICOM runs over TLS."
+    )
+    tls_cert: OptionalPath = Field(default=None, description="Client certificate (PEM), optional.")
+    tls_key: OptionalPath = Field(default=None, description="Client private key (PEM), optional.")
+
+    @field_validator("called_ae", "calling_ae")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return ae_title(v)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[str]) -> list[str]:
+        for level in v:
+            if level not in TRIAGE_LEVELS:
+                raise ValueError(f"{level!r} is not one of {', '.join(TRIAGE_LEVELS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a level twice")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> PacsSettings:
+        tls_files(self.tls_ca, self.tls_cert, self.tls_key)
+        return self
+
+
 NarrativeBudget = Annotated[float, Finite, Field(gt=0, le=3600)]
 """Seconds from an urgent flag to its narrative (config and profile take the same bounds)."""
 
@@ -652,6 +724,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     narrative: NarrativeSettings = Field(default_factory=NarrativeSettings)
     board: BoardSettings = Field(default_factory=BoardSettings)
+    pacs: PacsSettings = Field(default_factory=PacsSettings)
 
     _toml_file: ClassVar[Path | None] = None
 

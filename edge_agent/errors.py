@@ -52,6 +52,10 @@ class BrokerUnreachable(ResourceMissing):
     pass
 
 
+class PacsUnreachable(ResourceMissing):
+    """The PACS ([pacs]) does not answer C-ECHO or refuses what the agent sends."""
+
+
 class CorruptState(ResourceMissing):
     """The state database file is damaged; ``detail`` is SQLite's word for it."""
 

@@ -91,6 +91,32 @@ class StateCollector(Collector):
             "(kept in the outbox, retried later)",
             figures.outbox_set_aside,
         )
+        if figures.pacs_outbox is not None:
+            yield _gauge(
+                "pacs_outbox_messages",
+                "Results waiting for the PACS (DICOM SR)",
+                figures.pacs_outbox,
+            )
+            yield _gauge(
+                "pacs_outbox_failing_messages",
+                "Among them, those with at least one failed attempt",
+                figures.pacs_failing,
+            )
+            yield _gauge(
+                "pacs_outbox_oldest_age_seconds",
+                "Age of the oldest result waiting for the PACS (0 when none)",
+                0.0
+                if figures.pacs_oldest_at is None
+                else max(0.0, time.time() - figures.pacs_oldest_at),
+            )
+            if figures.pacs_last_error:
+                error = GaugeMetricFamily(
+                    f"{PREFIX}_pacs_last_error_info",
+                    "The PACS destination's latest failure (value 1)",
+                    labels=["reason"],
+                )
+                error.add_metric([figures.pacs_last_error[:200]], 1.0)
+                yield error
         yield _gauge(
             "alerts_unacknowledged",
             "Urgent results no dashboard has acknowledged yet",

@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .errors import BrokerUnreachable, ConfigError, EdgeTriageError, ResourceMissing
+from .errors import (
+    BrokerUnreachable,
+    ConfigError,
+    EdgeTriageError,
+    PacsUnreachable,
+    ResourceMissing,
+)
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -247,6 +253,36 @@ def _broker(found: Found) -> list[Note]:
     return [Note("ok", "broker", f"{settings.mqtt.host}:{settings.mqtt.port} reachable")]
 
 
+def _pacs(found: Found) -> list[Note]:
+    """The PACS (``pacs.enabled``) answers C-ECHO at ``pacs.host``/``pacs.port`` as
+    ``pacs.called_ae`` and accepts the SR's SOP class (Enhanced SR Storage)."""
+    pacs = found.settings.pacs
+    if not pacs.enabled:
+        return []
+    from .pacs.scu import PacsError, Peer, echo
+    from .pacs.sr import SOP_CLASS
+
+    try:
+        peer = Peer.from_settings(pacs)
+        echo(peer, sop_classes=(SOP_CLASS,))
+    except PacsError as exc:
+        raise pacs_problem(exc.reason) from exc
+    tls = " over TLS" if pacs.tls_ca is not None else ""
+    return [Note("ok", "pacs", f"{peer.where} answers C-ECHO{tls} and accepts Enhanced SR")]
+
+
+def pacs_problem(reason: str) -> EdgeTriageError:
+    """A PACS refusal as the error that names what to fix: the AE title or TLS key the PACS
+    refused (a config error), else where the PACS is (a missing resource)."""
+    if "Called AE title not recognised" in reason:
+        return ConfigError("pacs.called_ae", reason)
+    if "Calling AE title not recognised" in reason:
+        return ConfigError("pacs.calling_ae", reason)
+    if reason.startswith("TLS files"):
+        return ConfigError("pacs.tls_ca/tls_cert/tls_key", reason)
+    return PacsUnreachable(f"pacs.host/pacs.port: {reason}")
+
+
 CHECKS: tuple[Check, ...] = (
     Check("profile", _profile),
     Check("platform", _platform, severity="warning", at_start=False),
@@ -258,6 +294,9 @@ CHECKS: tuple[Check, ...] = (
     Check("scp", _scp_listen),
     Check("scp.receive_dir", _scp_receive_dir),
     Check("broker", _broker, at_start=False),
+    # Not at start, like the broker: the running agent keeps SRs in its outbox until the
+    # PACS answers.
+    Check("pacs", _pacs, at_start=False),
 )
 """Every check, in the order both commands run them (``docs/interfaces.md`` shows them)."""
 

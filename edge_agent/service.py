@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .bundle import Bundle
@@ -46,6 +46,9 @@ from .scoring import Scorer
 from .store import AckOutcome, open_state
 from .waiting import ScoringWaits
 from .workers import IntakeWorker, Naming, ScoringWorker, Shared
+
+if TYPE_CHECKING:  # imported when pacs.enabled: highdicom is not loaded otherwise
+    from .workers.pacs import PacsWorker
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class Agent:
         self.store, aside = open_state(
             settings.state_dir / "state.sqlite3",
             outbox_max_messages=settings.mqtt.outbox_max_messages,
+            pacs_levels=settings.pacs.levels if settings.pacs.enabled else (),
         )
         self.shared = Shared()
         if aside is not None:
@@ -163,6 +167,7 @@ class Agent:
         if self.received is not None:
             self.receiver = StorageSCP(settings.scp, folder, on_stored=self.intake.on_received)
         self.narrator = self._narrative_worker()
+        self.pacs = self._pacs_worker()
         self.scoring = ScoringWorker(
             self.store,
             self.scorer,
@@ -206,6 +211,26 @@ class Agent:
             published=self.publisher.wake,
         )
 
+    def _pacs_worker(self) -> PacsWorker | None:
+        """The PACS thread (``pacs.enabled``): the outbox's second destination."""
+        if not self.settings.pacs.enabled:
+            return None
+        from .pacs.scu import PacsError
+        from .preflight import pacs_problem
+        from .workers.pacs import PacsWorker
+
+        try:
+            return PacsWorker(
+                self.store,
+                self.settings.pacs,
+                concepts={f.code: f.concept for f in self.bundle.manifest.findings},
+                agent=f"{self.settings.site}/{self.settings.device_id}",
+                watch_dir=self.settings.watch_dir,
+                stop=self.shared.stop,
+            )
+        except PacsError as exc:  # the TLS files
+            raise pacs_problem(exc.reason) from exc
+
     # One step of a worker, as tests drive it (the workers' own names are public).
     def _handle_file(self, f: ReadyFile) -> None:
         self.intake.handle_file(f)
@@ -243,6 +268,8 @@ class Agent:
         )
         if self.narrator is not None:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error
+        if self.pacs is not None:
+            fields["pacs_last_error"] = self.pacs.last_error
         fields["health"] = self.health.fields()  # the health thread's last reading
         return fields
 
@@ -329,6 +356,8 @@ class Agent:
         ]
         if self.narrator is not None:
             workers.append(("narrative", self.narrator.run))
+        if self.pacs is not None:
+            workers.append((self.pacs.name, self.pacs.run))
         self._threads = [threading.Thread(target=w, name=n, daemon=True) for n, w in workers]
         for t in self._threads:
             t.start()

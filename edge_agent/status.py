@@ -41,6 +41,11 @@ class StatusReport:
     set_aside: list[dict[str, Any]] = field(default_factory=list)
     mqtt_last_error: str | None = None
     """The publisher's latest delivery problem, with its UTC time."""
+    pacs_outbox: int | None = None
+    """Results waiting for the PACS (None: a database from before the PACS destination)."""
+    pacs_failing: int = 0
+    pacs_oldest_seconds: float | None = None
+    pacs_last_error: str | None = None
     alerts_waiting: int = 0
     narratives_pending: int | None = None
     """Draft narratives not written yet (None: a database from before narratives)."""
@@ -171,6 +176,12 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             for i, topic, at, reason in aside
         ],
         mqtt_last_error=figures.mqtt_last_error,
+        pacs_outbox=figures.pacs_outbox,
+        pacs_failing=figures.pacs_failing,
+        pacs_oldest_seconds=None
+        if figures.pacs_oldest_at is None
+        else max(0.0, now - figures.pacs_oldest_at),
+        pacs_last_error=figures.pacs_last_error,
         alerts_waiting=figures.alerts_waiting,
         narratives_pending=figures.narratives_pending,
         counters=figures.counters,
@@ -250,6 +261,18 @@ def format_status(report: StatusReport) -> str:
         )
     if report.mqtt_last_error:
         lines.append(f"mqtt       last problem: {printable(report.mqtt_last_error, 300)}")
+    if report.pacs_outbox is not None and (report.pacs_outbox or report.pacs_last_error):
+        age = (
+            f", oldest {report.pacs_oldest_seconds:.0f} s"
+            if report.pacs_oldest_seconds is not None
+            else ""
+        )
+        lines.append(
+            f"pacs       {report.pacs_outbox} SR(s) waiting for the PACS{age}; "
+            f"{report.pacs_failing} after a failed attempt"
+        )
+    if report.pacs_last_error:
+        lines.append(f"pacs       last problem: {printable(report.pacs_last_error, 300)}")
     lines.append(f"alerts     {report.alerts_waiting} urgent result(s) not acknowledged yet")
     c = report.counters
     if any(k.startswith("acks_") for k in c):

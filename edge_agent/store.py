@@ -52,7 +52,7 @@ from typing import Literal
 
 from .errors import ConfigError, CorruptState
 from .results import StudyResult
-from .state import alerts, files, meta, narratives, outbox, report, schema, studies
+from .state import alerts, files, meta, narratives, outbox, pacs, report, schema, studies
 from .state.alerts import AckOutcome
 from .state.database import (
     connect,
@@ -64,6 +64,7 @@ from .state.database import (
 from .state.files import FileStatus
 from .state.narratives import NarrativeJob
 from .state.outbox import OUTBOX_NEAR_CAP, Message, OutboxCap, OutboxMessage
+from .state.pacs import PacsRow
 from .state.schema import SCHEMA_VERSION, schema_problem
 from .state.studies import InstanceRecord, InstanceRow, StudyRow, View
 
@@ -77,6 +78,7 @@ __all__ = [
     "Message",
     "NarrativeJob",
     "OutboxMessage",
+    "PacsRow",
     "Store",
     "StudyRow",
     "View",
@@ -96,16 +98,23 @@ class Store:
     method that writes is one transaction (:meth:`_tx`); the SQL of each table is in its
     module of :mod:`edge_agent.state`."""
 
-    def __init__(self, path: Path, *, outbox_max_messages: int = 10000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        outbox_max_messages: int = 10000,
+        pacs_levels: Collection[str] = (),
+    ) -> None:
         """Open (or create) the state database at ``path``.
 
         Raises ConfigError ``state_dir`` when the folder cannot hold it (a file, read-only,
         not writable) or its schema is unknown, CorruptState when the file is damaged (it is
         left as it is: :func:`open_state` sets it aside), ResourceMissing when its disk is
-        full or another process holds it.
+        full or another process holds it. ``pacs_levels``: the triage levels whose results
+        are also queued for the PACS (``pacs.levels`` when ``pacs.enabled``).
         """
         self.path = path
-        self._outbox = OutboxCap(outbox_max_messages)
+        self._outbox = OutboxCap(outbox_max_messages, pacs_levels)
         problem = state_dir_problem(path.parent)
         if problem is not None:
             raise problem
@@ -363,6 +372,26 @@ class Store:
     def outbox_depth(self) -> int:
         return outbox.depth(self._conn())
 
+    # -- the PACS destination ---------------------------------------------------------------
+
+    def pacs_due(self, now: float, limit: int = 10) -> list[PacsRow]:
+        """Results whose next attempt to reach the PACS has come, oldest first."""
+        return pacs.due(self._conn(), now, limit)
+
+    def pacs_next_due(self) -> float | None:
+        return pacs.next_due(self._conn())
+
+    def pacs_stored(self, alert_id: str) -> None:
+        with self._tx() as c:
+            pacs.stored(c, alert_id)
+
+    def pacs_failed(self, alert_id: str, reason: str, next_at: float) -> None:
+        with self._tx() as c:
+            pacs.failed(c, alert_id, reason, next_at)
+
+    def pacs_depth(self) -> int:
+        return pacs.depth(self._conn())
+
     # -- reporting --------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
@@ -373,7 +402,9 @@ class Store:
         return report.status_counters(figures, self.outbox_max_messages, near)
 
 
-def open_state(path: Path, *, outbox_max_messages: int = 10000) -> tuple[Store, Path | None]:
+def open_state(
+    path: Path, *, outbox_max_messages: int = 10000, pacs_levels: Collection[str] = ()
+) -> tuple[Store, Path | None]:
     """The agent's store at ``path``; a damaged database is set aside first (never deleted)
     and the agent starts with an empty one. Returns the store and where the damaged file went.
 
@@ -381,7 +412,7 @@ def open_state(path: Path, *, outbox_max_messages: int = 10000) -> tuple[Store, 
     results that were not delivered yet stay in it for an operator (``sqlite3 FILE .recover``).
     """
     try:
-        return Store(path, outbox_max_messages=outbox_max_messages), None
+        return Store(path, outbox_max_messages=outbox_max_messages, pacs_levels=pacs_levels), None
     except CorruptState as exc:
         aside = set_aside(path)
         logger.error(
@@ -392,4 +423,7 @@ def open_state(path: Path, *, outbox_max_messages: int = 10000) -> tuple[Store, 
             aside,
             aside,
         )
-        return Store(path, outbox_max_messages=outbox_max_messages), aside
+        return (
+            Store(path, outbox_max_messages=outbox_max_messages, pacs_levels=pacs_levels),
+            aside,
+        )

@@ -222,7 +222,11 @@ def test_ct_findings_need_a_ct_section_and_old_bundles_keep_their_identity(
         "encoder_sha256": m.files[m.encoder.file].sha256,
         "head": m.head.model_dump(mode="json"),
         "findings": [
-            {k: v for k, v in f.model_dump(mode="json").items() if k != "modalities"}
+            {
+                k: v
+                for k, v in f.model_dump(mode="json").items()
+                if k not in ("modalities", "concept")
+            }
             for f in m.findings
         ],
     }
@@ -230,6 +234,13 @@ def test_ct_findings_need_a_ct_section_and_old_bundles_keep_their_identity(
     assert bundle.sha256 == hashlib.sha256(blob).hexdigest()
 
     data = m.model_dump(mode="json")
+    # A finding's SNOMED CT code (for the PACS's SR) decides no score: same identity.
+    data["findings"][0]["concept"] = {
+        "scheme": "SCT",
+        "value": "36118008",
+        "meaning": "Pneumothorax",
+    }
+    assert Manifest.model_validate(data).model_sha256() == bundle.sha256
     data["findings"][1]["modalities"] = ["CT"]
     with pytest.raises(ValueError, match="no 'ct' section"):
         Manifest.model_validate(data)

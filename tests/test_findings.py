@@ -66,3 +66,50 @@ def test_shipped_ct_findings_have_their_ct_section() -> None:
     assert all(f.modalities == ("CT",) for f in findings)
     cxr, none = load_findings_file(default_findings_path())
     assert none is None and all("CT" not in f.modalities for f in cxr)
+
+
+def test_a_finding_without_a_concept_warns_at_export(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    coded = """
+[[finding]]
+code = "pneumothorax"
+label = "Pneumothorax"
+present = ["pneumothorax"]
+review_threshold = 0.5
+concept = { scheme = "SCT", value = "36118008", meaning = "Pneumothorax" }
+
+[[finding]]
+code = "rib_fracture"
+label = "Rib fracture"
+present = ["rib fracture"]
+review_threshold = 0.5
+"""
+    with caplog.at_level("WARNING", logger="export.findings"):
+        findings = load_findings(write(tmp_path, coded))
+    assert findings[0].concept is not None and findings[0].concept.value == "36118008"
+    assert findings[1].concept is None
+    assert "rib_fracture: no concept" in caplog.text
+    assert "pneumothorax: no concept" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "concept",
+    [
+        '{ scheme = "ICD10", value = "J93", meaning = "Pneumothorax" }',
+        '{ scheme = "SCT", value = "36118008" }',
+        '{ scheme = "SCT", value = "3611 8008", meaning = "Pneumothorax" }',
+    ],
+)
+def test_a_bad_concept_names_its_key(tmp_path: Path, concept: str) -> None:
+    text = f"""
+[[finding]]
+code = "pneumothorax"
+label = "Pneumothorax"
+present = ["pneumothorax"]
+review_threshold = 0.5
+concept = {concept}
+"""
+    with pytest.raises(ConfigError) as err:
+        load_findings(write(tmp_path, text))
+    assert "findings(f.toml).pneumothorax.concept" in str(err.value)

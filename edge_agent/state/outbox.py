@@ -10,7 +10,7 @@ import time
 from collections.abc import Collection
 from typing import Literal, NamedTuple
 
-from . import meta
+from . import meta, pacs
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class OutboxCap:
     """Queues messages under the cap ``max_messages``; remembers what it last logged about
     the depth (thread-safe), so that crossing a line is logged once."""
 
-    def __init__(self, max_messages: int) -> None:
+    def __init__(self, max_messages: int, pacs_levels: Collection[str] = ()) -> None:
         self.max_messages = max_messages
+        self.pacs_levels = frozenset(pacs_levels)
         self._lock = threading.Lock()
         self._near = False
         self._over_logged = False
@@ -63,7 +64,12 @@ class OutboxCap:
 
         The new message is the newest of its class: it is dropped itself only when nothing
         older of its class, or of a class dropped before it, is left.
+
+        A study result of a level in ``pacs_levels`` is also queued for the PACS (its own
+        destination, never dropped by this cap: a results table row it was stored with).
         """
+        if msg.kind == "result" and msg.alert_id is not None and msg.triage in self.pacs_levels:
+            pacs.enqueue(conn, msg.alert_id, now)
         cap = self.max_messages
         depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
         need = depth + 1 - cap  # messages to drop so that the new one fits

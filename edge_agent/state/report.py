@@ -44,6 +44,13 @@ class Figures:
     counters: dict[str, int]
     """The agent's counters as stored (published_result, acks_received, ...)."""
     mqtt_last_error: str | None
+    pacs_outbox: int | None = None
+    """Results waiting for the PACS (None: a database from before the PACS destination)."""
+    pacs_failing: int = 0
+    """Among them, those with at least one failed attempt."""
+    pacs_oldest_at: float | None = None
+    pacs_last_error: str | None = None
+    """The PACS destination's latest failure (kept after it recovers; see pacs_failing)."""
 
     @property
     def results(self) -> int:
@@ -91,10 +98,20 @@ def _read(conn: sqlite3.Connection, layout: Layout) -> Figures:
     oldest = None
     if layout.has("outbox"):
         (oldest,) = conn.execute("SELECT MIN(created_at) FROM outbox").fetchone()
-    last_error = None
-    if layout.has("meta"):
-        row = conn.execute("SELECT value FROM meta WHERE key = 'mqtt_last_error'").fetchone()
-        last_error = None if row is None else row[0]
+
+    def meta_value(key: str) -> str | None:
+        if not layout.has("meta"):
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    last_error = meta_value("mqtt_last_error")
+    pacs_depth: int | None = None
+    pacs_failing, pacs_oldest = 0, None
+    if layout.has("pacs_outbox"):
+        pacs_depth, pacs_failing, pacs_oldest = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at) FROM pacs_outbox"
+        ).fetchone()
     return Figures(
         studies=grouped("studies", "SELECT state, COUNT(*) FROM studies GROUP BY state"),
         results_by_level=grouped(
@@ -122,6 +139,10 @@ def _read(conn: sqlite3.Connection, layout: Layout) -> Figures:
         ),
         counters=grouped("counters", "SELECT name, value FROM counters"),
         mqtt_last_error=last_error,
+        pacs_outbox=pacs_depth,
+        pacs_failing=pacs_failing,
+        pacs_oldest_at=pacs_oldest,
+        pacs_last_error=meta_value("pacs_last_error"),
     )
 
 

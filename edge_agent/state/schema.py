@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -104,6 +104,14 @@ CREATE TABLE IF NOT EXISTS narratives (
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pacs_outbox (
+    alert_id TEXT PRIMARY KEY REFERENCES results (alert_id),
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS pacs_outbox_due ON pacs_outbox (next_attempt_at);
 """
 """Today's schema. A table added by a version is created here (``IF NOT EXISTS``) when an
 older database is opened; a column added to an existing table comes from its migration.
@@ -125,6 +133,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE outbox ADD COLUMN set_aside_at REAL",
         "ALTER TABLE outbox ADD COLUMN set_aside_reason TEXT",
     ),
+    # 4 -> 5: the PACS destination (the pacs_outbox table, created by DDL): nothing else
+    # changes; results stored before it are not sent to the PACS.
+    4: (),
 }
 """Version n -> n + 1: the statements that make a database of version n one of n + 1."""
 

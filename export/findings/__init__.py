@@ -7,6 +7,7 @@ default for chest radiographs). :func:`load_findings` validates it into the mani
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -24,7 +25,10 @@ _KEYS = {
     "review_threshold",
     "urgent_threshold",
     "modalities",
+    "concept",
 }
+
+logger = logging.getLogger(__name__)
 
 
 def default_findings_path(name: str = "cxr") -> Path:
@@ -70,13 +74,17 @@ def load_findings_file(path: Path | str) -> tuple[list[Finding], CTInput | None]
             raise ConfigError(f"{where}.{name}.present", "at least one present-prompt is needed")
         try:
             findings.append(
-                Finding(
-                    code=table.get("code"),
-                    label=table.get("label"),
-                    prompts=Prompts(present=table["present"], absent=table.get("absent", [])),
-                    review_threshold=table.get("review_threshold"),
-                    urgent_threshold=table.get("urgent_threshold"),
-                    **({"modalities": tuple(table["modalities"])} if "modalities" in table else {}),
+                Finding.model_validate(
+                    {
+                        "code": table.get("code"),
+                        "label": table.get("label"),
+                        "prompts": Prompts(
+                            present=table["present"], absent=table.get("absent", [])
+                        ),
+                        "review_threshold": table.get("review_threshold"),
+                        "urgent_threshold": table.get("urgent_threshold"),
+                        **{k: table[k] for k in ("modalities", "concept") if k in table},
+                    }
                 )
             )
         except ValidationError as exc:
@@ -88,6 +96,16 @@ def load_findings_file(path: Path | str) -> tuple[list[Finding], CTInput | None]
     duplicates = sorted({c for c in codes if codes.count(c) > 1})
     if duplicates:
         raise ConfigError(f"{where}.{duplicates[0]}", "finding code appears twice")
+    for f in findings:
+        if f.concept is None:
+            # Not an error: the DICOM SR names it with a private-scheme code a PACS cannot
+            # match against SNOMED CT / RadLex queries.
+            logger.warning(
+                "%s.%s: no concept (SNOMED CT / RadLex code): DICOM SRs will name it with "
+                "a private-scheme code",
+                where,
+                f.code,
+            )
     for_ct = [f.code for f in findings if "CT" in f.modalities]
     if for_ct and ct is None:
         raise ConfigError(f"{where}.ct", f"findings {for_ct} are for CT: add a [ct] table")

@@ -1,0 +1,259 @@
+"""PACS benchmark: SR build time, C-STORE throughput to Orthanc, and MQTT latency with the
+PACS destination on and off.
+
+    .venv/bin/python benchmarks/pacs.py [--quick] [--rate 20] [--duration 20]
+
+1. **SR build**: ``build_sr`` for an urgent chest result with 1 and with 2 source headers
+   (in memory), N times; median and p95 in ms.
+2. **C-STORE to Orthanc** (Debian's ``orthanc``, started here on free loopback ports, as the
+   tests start it): N distinct pre-built SRs stored one association each, as the PACS worker
+   sends them; SRs per second. Then the same N results through ``PacsWorker.step`` (headers
+   read again from disk, SR built, C-STORE, the row removed in a committed transaction).
+3. **MQTT latency, PACS off vs on**: benchmarks/delivery.py's latency run (open-loop Poisson
+   arrivals, the daemon's Store with an fsync per commit, the real Publisher and Mosquitto;
+   commit to PUBACK), once with ``pacs.enabled`` off and once with every result also queued
+   for the PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files.
+
+Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the Orthanc runner the tests use
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from delivery import Results, Study, arrivals, drive, publishing, summarise  # noqa: E402
+from helpers.orthanc import Orthanc  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
+
+from edge_agent.bundle import load_bundle  # noqa: E402
+from edge_agent.config import PacsSettings  # noqa: E402
+from edge_agent.devbroker import HOST, Mosquitto  # noqa: E402
+from edge_agent.pacs.scu import Peer, store  # noqa: E402
+from edge_agent.pacs.sr import build_sr  # noqa: E402
+from edge_agent.service import demo_bundle_path  # noqa: E402
+from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
+from edge_agent.store import Store  # noqa: E402
+from edge_agent.workers.pacs import PacsWorker  # noqa: E402
+
+ALL_LEVELS = ("urgent", "review", "routine", "not_scored")
+
+
+def ms(values: list[float]) -> tuple[float, float]:
+    a = np.array(values) * 1000.0
+    return float(np.median(a)), float(np.percentile(a, 95))
+
+
+def headers(n: int, seed: int) -> list[Dataset]:
+    rng = np.random.default_rng(seed)
+    study = new_study(rng, "CR")
+    return [
+        chest_instance(rng, findings={}, study=study, rows=64, cols=64, instance_number=i + 1)
+        for i in range(n)
+    ]
+
+
+def write_sources(results: Results, studies: list[Study], watch: Path, seed: int) -> None:
+    """A real DICOM file (64x64) for each scored instance, where the store says it is."""
+    rng = np.random.default_rng(seed)
+    for study in studies:
+        uid = study.row.study_instance_uid
+        header = new_study(rng, "CR")
+        for sop, (state, _) in study.instance_states.items():
+            if state != "scored":
+                continue
+            ds = chest_instance(rng, findings={}, study=header, rows=64, cols=64)
+            ds.StudyInstanceUID = uid
+            ds.SOPInstanceUID = sop
+            ds.file_meta.MediaStorageSOPInstanceUID = sop
+            folder = watch / uid
+            folder.mkdir(parents=True, exist_ok=True)
+            ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
+
+
+def sr_build(results: Results, n: int) -> dict[str, tuple[float, float]]:
+    concepts = {f.code: f.concept for f in results.findings}
+    out = {}
+    for count in (1, 2):
+        sources = headers(count, 1)
+        uid = sources[0].StudyInstanceUID
+        times = []
+        for _ in range(n):
+            study = Study(_row(uid), {}, results.scores(), 100.0)
+            result = results.build(study)
+            t = time.perf_counter()
+            build_sr(result, sources, concepts=concepts, agent="bench/box")
+            times.append(time.perf_counter() - t)
+        out[f"{count} image(s)"] = ms(times)
+    return out
+
+
+def _row(uid: str) -> Any:
+    from edge_agent.store import StudyRow
+
+    now = time.time()
+    return StudyRow(uid, "CR", None, "scored", 1, now, now, now, None)
+
+
+def cstore(orthanc: Orthanc, results: Results, n: int) -> float:
+    concepts = {f.code: f.concept for f in results.findings}
+    peer = Peer.from_settings(settings(orthanc))
+    srs = []
+    for i in range(n):
+        sources = headers(1, 100 + i)
+        study = Study(_row(sources[0].StudyInstanceUID), {}, results.scores(), 100.0)
+        srs.append(build_sr(results.build(study), sources, concepts=concepts, agent="bench/box"))
+    t = time.perf_counter()
+    for sr in srs:
+        store(peer, sr)
+    return n / (time.perf_counter() - t)
+
+
+def settings(orthanc: Orthanc) -> PacsSettings:
+    return PacsSettings(
+        enabled=True,
+        host=HOST,
+        port=orthanc.dicom_port,
+        called_ae=orthanc.aet,
+        retry_max_seconds=2,
+    )
+
+
+def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int) -> float:
+    st = Store(workdir / "worker.sqlite3", pacs_levels=ALL_LEVELS)
+    watch = workdir / "watch-worker"
+    try:
+        studies = results.prepare(st, n)
+        write_sources(results, studies, watch, 7)
+        for study in studies:
+            results.commit(st, study, results.build(study))
+        worker = _worker(st, orthanc, results, watch, threading.Event())
+        t = time.perf_counter()
+        while worker.step(time.time()):
+            pass
+        elapsed = time.perf_counter() - t
+        assert st.pacs_depth() == 0, worker.last_error
+    finally:
+        st.close()
+    return n / elapsed
+
+
+def _worker(
+    st: Store, orthanc: Orthanc, results: Results, watch: Path, stop: threading.Event
+) -> PacsWorker:
+    return PacsWorker(
+        st,
+        settings(orthanc),
+        concepts={f.code: f.concept for f in results.findings},
+        agent="bench/box",
+        watch_dir=watch,
+        stop=stop,
+    )
+
+
+def mqtt_latency(
+    broker: Mosquitto,
+    orthanc: Orthanc | None,
+    results: Results,
+    workdir: Path,
+    rate: float,
+    duration: float,
+    seed: int,
+) -> dict[str, Any]:
+    label = "pacs-on" if orthanc is not None else "pacs-off"
+    rng = np.random.default_rng(seed)
+    offsets = arrivals(rate, duration, rng)
+    st = Store(workdir / f"{label}.sqlite3", pacs_levels=ALL_LEVELS if orthanc else ())
+    watch = workdir / f"watch-{label}"
+    stop = threading.Event()
+    thread = None
+    try:
+        warm = results.prepare(st, 5)
+        studies = results.prepare(st, len(offsets))
+        write_sources(results, warm + studies, watch, seed)  # the same work either way
+        if orthanc is not None:
+            worker = _worker(st, orthanc, results, watch, stop)
+            thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
+            thread.start()
+        with publishing(broker, st, results, label) as (publisher, outbox):
+            drive(results, st, publisher, outbox, warm, [0.02 * i for i in range(5)], 10.0)
+            run = drive(results, st, publisher, outbox, studies, offsets, 60.0)
+        sr_drain = math.nan
+        if orthanc is not None:
+            t = time.monotonic()
+            while st.pacs_depth() and time.monotonic() - t < 120:
+                time.sleep(0.05)
+            sr_drain = time.monotonic() - t
+        depth = st.pacs_depth()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(10)
+        st.close()
+    return {"label": label, **summarise(run["traces"]), "sr_left": depth, "sr_drain": sr_drain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rate", type=float, default=20.0, help="studies per second (20)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per run (20)")
+    parser.add_argument("--builds", type=int, default=200, help="SR builds (200)")
+    parser.add_argument("--stores", type=int, default=100, help="C-STOREs (100)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.builds, args.stores = 1.5, 10, 5
+    bundle = load_bundle(demo_bundle_path())
+    results = Results(bundle, "bench", args.seed)
+    lost = False
+    with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
+        workdir = Path(tmp)
+        print("SR build (build_sr, in memory)          median ms   p95 ms")
+        for what, (p50, p95) in sr_build(results, args.builds).items():
+            print(f"  {what:<38}{p50:9.2f}{p95:9.2f}")
+        orthanc = Orthanc(workdir / "orthanc")
+        orthanc.start()
+        broker = Mosquitto(workdir / "broker").start()
+        try:
+            rate = cstore(orthanc, results, args.stores)
+            print(f"C-STORE to Orthanc, one association each: {rate:.1f} SR/s ({args.stores} SRs)")
+            rate = worker_throughput(orthanc, results, workdir, args.stores)
+            print(f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s")
+            print(
+                f"MQTT commit -> PUBACK at {args.rate:g} studies/s for {args.duration:g} s"
+                "      p50     p95     p99     max ms   SRs left  SR drain s"
+            )
+            for peer in (None, orthanc):
+                r = mqtt_latency(
+                    broker, peer, results, workdir, args.rate, args.duration, args.seed
+                )
+                lost |= r["lost"] > 0 or r["sr_left"] > 0
+                print(
+                    f"  {r['label']:<12}{'':<40}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
+                    f"{r['puback_p99']:8.1f}{r['puback_max']:8.1f}{r['sr_left']:9d}"
+                    f"{r['sr_drain']:10.1f}"
+                )
+        finally:
+            broker.stop()
+            orthanc.stop()
+    print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""C-ECHO and C-STORE to the site's PACS (pynetdicom SCU), with a clear reason for a refusal.
+
+Every failure is a :class:`PacsError` whose ``reason`` an operator can act on (it reaches the
+log, ``edge-agent status`` and ``edge-agent check``; it never holds patient data) and whose
+``retry`` says whether trying the same object again later can succeed:
+
+* the connection refused or timed out, the association aborted or rejected transiently, a
+  C-STORE status "out of resources" (0xA7xx) or a peer that went away mid-transfer:
+  ``retry=True`` (the PACS is down or busy; the object will be sent again unchanged);
+* the association rejected permanently (called or calling AE title not recognised), the SR's
+  SOP class not accepted, a C-STORE status "does not match SOP class" (0xA9xx), "cannot
+  understand" (0xCxxx) or another failure: ``retry=False`` until the PACS's configuration
+  changes (the caller still retries, slowly, so a fixed PACS gets everything).
+
+A C-STORE warning status (0xB000, 0xB006, 0xB007) means stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from ..config import PacsSettings
+
+logger = logging.getLogger(__name__)
+
+_WARNINGS = {0xB000, 0xB006, 0xB007}
+
+
+class PacsError(Exception):
+    """The PACS did not take it; ``reason`` says why, ``retry`` whether a retry may help."""
+
+    def __init__(self, reason: str, *, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str
+    timeout: float
+    tls: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_settings(cls, pacs: PacsSettings) -> Peer:
+        return cls(
+            host=pacs.host,
+            port=pacs.port,
+            called_ae=pacs.called_ae,
+            calling_ae=pacs.calling_ae,
+            timeout=pacs.timeout_seconds,
+            tls=tls_context(pacs),
+        )
+
+    @property
+    def where(self) -> str:
+        return f"{self.called_ae}@{self.host}:{self.port}"
+
+
+def tls_context(pacs: PacsSettings) -> ssl.SSLContext | None:
+    """A client TLS context from ``tls_ca`` (and the optional client pair), or None."""
+    if pacs.tls_ca is None:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pacs.tls_ca))
+        if pacs.tls_cert is not None and pacs.tls_key is not None:
+            context.load_cert_chain(str(pacs.tls_cert), str(pacs.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise PacsError(f"TLS files: {exc}", retry=False) from exc
+    return context
+
+
+def _rejection(primitive: Any) -> str:
+    kind = "permanently" if primitive.result == 0x01 else "transiently"
+    return f"association rejected {kind} by the {primitive.source_str}: {primitive.reason_str}"
+
+
+def _associate(peer: Peer, contexts: list[tuple[str, list[str] | None]]) -> Association:
+    ae = AE(ae_title=peer.calling_ae)
+    ae.acse_timeout = peer.timeout
+    ae.dimse_timeout = peer.timeout
+    ae.network_timeout = peer.timeout
+    ae.connection_timeout = peer.timeout
+    for sop_class, syntaxes in contexts:
+        if syntaxes is None:
+            ae.add_requested_context(sop_class)
+        else:
+            ae.add_requested_context(sop_class, syntaxes)
+    received: list[Any] = []
+    opened: list[bool] = []
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.called_ae,
+        tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
+        evt_handlers=[
+            (evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive)),
+            (evt.EVT_CONN_OPEN, lambda event: opened.append(True)),
+        ],
+    )
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        rejected = [p for p in received if getattr(p, "result", None) in (0x01, 0x02)]
+        if rejected:
+            raise PacsError(_rejection(rejected[-1]), retry=rejected[-1].result == 0x02)
+        raise PacsError("association rejected", retry=False)
+    if any(getattr(p, "result", None) == 0x00 for p in received):
+        # Accepted, but no presentation context: pynetdicom aborts at once.
+        raise PacsError(
+            f"{peer.where} does not accept "
+            + ", ".join(_context_words(c, ts) for c, ts in contexts)
+            + ": enable it on the PACS",
+            retry=False,
+        )
+    if not opened:
+        raise PacsError(
+            f"cannot connect to {peer.host}:{peer.port} (connection refused or timed out)",
+            retry=True,
+        )
+    if assoc.is_aborted:
+        raise PacsError(f"association aborted by {peer.where}", retry=True)
+    raise PacsError(f"no answer to the association request from {peer.where}", retry=True)
+
+
+def _context_words(sop_class: str, syntaxes: list[str] | None) -> str:
+    uid = UID(sop_class)
+    words = f"the SOP class {uid.name} ({uid})"
+    if syntaxes:
+        words += " in transfer syntax " + " or ".join(UID(ts).name for ts in syntaxes)
+    return words
+
+
+def echo(peer: Peer, *, sop_classes: tuple[str, ...] = ()) -> None:
+    """C-ECHO: raises :class:`PacsError` unless the PACS answers with success and, for each
+    of ``sop_classes``, accepts a presentation context (in any transfer syntax offered)."""
+    contexts: list[tuple[str, list[str] | None]] = [(Verification, None)]
+    assoc = _associate(peer, contexts + [(c, None) for c in sop_classes])
+    try:
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        refused = [c for c in sop_classes if c not in accepted]
+        if refused:
+            raise PacsError(
+                f"{peer.where} does not accept "
+                + ", ".join(_context_words(c, None) for c in refused)
+                + ": enable it on the PACS",
+                retry=False,
+            )
+        status = assoc.send_c_echo()
+        if not status or "Status" not in status:
+            raise PacsError("no answer to C-ECHO (association closed)", retry=True)
+        if status.Status != 0x0000:
+            raise PacsError(f"C-ECHO failed with status 0x{status.Status:04X}", retry=True)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def store(peer: Peer, ds: Dataset) -> None:
+    """C-STORE ``ds`` (in its own transfer syntax): returns when the PACS stored it, raises
+    :class:`PacsError` otherwise."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    assoc = _associate(peer, [(ds.SOPClassUID, [syntax])])
+    try:
+        status = assoc.send_c_store(ds)
+        if not status or "Status" not in status:
+            raise PacsError("no answer to C-STORE (association closed or timed out)", retry=True)
+        code = int(status.Status)
+        if code == 0x0000 or code in _WARNINGS:
+            if code:
+                logger.info("PACS stored the SR with warning status 0x%04X", code)
+            return
+        raise PacsError(_store_failure(code), retry=_retryable(code))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _retryable(code: int) -> bool:
+    return code & 0xFF00 == 0xA700 or code == 0x0110
+
+
+def _store_failure(code: int) -> str:
+    """The status's meaning. The PACS's Error Comment is left out: free text from the PACS
+    may quote the data set (a patient name in a mismatch message), and the reason reaches
+    the log, ``edge-agent status`` and the MQTT status message."""
+    if code & 0xFF00 == 0xA700:
+        what = "refused: out of resources"
+    elif code & 0xFF00 == 0xA900:
+        what = "error: data set does not match SOP class"
+    elif code & 0xF000 == 0xC000:
+        what = "error: cannot understand"
+    elif code == 0x0122:
+        what = "refused: SOP class not supported"
+    elif code == 0x0124:
+        what = "refused: not authorised"
+    else:
+        what = "failed"
+    return f"C-STORE {what} (status 0x{code:04X})"
