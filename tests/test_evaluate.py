@@ -432,3 +432,18 @@ def test_prevalence_parser_takes_code_equals_fraction_or_says_why(text: str) -> 
         return
     assert code and code == code.strip() and 0 < p < 1
     assert text.split("=", 1)[0].strip() == code
+
+
+def test_a_report_folder_that_is_not_empty_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """A validation report a hospital signed is not replaced by a second run by accident."""
+    out = tmp_path / "signed"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    run = run_cli(
+        ["evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+         "--out", out]
+    )  # fmt: skip
+    assert run.code == 2 and "--out" in run.err and "--overwrite" in run.err, run.err
+    assert (out / "report.json").read_text() == "{}"

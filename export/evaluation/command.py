@@ -580,6 +580,11 @@ def evaluate(
         _check_out(Path(bundle_dir), revision[0], overwrite)  # before all the work
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        # A signed validation report is not replaced by accident (checked before the work).
+        raise ConfigError(
+            "--out", f"{out} is not empty (an earlier report?): choose a new folder or --overwrite"
+        )
     if settings.prevalence:
         unknown = sorted(set(settings.prevalence) - set(bundle.finding_codes))
         if unknown:
@@ -814,7 +819,11 @@ def register(sub: Any) -> None:
         default=0.95,
         help="target sensitivity of --write-bundle's review thresholds (default 0.95)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --write-bundle")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out folder and replace an existing --write-bundle",
+    )
     p.add_argument(
         "--resamples",
         type=_int_at_least(100),
