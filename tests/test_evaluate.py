@@ -4,12 +4,9 @@ through the real CLI; the page checked in headless Chromium with the network cut
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
-import logging
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("jsonschema")
 
 import jsonschema
+from helpers.export_cli import Run, run_cli, write_labels
 from sklearn.metrics import roc_auc_score
 
 from edge_agent.bundle import load_bundle
@@ -41,34 +39,6 @@ DEMO = demo_bundle_path()
 HEADER = ["study_instance_uid", *FINDINGS]
 SCHEMA = Path(__file__).parents[1] / "export" / "evaluation" / "report.schema.json"
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(args: Sequence[object]) -> Run:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in args])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return Run(code, out.getvalue(), err.getvalue())
-
-
-def write_labels(path: Path, rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @dataclass(frozen=True)
@@ -91,7 +61,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
         for i in (j, 10 + j, 20 + j):
             rows[i][1 + j] = "0" if rows[i][1 + j] == "1" else "1"
     rows[-1][1] = ""  # unknown: left out for that finding only
-    return Dataset(root / "dicom", write_labels(root / "labels.csv", rows), rows)
+    return Dataset(root / "dicom", write_labels(root / "labels.csv", HEADER, rows), rows)
 
 
 @dataclass(frozen=True)
@@ -220,20 +190,20 @@ def _bad(dataset: Dataset, tmp_path: Path, labels: Path, data: Path | None = Non
 
 def test_labels_for_studies_not_in_the_folder_are_listed(dataset: Dataset, tmp_path: Path) -> None:
     stray = "1.2.3.4.5.6.7"
-    labels = write_labels(tmp_path / "l.csv", [*dataset.rows, [stray, "1", "0"]])
+    labels = write_labels(tmp_path / "l.csv", HEADER, [*dataset.rows, [stray, "1", "0"]])
     run = _bad(dataset, tmp_path, labels)
     assert "1 labelled studies have no instance" in run.err and stray in run.err
 
 
 def test_studies_without_labels_are_listed(dataset: Dataset, tmp_path: Path) -> None:
-    labels = write_labels(tmp_path / "l.csv", dataset.rows[1:])
+    labels = write_labels(tmp_path / "l.csv", HEADER, dataset.rows[1:])
     run = _bad(dataset, tmp_path, labels)
     assert "1 studies in" in run.err and dataset.rows[0][0] in run.err
 
 
 def test_a_column_that_is_not_a_finding_is_named(dataset: Dataset, tmp_path: Path) -> None:
     labels = write_labels(
-        tmp_path / "l.csv", [[*r, "0"] for r in dataset.rows], [*HEADER, "fracture"]
+        tmp_path / "l.csv", [*HEADER, "fracture"], [[*r, "0"] for r in dataset.rows]
     )
     assert "'fracture' is not a finding" in _bad(dataset, tmp_path, labels).err
 
@@ -241,7 +211,7 @@ def test_a_column_that_is_not_a_finding_is_named(dataset: Dataset, tmp_path: Pat
 def test_a_value_that_is_not_a_label_is_named(dataset: Dataset, tmp_path: Path) -> None:
     rows = [list(r) for r in dataset.rows]
     rows[4][2] = "2"
-    run = _bad(dataset, tmp_path, write_labels(tmp_path / "l.csv", rows))
+    run = _bad(dataset, tmp_path, write_labels(tmp_path / "l.csv", HEADER, rows))
     assert "line 6, column 'lung_nodule': '2' is not a label" in run.err
 
 

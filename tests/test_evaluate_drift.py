@@ -4,12 +4,7 @@ baseline report; a planted shift is reported, an unchanged stream is not."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
-import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,11 +13,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
+from helpers.export_cli import run_cli, write_labels
+
 from edge_agent.bundle import load_bundle
 from edge_agent.service import demo_bundle_path
 from edge_agent.simulate import FINDINGS, simulate
 from edge_agent.store import InstanceRecord, Message, Store
-from export.cli import main
 from export.evaluation.command import EvaluateSettings, read_input, score_scan
 
 pytestmark = pytest.mark.export
@@ -31,30 +27,14 @@ DEMO = demo_bundle_path()
 DAY = 86400.0
 
 
-def run_cli(args: Sequence[object]) -> tuple[int, str, str]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in args])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return code, out.getvalue(), err.getvalue()
-
-
 def simulated(folder: Path, studies: int, abnormal: float, seed: int) -> tuple[Path, Path]:
     sims = simulate(
         folder / "dicom", studies=studies, abnormal=abnormal, seed=seed, rows=256, cols=256
     )
-    labels = folder / "labels.csv"
-    with labels.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["study_instance_uid", *FINDINGS])
-        for s in sims:
-            writer.writerow([s.study_instance_uid, *("1" if s.truth[c] else "0" for c in FINDINGS)])
-    return folder / "dicom", labels
+    rows = [[s.study_instance_uid, *("1" if s.truth[c] else "0" for c in FINDINGS)] for s in sims]
+    return folder / "dicom", write_labels(
+        folder / "labels.csv", ["study_instance_uid", *FINDINGS], rows
+    )
 
 
 def state_with_results(folder: Path, data: Path, labels: Path) -> Path:

@@ -3,11 +3,7 @@ simulated studies, through the real CLI, judged with the daemon's own loader and
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import io
-import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +18,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tqdm")
 
+from helpers.export_cli import Run, run_cli, write_labels
+
 from edge_agent.bundle import LinearProbeHead, load_bundle
 from edge_agent.profiles import Profile
 from edge_agent.runners import open_runner
@@ -30,7 +28,6 @@ from edge_agent.service import demo_bundle_path
 from edge_agent.simulate import FINDINGS, simulate
 from edge_agent.store import StudyRow
 from edge_agent.triage import Head
-from export.cli import main
 from export.probe import scan_data
 
 pytestmark = pytest.mark.export
@@ -38,28 +35,6 @@ pytestmark = pytest.mark.export
 DEMO = demo_bundle_path()
 STUDIES = 40
 HEADER = ["study_instance_uid", *FINDINGS]
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(args: Sequence[str]) -> Run:
-    """``edge-export`` in this process, its stdout and stderr (logs included) captured; the
-    root logger is restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in args])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return Run(code, out.getvalue(), err.getvalue())
 
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
@@ -71,14 +46,6 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def write_labels(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @dataclass(frozen=True)
