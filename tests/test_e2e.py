@@ -23,6 +23,7 @@ from helpers.daemon import (
     assert_no_phi,
     check_payload,
     resolve_file_id,
+    write_agent_config,
 )
 
 from edge_agent.devbroker import Mosquitto
@@ -34,15 +35,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def road(tmp_path: Path) -> Iterator[tuple[Path, Daemon, Collector, Mosquitto]]:
     watch = tmp_path / "incoming"
-    watch.mkdir()
     broker = Mosquitto(tmp_path / "broker").start()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'watch_dir = "{watch}"\nstate_dir = "{tmp_path / "state"}"\nprofile = "x86-cpu"\n'
-        f'site = "{SITE}"\ndevice_id = "{DEVICE}"\nstudy_quiet_seconds = 1.5\n'
-        f"[intake]\npoll_interval_seconds = 0.2\nfile_stable_seconds = 0.3\n"
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nstatus_interval_seconds = 2\n'
-    )
+    config = write_agent_config(tmp_path, broker, site=SITE, device_id=DEVICE)
     daemon = Daemon(config, tmp_path / "agent.log")
     collector = Collector(broker.host, broker.port)
     daemon.start()

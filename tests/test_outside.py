@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers.daemon import MATRIX, SITE, Collector, Daemon, resolve_file_id
+from helpers.daemon import MATRIX, SITE, Collector, Daemon, resolve_file_id, write_agent_config
 
 from edge_agent.devbroker import Mosquitto
 from edge_agent.simulate import simulate
@@ -47,15 +47,13 @@ def daemon(
 ) -> Iterator[tuple[Path, Daemon, Collector, bool]]:
     publish_paths: bool = request.param
     watch = tmp_path / "incoming"
-    watch.mkdir()
     broker = Mosquitto(tmp_path / "broker").start()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'watch_dir = "{watch}"\nstate_dir = "{tmp_path / "state"}"\nprofile = "x86-cpu"\n'
-        f'site = "{SITE}"\ndevice_id = "box-1"\nstudy_quiet_seconds = 1.5\n'
-        f"[intake]\npoll_interval_seconds = 0.2\nfile_stable_seconds = 0.3\n"
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nstatus_interval_seconds = 2\n'
-        f"[phi]\npublish_paths = {str(publish_paths).lower()}\n"
+    config = write_agent_config(
+        tmp_path,
+        broker,
+        site=SITE,
+        device_id="box-1",
+        extra=f"[phi]\npublish_paths = {str(publish_paths).lower()}\n",
     )
     agent = Daemon(config, tmp_path / "agent.log")
     collector = Collector(broker.host, broker.port)

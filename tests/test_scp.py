@@ -30,6 +30,7 @@ from helpers.daemon import (
     assert_no_phi,
     check_payload,
     resolve_file_id,
+    write_agent_config,
 )
 from pydantic import ValidationError
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
@@ -549,18 +550,15 @@ def test_check_reports_whether_the_port_can_be_bound(
 
 @pytest.fixture
 def scp_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Collector, int, Path]]:
-    watch = tmp_path / "incoming"
-    watch.mkdir()
     broker = Mosquitto(tmp_path / "broker").start()
     port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'watch_dir = "{watch}"\nstate_dir = "{tmp_path / "state"}"\nprofile = "x86-cpu"\n'
-        f'site = "{SITE}"\ndevice_id = "box-1"\nstudy_quiet_seconds = 1.5\n'
-        f"[intake]\npoll_interval_seconds = 0.2\nfile_stable_seconds = 0.3\n"
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nstatus_interval_seconds = 2\n'
-        f'[scp]\nenabled = true\nbind_address = "{HOST}"\nport = {port}\n'
-        f'allowed_calling_aes = ["{MODALITY}"]\n'
+    config = write_agent_config(
+        tmp_path,
+        broker,
+        site=SITE,
+        device_id="box-1",
+        extra=f'[scp]\nenabled = true\nbind_address = "{HOST}"\nport = {port}\n'
+        f'allowed_calling_aes = ["{MODALITY}"]\n',
     )
     daemon = Daemon(config, tmp_path / "agent.log")
     collector = Collector(broker.host, broker.port)

@@ -17,6 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from helpers.brokers import Mosquitto
 from helpers.polling import wait_until
 
 SITE, DEVICE = "e2e-site", "box-1"
@@ -29,6 +30,25 @@ MATRIX = {"rows": 640, "cols": 520}
 
 
 PHI_MARKERS = ("SIMULATED^", "PatientName", "BirthDate")
+
+
+def write_agent_config(
+    tmp_path: Path, broker: Mosquitto, *, site: str, device_id: str, extra: str = ""
+) -> Path:
+    """``tmp_path/agent.toml`` for a real daemon in a test: ``tmp_path/incoming`` (made
+    here) watched by polling every 0.2 s, files stable after 0.3 s, a study complete 1.5 s
+    after its last instance, the status refreshed every 2 s; ``extra`` (TOML) appended."""
+    watch = tmp_path / "incoming"
+    watch.mkdir(exist_ok=True)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'watch_dir = "{watch}"\nstate_dir = "{tmp_path / "state"}"\nprofile = "x86-cpu"\n'
+        f'site = "{site}"\ndevice_id = "{device_id}"\nstudy_quiet_seconds = 1.5\n'
+        f"[intake]\npoll_interval_seconds = 0.2\nfile_stable_seconds = 0.3\n"
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nstatus_interval_seconds = 2\n'
+        f"{extra}"
+    )
+    return config
 
 
 @dataclass
