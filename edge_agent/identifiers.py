@@ -1,6 +1,6 @@
 """The rules for identifiers that come from outside and end up in names: MQTT topic segments
-and file ids here, DICOM UIDs in :mod:`edge_agent.dicom.uid` (re-exported: ``uid_problem``,
-``valid_uid``). Every place that builds a topic asks here; nothing else decides.
+and file ids here; DICOM UIDs follow :mod:`edge_agent.dicom.uid`. Every place that builds a
+topic asks here; nothing else decides.
 
 **Topic segment** (``site``, ``device_id``, each level of ``mqtt.topic_prefix``): one or
 more of ``A-Z a-z 0-9 _ -``, the whole value. A topic level that is a UID (``P/study/<UID>``)
@@ -21,22 +21,18 @@ import hashlib
 import hmac
 import re
 
-from .dicom.uid import UID_MAX_LENGTH, UID_PADDING, uid_problem, valid_uid
+from .dicom.uid import valid_uid
 
 __all__ = [
     "FILE_ID_KEY",
     "FILE_ID_LENGTH",
     "SEGMENT_CHARS",
-    "UID_MAX_LENGTH",
-    "UID_PADDING",
     "file_id",
     "is_file_id",
     "is_topic_segment",
     "topic",
     "topic_prefix",
     "topic_segment",
-    "uid_problem",
-    "valid_uid",
 ]
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 SEGMENT_CHARS = "letters, digits, '_' and '-'"

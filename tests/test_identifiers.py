@@ -15,16 +15,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from edge_agent.config import load_settings
+from edge_agent.dicom.uid import UID_MAX_LENGTH, uid_problem, valid_uid
 from edge_agent.errors import ConfigError, InputRejected
 from edge_agent.identifiers import (
-    UID_MAX_LENGTH,
     file_id,
     is_file_id,
     topic,
     topic_prefix,
     topic_segment,
-    uid_problem,
-    valid_uid,
 )
 from edge_agent.intake.header import read_header
 from edge_agent.simulate import simulate

@@ -21,9 +21,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.config import load_settings
-from edge_agent.errors import ConfigError, InputRejected
-from edge_agent.identifiers import file_id
-from edge_agent.intake.instance_file import (
+from edge_agent.dicom.instance_file import (
     FileChanged,
     FileGone,
     FileProblem,
@@ -32,6 +30,8 @@ from edge_agent.intake.instance_file import (
     read_dataset,
     refusal,
 )
+from edge_agent.errors import ConfigError, InputRejected
+from edge_agent.identifiers import file_id
 from edge_agent.intake.watcher import ReadyFile
 from edge_agent.narrative import NarrativeWorker
 from edge_agent.service import Agent

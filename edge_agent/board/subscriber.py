@@ -31,7 +31,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ..config import Settings
-from ..identifiers import is_topic_segment, valid_uid
+from ..dicom.uid import valid_uid
+from ..identifiers import is_topic_segment
 from ..mqtt.client import (
     CONTENT_TYPE,
     RECONNECT_MAX_SECONDS,

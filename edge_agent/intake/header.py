@@ -129,7 +129,7 @@ def read_header(
     """Read the header only (no pixel data). Raises InputRejected / Skipped with a reason.
 
     ``path`` is relative to ``root`` (or, without ``root``, a file in its folder), opened as
-    :func:`~edge_agent.intake.instance_file.open_instance` does: links are never followed,
+    :func:`~edge_agent.dicom.instance_file.open_instance` does: links are never followed,
     only a regular file is read and, with ``seen``, only the one the watcher saw. An error
     of the operating system raises :class:`FileUnreadable` (the intake retries it)."""
     if root is None:

@@ -499,7 +499,7 @@ class ReceivedFolder:
     table, instances, file_id) by its absolute path, as state databases have always held
     received files: a path relative to the receive folder would collide with a watch-folder
     path of the same name, and the absolute one tells the scorer and the narrative worker
-    which folder to open it in (:mod:`edge_agent.intake.instance_file` opens an absolute
+    which folder to open it in (:mod:`edge_agent.dicom.instance_file` opens an absolute
     path from its own folder). A file handed out stays queued until it is marked handled.
     """
 

@@ -3,7 +3,7 @@
 :func:`parse_ack` turns a message into an :class:`Ack` or refuses it with a short reason:
 bounded payload (:data:`MAX_ACK_BYTES`), JSON of bounded depth, an ``alert_id`` of the shape
 the agent gives its results (``results.is_alert_id``), a topic level that is a DICOM UID
-(``identifiers.valid_uid``), and
+(``dicom.uid.valid_uid``), and
 ``by``/``at`` as short text with control characters escaped (that is all that is stored).
 
 :class:`AckLog` counts acks and keeps a flood of bad or unknown ones out of the log: the
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..identifiers import valid_uid
+from ..dicom.uid import valid_uid
 from ..results import is_alert_id
 from ..text import printable
 

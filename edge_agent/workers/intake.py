@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..dicom.instance_file import FileChanged, FileGone, FileUnreadable, NotRegularFile
 from ..errors import EdgeTriageError, InputRejected, describe
 from ..intake.header import Skipped, read_header
-from ..intake.instance_file import FileChanged, FileGone, FileUnreadable, NotRegularFile
 from ..intake.scp import ReceivedFolder
 from ..intake.watcher import FolderWatcher, ReadyFile
 from ..store import Store

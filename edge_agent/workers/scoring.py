@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..dicom.uid import uid_problem, valid_uid
 from ..errors import EdgeTriageError, describe
-from ..identifiers import uid_problem, valid_uid
 from ..logs import fields
 from ..results import StudyResult
 from ..scoring import Scorer

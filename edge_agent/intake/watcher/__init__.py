@@ -41,7 +41,7 @@ out of the watch folder): copy files in, do not link them. A link, FIFO, socket 
 handed out like a file, with ``ReadyFile.refused`` saying why it is not read, so that the
 daemon reports it (once: it is marked handled with its own size, mtime and inode, and is
 handed out again only when it changes). Files are opened by
-:mod:`edge_agent.intake.instance_file`, which checks again on the open descriptor what was
+:mod:`edge_agent.dicom.instance_file`, which checks again on the open descriptor what was
 seen here. A file that could not be read (permission, I/O) is handed out again after a
 back-off (:meth:`FolderWatcher.retry_later`). Names are Unicode; a name that is not valid
 UTF-8 cannot be recorded or reported and is skipped with a warning.
