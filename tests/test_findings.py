@@ -93,6 +93,33 @@ review_threshold = 0.5
     assert "pneumothorax: no concept" not in caplog.text
 
 
+def test_a_radlex_concept_loads(tmp_path: Path) -> None:
+    text = """
+[[finding]]
+code = "consolidation"
+label = "Consolidation"
+present = ["consolidation"]
+review_threshold = 0.5
+concept = { scheme = "RADLEX", value = "RID43255", meaning = "Consolidation" }
+"""
+    (finding,) = load_findings(write(tmp_path, text))
+    assert finding.concept is not None
+    assert (finding.concept.scheme, finding.concept.value) == ("RADLEX", "RID43255")
+
+
+def test_shipped_findings_are_coded_except_pneumoperitoneum(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Only pneumoperitoneum lacks a verified SNOMED CT / RadLex code (docs/pacs.md).
+    with caplog.at_level("WARNING", logger="export.findings"):
+        cxr = load_findings(default_findings_path())
+        ct = load_findings(default_findings_path("ct-chest"))
+    assert [f.code for f in cxr + ct if f.concept is None] == ["pneumoperitoneum"]
+    assert "pneumoperitoneum: no concept" in caplog.text
+    assert "lung_nodule: no concept" not in caplog.text
+    assert "consolidation: no concept" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "concept",
     [
