@@ -278,6 +278,10 @@ def test_every_shipped_finding_is_named_by_its_code_in_the_sr(tmp_path: Path) ->
     assert [line for line in lines if line.startswith("Error")] == []
     unknown = [line for line in lines if "Unrecognized defined term" in line]
     assert unknown and all(srmod.PRIVATE_SCHEME in line for line in unknown)
+    # dciodvfy warns about any private designator; the SR names ours where DICOM says
+    (identified,) = dcmread(path).CodingSchemeIdentificationSequence
+    assert identified.CodingSchemeDesignator == srmod.PRIVATE_SCHEME
+    assert identified.CodingSchemeResponsibleOrganization == "edge-triage"
     dump = dsrdump(path)
     assert '(RID43255,RADLEX,"Consolidation")' in dump
     assert '(309529002,SCT,"Lung mass")' in dump

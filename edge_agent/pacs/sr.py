@@ -221,6 +221,13 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
         software_versions=__version__,
     )
+    # The private designator is named where DICOM looks a designator up (SOP Common,
+    # Coding Scheme Identification Sequence), so a reader can tell whose codes they are.
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = "edge-triage triage codes"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [scheme]
     # Dates from the result, not the clock: a retry builds the same object.
     when = datetime.fromisoformat(result.timing.scored_at.replace("Z", "+00:00"))
     for prefix in ("Content", "Instance", "Series"):
