@@ -205,6 +205,7 @@ def test_state_database_of_schema_1_is_migrated(tmp_path: Path) -> None:
         " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL DEFAULT 1,"
         " alert_id TEXT, created_at REAL NOT NULL);"
         "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+        "ALTER TABLE results DROP COLUMN published_at;"
         "INSERT INTO results VALUES ('A1', '1.2', 1, 'review', x'7b7d', 1.0);"
         "INSERT INTO outbox (kind, topic, payload, alert_id, created_at)"
         " VALUES ('result', 'p/study/1.2', x'7b7d', 'A1', 1.0);"

@@ -6,9 +6,11 @@ would start it, with the demo bundle shipped in the package.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from helpers.daemon import (
     resolve_file_id,
     write_agent_config,
 )
+from helpers.polling import wait_until
 
 from edge_agent.devbroker import Mosquitto
 from edge_agent.simulate import simulate
@@ -66,6 +69,16 @@ def test_studies_flow_end_to_end_once_each(road: tuple[Path, Daemon, Collector, 
     online = collector.on("status")
     assert online and online[0]["state"] == "online"
     assert_no_phi(collector, daemon.log)
+    # each result's first PUBACK is in the state (time to notification is measured with it)
+    state = daemon.config.parent / "state" / "state.sqlite3"
+
+    def published() -> list[tuple[float, float | None]]:
+        with contextlib.closing(sqlite3.connect(f"file:{state}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT created_at, published_at FROM results").fetchall()
+
+    wait_until(lambda: all(p is not None for _, p in published()), 10, "PUBACK times stored")
+    assert len(published()) == 4
+    assert all(c <= p <= time.time() for c, p in published())  # type: ignore[operator]
 
 
 def test_garbage_files_are_rejected_and_the_daemon_goes_on(

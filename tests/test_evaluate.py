@@ -279,10 +279,56 @@ def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_pa
     assert "Against the reference" in (tmp_path / "r" / "index.html").read_text()
 
 
-def test_time_to_notification_from_the_state_database(dataset: Dataset, tmp_path: Path) -> None:
-    from helpers.status import make_state
+def _timed_state(folder: Path) -> Path:
+    """A state database of four studies with known times (the agent's clock):
+    1.2.3 urgent: instances at 100 and 103, result 110, PUBACK 115, acknowledged 145;
+    1.2.4 routine: instance 200, result 205, PUBACK 206;
+    1.2.5 urgent: instance 300, result 301, PUBACK 309, not acknowledged;
+    1.2.6 review: instance 400, result 404, no PUBACK yet."""
+    from helpers.status import result_payload
 
-    state = make_state(tmp_path / "state") / "state.sqlite3"
+    from edge_agent.store import InstanceRecord, Message, Store
+
+    path = folder / "state.sqlite3"
+    store = Store(path)
+    plan = {
+        "1.2.3": ("urgent", [100.0, 103.0], 110.0, 115.0, 145.0),
+        "1.2.4": ("routine", [200.0], 205.0, 206.0, None),
+        "1.2.5": ("urgent", [300.0], 301.0, 309.0, None),
+        "1.2.6": ("review", [400.0], 404.0, None, None),
+    }
+    try:
+        for uid, (level, received, stored, puback, ack) in plan.items():
+            for n, t in enumerate(received):
+                record = InstanceRecord(f"{uid}.{n}", uid, f"{uid}.9", "CR", "frontal")  # type: ignore[arg-type]
+                store.add_instance(f"{uid}.{n}.dcm", 10, 1, record, now=t)
+            (done,) = store.complete_quiet_studies(1.0, now=received[-1] + 1)
+            study = store.study(done)
+            assert study is not None
+            alert = f"alert-{uid}"
+            message = Message("result", f"p/study/{uid}", result_payload(level), alert)
+            states = {f"{uid}.{n}": ("scored", None) for n in range(len(received))}
+            assert store.commit_result(study, level, message, states, [], stored)  # type: ignore[arg-type]
+            if puback is not None:
+                (queued,) = [m for m in store.outbox_messages() if m.topic.endswith(uid)]
+                store.outbox_delete(queued.id)
+            if ack is not None:
+                assert store.acknowledge(uid, alert, "dr", "t") == "acknowledged"
+            conn = store._conn()
+            with conn:  # the clock of this test, not the wall clock
+                conn.execute(
+                    "UPDATE results SET published_at = ? WHERE alert_id = ?", (puback, alert)
+                )
+                conn.execute("UPDATE alerts SET ack_taken_at = ? WHERE alert_id = ?", (ack, alert))
+    finally:
+        store.close()
+    return path
+
+
+def test_time_to_notification_and_acknowledgement_from_the_state_database(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    state = _timed_state(tmp_path)
     run = run_cli(
         [
             "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
@@ -293,10 +339,55 @@ def test_time_to_notification_from_the_state_database(dataset: Dataset, tmp_path
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     ttn = report["time_to_notification"]
-    # make_state: study 1.2.3's first instance at t=100, its urgent result at t=201
-    assert (ttn["studies"], ttn["p50_s"], ttn["p95_s"], ttn["max_s"]) == (1, 101.0, 101.0, 101.0)
-    assert ttn["by_level"]["urgent"]["studies"] == 1
-    assert "p95 101.0 s" in run.out
+    # last instance received -> PUBACK: 12, 6 and 9 s; 1.2.6 has no PUBACK yet
+    assert (ttn["studies"], ttn["p50_s"], ttn["max_s"]) == (3, 9.0, 12.0)
+    assert ttn["p95_s"] == pytest.approx(float(np.percentile([12.0, 6.0, 9.0], 95)))
+    assert ttn["not_published"] == 1
+    received = ttn["stages"]["received_to_result"]  # 7, 5, 1, 4 s
+    assert (received["studies"], received["p50_s"], received["max_s"]) == (4, 4.5, 7.0)
+    puback = ttn["stages"]["result_to_puback"]  # 5, 1, 8 s
+    assert (puback["studies"], puback["p50_s"], puback["max_s"]) == (3, 5.0, 8.0)
+    assert ttn["by_level"]["urgent"]["studies"] == 2
+    assert ttn["by_level"]["urgent"]["max_s"] == 12.0
+    assert ttn["by_level"]["routine"]["p50_s"] == 6.0
+    tta = report["time_to_acknowledgement"]  # 1.2.3: PUBACK 115 -> ack 145
+    assert (tta["studies"], tta["p50_s"], tta["max_s"], tta["unacknowledged"]) == (1, 30.0, 30.0, 1)
+    assert "time to notification over 3 studies: p50 9.0 s" in run.out
+    assert "(1 not published yet)" in run.out
+    assert "time to acknowledgement over 1 urgent studies: p50 30.0 s" in run.out
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "urgent: PUBACK → acknowledged" in page and "received → result stored" in page
+
+
+def test_a_state_database_of_an_older_agent_gives_what_it_can(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """Schema 5 had no PUBACK or ack times: the stage it has is given, the rest is counted
+    as not published, and the database is not changed."""
+    import sqlite3
+
+    state = _timed_state(tmp_path)
+    with sqlite3.connect(state) as db:
+        db.executescript(
+            "ALTER TABLE results DROP COLUMN published_at;"
+            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
+            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
+        )
+    before = state.read_bytes()
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ttn = report["time_to_notification"]
+    assert (ttn["studies"], ttn["not_published"]) == (0, 4)
+    assert ttn["stages"]["received_to_result"]["studies"] == 4
+    assert report["time_to_acknowledgement"]["studies"] == 0
+    assert state.read_bytes() == before
 
 
 def test_a_missing_state_database_is_refused_before_any_work(

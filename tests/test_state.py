@@ -88,6 +88,41 @@ def test_acknowledged_flag_stays_acknowledged_in_its_narrative_revision(
     assert store.alert(alert_id(UID, 2, SHA))["state"] == "acknowledged"  # type: ignore[index]
 
 
+def test_first_puback_and_the_ack_are_recorded_by_the_agents_clock(
+    flagged: tuple[Store, NarrativeJob],
+) -> None:
+    """Time to notification and to acknowledgement (``edge-export evaluate --state``) are
+    measured from these two columns; a second PUBACK or ack does not move them."""
+    store, job = flagged
+    conn = store._conn()
+
+    def times() -> tuple[float | None, float | None]:
+        return conn.execute(
+            "SELECT r.published_at, a.ack_taken_at FROM results r "
+            "JOIN alerts a ON a.alert_id = r.alert_id WHERE r.alert_id = ?",
+            (job.alert_id,),
+        ).fetchone()
+
+    assert times() == (None, None)
+    before = time.time()
+    (message,) = store.outbox_messages()
+    store.outbox_delete(message.id)
+    published, _ = times()
+    assert published is not None and before <= published <= time.time()
+    store.outbox_delete(message.id)  # a second PUBACK of the same message
+    assert times()[0] == published
+    narrate(store, job)  # the narrative revision carries the alert on
+    assert store.acknowledge(UID, job.alert_id, "dr", "1999-01-01T00:00:00Z") == "acknowledged"
+    _, taken = times()
+    assert taken is not None and published <= taken <= time.time()  # not the dashboard's time
+    carried = conn.execute(
+        "SELECT ack_taken_at FROM alerts WHERE carried_from = ?", (job.alert_id,)
+    ).fetchone()[0]
+    assert carried == taken
+    assert store.acknowledge(UID, job.alert_id, "dr", "t") == "superseded"  # ack again
+    assert times() == (published, taken)
+
+
 def test_late_instance_drops_the_old_narrative(flagged: tuple[Store, NarrativeJob]) -> None:
     store, job = flagged
     record = InstanceRecord(f"{UID}.2", UID, f"{UID}.9", "CR", "lateral")
@@ -169,6 +204,8 @@ def test_status_reads_a_database_an_older_agent_wrote_without_changing_it(
             "ALTER TABLE outbox DROP COLUMN set_aside_at;"
             "ALTER TABLE outbox DROP COLUMN set_aside_reason;"
             "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+            "ALTER TABLE results DROP COLUMN published_at;"
+            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
             "INSERT INTO results VALUES ('A1', '1.2', 1, 'review', x'7b7d', 1.0);"
         )
     before = path.read_bytes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from typing import Literal
 
 from ..results import StudyResult
@@ -41,7 +42,8 @@ def add_result(
     ``replace``: a narrative revision's result is written over a crashed attempt's)."""
     verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
     cur = conn.execute(
-        f"{verb} INTO results VALUES (?, ?, ?, ?, ?, ?)",
+        f"{verb} INTO results (alert_id, study_instance_uid, revision, triage, payload, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?)",
         (alert_id, study_instance_uid, revision, triage, payload, now),
     )
     return cur.rowcount > 0
@@ -99,8 +101,8 @@ def carry_over(
     """The alert of ``flag`` (if any) goes on as ``msg``'s alert (a narrative revision):
     acknowledged stays acknowledged; notification goes on under the new alert id."""
     alert = conn.execute(
-        "SELECT state, notify_count, last_notified_at, acked_by, acked_at FROM alerts "
-        "WHERE alert_id = ?",
+        "SELECT state, notify_count, last_notified_at, acked_by, acked_at, ack_taken_at "
+        "FROM alerts WHERE alert_id = ?",
         (flag,),
     ).fetchone()
     if alert is None:
@@ -108,8 +110,8 @@ def carry_over(
     state = alert[0] if alert[0] != "superseded" else "pending"
     conn.execute(
         "INSERT OR REPLACE INTO alerts (alert_id, study_instance_uid, revision, topic, state, "
-        "notify_count, last_notified_at, acked_by, acked_at, created_at, carried_from) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "notify_count, last_notified_at, acked_by, acked_at, ack_taken_at, created_at, "
+        "carried_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (msg.alert_id, study_instance_uid, revision, msg.topic, state, *alert[1:], now, flag),
     )
     if alert[0] in LIVE_STATES:
@@ -128,8 +130,13 @@ def acknowledge(
         return "not an urgent alert"
     if row[0] == "acknowledged":
         return "already acknowledged"
+    # ``at`` is the dashboard's word; ``ack_taken_at`` is the agent's own clock, which time
+    # to acknowledgement is measured with: the first ack's, a repeated one does not move it.
+    taken = time.time()
     conn.execute(
-        "UPDATE alerts SET acked_by = ?, acked_at = ? WHERE alert_id = ?", (by, at, alert_id)
+        "UPDATE alerts SET acked_by = ?, acked_at = ?, "
+        "ack_taken_at = COALESCE(ack_taken_at, ?) WHERE alert_id = ?",
+        (by, at, taken, alert_id),
     )
     # A narrative revision carries the flag's alert on under a new alert id (and is never
     # narrated itself): an ack of either acknowledges both (the dashboard may ack the flag
@@ -147,9 +154,9 @@ def acknowledge(
         return "superseded"
     for a in live:
         conn.execute(
-            "UPDATE alerts SET state = 'acknowledged', acked_by = ?, acked_at = ? "
-            "WHERE alert_id = ?",
-            (by, at, a),
+            "UPDATE alerts SET state = 'acknowledged', acked_by = ?, acked_at = ?, "
+            "ack_taken_at = ? WHERE alert_id = ?",
+            (by, at, taken, a),
         )
         outbox.drop_renotification(conn, a)
     meta.count(conn, "acknowledged")

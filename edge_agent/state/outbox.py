@@ -165,18 +165,27 @@ def pending(conn: sqlite3.Connection, limit: int, exclude: Collection[int]) -> l
 
 
 def delete(conn: sqlite3.Connection, message_id: int) -> None:
-    """The broker acknowledged ``message_id``: it leaves (counted as published); an urgent
-    alert's re-notification clock starts now. A second PUBACK changes nothing."""
+    """The broker acknowledged ``message_id``: it leaves (counted as published); a result's
+    first PUBACK is recorded (``results.published_at``) and an urgent alert's
+    re-notification clock starts now. A second PUBACK changes nothing."""
     row = conn.execute("SELECT kind, alert_id FROM outbox WHERE id = ?", (message_id,)).fetchone()
     if row is None:
         return
     conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
     meta.count(conn, f"published_{row[0]}")
     if row[1] is not None:
+        now = time.time()
         conn.execute(
             "UPDATE alerts SET last_notified_at = ? WHERE alert_id = ? AND state = 'pending'",
-            (time.time(), row[1]),
+            (now, row[1]),
         )
+        if row[0] == "result":
+            # The first PUBACK of the result (time to notification); later copies (a
+            # re-sent duplicate) do not move it.
+            conn.execute(
+                "UPDATE results SET published_at = ? WHERE alert_id = ? AND published_at IS NULL",
+                (now, row[1]),
+            )
 
 
 def set_aside(conn: sqlite3.Connection, message_id: int, reason: str) -> bool:

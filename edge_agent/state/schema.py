@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS results (
     revision INTEGER NOT NULL,
     triage TEXT NOT NULL,
     payload BLOB NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    published_at REAL
 );
 CREATE INDEX IF NOT EXISTS results_study ON results (study_instance_uid, revision);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -92,7 +93,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     acked_by TEXT,
     acked_at TEXT,
     created_at REAL NOT NULL,
-    carried_from TEXT
+    carried_from TEXT,
+    ack_taken_at REAL
 );
 CREATE INDEX IF NOT EXISTS alerts_study ON alerts (study_instance_uid, revision);
 CREATE TABLE IF NOT EXISTS narratives (
@@ -136,6 +138,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 4 -> 5: the PACS destination (the pacs_outbox table, created by DDL): nothing else
     # changes; results stored before it are not sent to the PACS.
     4: (),
+    # 5 -> 6: when the broker first acknowledged a result (PUBACK) and when the agent took
+    # an alert's acknowledgement, by the agent's clock (time to notification and to
+    # acknowledgement, `edge-export evaluate --state`); NULL for what happened before.
+    5: (
+        "ALTER TABLE results ADD COLUMN published_at REAL",
+        "ALTER TABLE alerts ADD COLUMN ack_taken_at REAL",
+    ),
 }
 """Version n -> n + 1: the statements that make a database of version n one of n + 1."""
 

@@ -244,46 +244,83 @@ def compare_reference(
     }
 
 
-def time_to_notification(state_db: Path) -> dict[str, Any]:
-    """From a study's first instance received to its first result stored in the outbox
-    (seconds), read-only from the agent's state database: p50/p95/max over all studies
-    with a result, and by the first result's triage level."""
+def _summary(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"studies": 0, "p50_s": None, "p95_s": None, "max_s": None}
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "studies": len(values),
+        "p50_s": round(float(np.percentile(v, 50)), 3),
+        "p95_s": round(float(np.percentile(v, 95)), 3),
+        "max_s": round(float(v.max()), 3),
+    }
+
+
+def time_to_notification(state_db: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read only from the agent's state database, by the agent's clock, over each study's
+    first result: time to notification (its last instance received -> the result stored ->
+    the broker's first PUBACK of it; p50/p95/max of the whole and of each stage, and of the
+    whole by triage level) and time to acknowledgement (an urgent study's first
+    notification acknowledged by the broker -> the first acknowledgement the agent took).
+
+    A result with no PUBACK recorded (still queued, or stored by an agent older than state
+    schema 6) counts in ``not_published``; an urgent study not acknowledged, in
+    ``unacknowledged``."""
     import sqlite3
 
     from edge_agent.state.report import open_read_only
+    from edge_agent.state.schema import Layout
 
     try:
         conn = open_read_only(state_db)
         try:
-            rows = conn.execute(
-                "SELECT r.triage, r.created_at - s.first_instance_at FROM studies s "
-                "JOIN results r ON r.study_instance_uid = s.study_instance_uid "
+            layout = Layout.of(conn)
+            # an older agent's database lacks the columns: NULL in their place
+            published = "r.published_at" if layout.has("results", "published_at") else "NULL"
+            taken = "b.ack_taken_at" if layout.has("alerts", "ack_taken_at") else "NULL"
+            firsts = conn.execute(
+                "SELECT r.triage, COALESCE((SELECT MAX(i.received_at) FROM instances i "
+                "WHERE i.study_instance_uid = r.study_instance_uid "
+                "AND i.received_at <= r.created_at), s.last_instance_at), "
+                f"r.created_at, {published} FROM results r JOIN studies s "
+                "ON s.study_instance_uid = r.study_instance_uid "
                 "WHERE r.revision = (SELECT MIN(revision) FROM results "
-                "WHERE study_instance_uid = s.study_instance_uid)"
+                "WHERE study_instance_uid = r.study_instance_uid)"
+            ).fetchall()
+            acks = conn.execute(
+                f"SELECT {published}, (SELECT MIN({taken}) FROM alerts b "
+                "WHERE b.study_instance_uid = a.study_instance_uid) "
+                "FROM alerts a JOIN results r ON r.alert_id = a.alert_id "
+                "WHERE a.created_at = (SELECT MIN(created_at) FROM alerts "
+                "WHERE study_instance_uid = a.study_instance_uid)"
             ).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise ConfigError("--state", f"{state_db}: not a readable state database ({exc})") from exc
 
-    def summary(values: list[float]) -> dict[str, Any]:
-        if not values:
-            return {"studies": 0, "p50_s": None, "p95_s": None, "max_s": None}
-        v = np.asarray(values, dtype=np.float64)
-        return {
-            "studies": len(values),
-            "p50_s": round(float(np.percentile(v, 50)), 3),
-            "p95_s": round(float(np.percentile(v, 95)), 3),
-            "max_s": round(float(v.max()), 3),
-        }
-
-    out = summary([float(d) for _, d in rows])
-    out["by_level"] = {
-        level: summary([float(d) for t, d in rows if t == level])
-        for level in sorted({t for t, _ in rows})
+    whole = [(t, puback - received) for t, received, _, puback in firsts if puback is not None]
+    notification = _summary([d for _, d in whole])
+    notification["stages"] = {
+        "received_to_result": _summary([float(c - r) for _, r, c, _ in firsts]),
+        "result_to_puback": _summary([float(p - c) for _, _, c, p in firsts if p is not None]),
     }
-    out["measured"] = "first instance received -> first result stored for publishing"
-    return out
+    notification["by_level"] = {
+        level: _summary([d for t, d in whole if t == level])
+        for level in sorted({t for t, _ in whole})
+    }
+    notification["not_published"] = sum(1 for *_, p in firsts if p is None)
+    notification["measured"] = (
+        "last instance received -> result stored -> first PUBACK from the broker, "
+        "each study's first result, by the agent's clock"
+    )
+    acknowledgement = _summary([float(k - p) for p, k in acks if p is not None and k is not None])
+    acknowledgement["unacknowledged"] = sum(1 for _, k in acks if k is None)
+    acknowledgement["measured"] = (
+        "an urgent study's first notification acknowledged by the broker (PUBACK) -> the "
+        "first acknowledgement the agent took, by the agent's clock"
+    )
+    return notification, acknowledgement
 
 
 # --------------------------------------------------------------------------- statistics
@@ -575,7 +612,7 @@ def evaluate(
     _require_extra()
     bundle = load_bundle(bundle_dir)
     reference = load_bundle(reference_dir) if reference_dir is not None else None
-    notification = time_to_notification(state_db) if state_db is not None else None
+    timings = time_to_notification(state_db) if state_db is not None else None
     if revision is not None:
         _check_out(Path(bundle_dir), revision[0], overwrite)  # before all the work
     if out.exists() and not out.is_dir():
@@ -607,8 +644,8 @@ def evaluate(
     report["timings_s"]["statistics"] = round(time.perf_counter() - start, 3)
     if reference is not None:
         report["reference"] = compare_reference(reference, labels, scan, scored, settings)
-    if notification is not None:
-        report["time_to_notification"] = notification
+    if timings is not None:
+        report["time_to_notification"], report["time_to_acknowledgement"] = timings
     if revision is not None:
         report["revision"] = write_revision(
             bundle, report, revision[1], revision[0], overwrite=overwrite
@@ -652,6 +689,14 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"time to notification over {ttn['studies']} studies: p50 {ttn['p50_s']} s, "
             f"p95 {ttn['p95_s']} s, max {ttn['max_s']} s"
+            + (f" ({ttn['not_published']} not published yet)" if ttn["not_published"] else "")
+        )
+    tta = report.get("time_to_acknowledgement")
+    if tta is not None and (tta["studies"] or tta["unacknowledged"]):
+        lines.append(
+            f"time to acknowledgement over {tta['studies']} urgent studies: p50 "
+            f"{tta['p50_s']} s, p95 {tta['p95_s']} s, max {tta['max_s']} s"
+            f" ({tta['unacknowledged']} not acknowledged)"
         )
     not_scored = report["studies"]["not_scored"]
     if not_scored:
@@ -803,7 +848,8 @@ def register(sub: Any) -> None:
         "--state",
         type=Path,
         metavar="STATE_DB",
-        help="the agent's state database (read only): time to notification p50/p95/max",
+        help="the agent's state database (read only): time to notification and to "
+        "acknowledgement, p50/p95/max",
     )
     p.add_argument(
         "--write-bundle",

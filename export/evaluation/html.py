@@ -180,6 +180,9 @@ def write_html(out: Path, report: dict[str, Any], scored: Scored) -> None:
         for c, f in report["findings"].items()
     )
     demo = "<p class=demo>Demo bundle: not for clinical use.</p>" if model.get("demo") else ""
+    timing = _notification_html(
+        report.get("time_to_notification"), report.get("time_to_acknowledgement")
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -197,7 +200,7 @@ studies, seed {report["settings"]["seed"]}; rate intervals are Wilson 95%.</p>
 <table><tr><th class=l>level</th><th>abnormal</th><th>normal</th><th>unknown</th></tr>
 {conf_rows}</table>
 <h2>Not scored</h2>{not_scored_html}
-{_reference_html(report.get("reference"))}{_notification_html(report.get("time_to_notification"))}
+{_reference_html(report.get("reference"))}{timing}
 {"".join(sections)}
 </body></html>
 """
@@ -238,18 +241,34 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
     )
 
 
-def _notification_html(ttn: dict[str, Any] | None) -> str:
+def _notification_html(ttn: dict[str, Any] | None, tta: dict[str, Any] | None) -> str:
     if ttn is None:
         return ""
     e = html.escape
+
+    def row(name: str, v: dict[str, Any]) -> str:
+        return (
+            f"<tr><td class=l>{e(name)}</td><td>{v['studies']}</td><td>{_fmt(v['p50_s'])}</td>"
+            f"<td>{_fmt(v['p95_s'])}</td><td>{_fmt(v['max_s'])}</td></tr>"
+        )
+
+    stages = ttn["stages"]
     rows = "".join(
-        f"<tr><td class=l>{e(name)}</td><td>{v['studies']}</td><td>{_fmt(v['p50_s'])}</td>"
-        f"<td>{_fmt(v['p95_s'])}</td><td>{_fmt(v['max_s'])}</td></tr>"
-        for name, v in [("all", ttn), *ttn["by_level"].items()]
+        [
+            row("last instance received → PUBACK", ttn),
+            row("  received → result stored", stages["received_to_result"]),
+            row("  result stored → PUBACK", stages["result_to_puback"]),
+            *(row(f"  {level}", v) for level, v in ttn["by_level"].items()),
+        ]
     )
+    if tta is not None:
+        rows += row("urgent: PUBACK → acknowledged", tta)
+    notes = [f"{ttn['not_published']} studies' first result has no PUBACK recorded yet"]
+    if tta is not None:
+        notes.append(f"{tta['unacknowledged']} urgent studies not acknowledged")
     return (
-        "<h2>Time to notification (state database)</h2>"
-        f"<p>{e(ttn['measured'])}, seconds.</p>"
-        "<table><tr><th class=l>level</th><th>studies</th><th>p50</th><th>p95</th>"
+        "<h2>Time to notification and acknowledgement (state database)</h2>"
+        f"<p>{e(ttn['measured'])}; seconds. " + "; ".join(e(n) for n in notes) + ".</p>"
+        "<table><tr><th class=l>from → to</th><th>studies</th><th>p50</th><th>p95</th>"
         f"<th>max</th></tr>{rows}</table>"
     )
