@@ -24,9 +24,10 @@ pytest.importorskip("jsonschema")
 
 import jsonschema
 from helpers.export_cli import Run, run_cli, write_labels
-from sklearn.metrics import roc_auc_score
+from helpers.revised_bundle import revise_bundle, shifted_biases
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from edge_agent.bundle import load_bundle
+from edge_agent.bundle import CTInput, LinearProbeHead, load_bundle
 from edge_agent.service import demo_bundle_path
 from edge_agent.simulate import FINDINGS, simulate
 from export.cli import main
@@ -277,6 +278,140 @@ def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_pa
     assert (ref["studies"], ref["agreement"], ref["kappa"], ref["changed"]) == (40, 1.0, 1.0, [])
     assert "triage agreement 1.0" in run.out
     assert "Against the reference" in (tmp_path / "r" / "index.html").read_text()
+
+
+SHIFTS = {"pneumothorax": -3.0, "lung_nodule": 3.0}
+"""Logit moves of the disagreeing bundle: on the fixture's studies some urgent pneumothoraces
+drop to review or routine and some routine studies rise to review for a nodule."""
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo bundle with its head's biases moved by SHIFTS (same encoder, thresholds):
+    every study's score for a finding moves by exactly that many logits."""
+    out = tmp_path_factory.mktemp("shifted") / "bundle"
+    return revise_bundle(DEMO, out, version="0.1.0+shifted", head=shifted_biases(DEMO, SHIFTS))
+
+
+def test_a_reference_that_disagrees_names_exactly_the_studies_whose_level_changes(
+    dataset: Dataset, shifted: Path, tmp_path: Path
+) -> None:
+    before = _digest(DEMO)
+    out = tmp_path / "r"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", shifted, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", out, "--threads", "1", "--reference", DEMO, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert _digest(DEMO) == before
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ref = report["reference"]
+    assert ref["model"]["sha256"] == load_bundle(DEMO).sha256 != report["model"]["sha256"]
+
+    # each bundle's per-study levels and scores, computed here run by run
+    ours = score_studies(load_bundle(shifted), dataset.labels, dataset.data, EvaluateSettings())
+    theirs = score_studies(load_bundle(DEMO), dataset.labels, dataset.data, EvaluateSettings())
+    assert ours.study_uids == theirs.study_uids and ours.codes == theirs.codes
+    uids = ours.study_uids
+    old, new = theirs.levels, ours.levels
+    changed = {u: (a, b) for u, a, b in zip(uids, old, new, strict=True) if a != b}
+    assert 0 < len(changed) < len(uids)
+    assert {(a, b) for a, b in changed.values()} >= {("urgent", "review"), ("routine", "review")}
+    listed = {c["study_instance_uid"]: (c["reference"], c["level"]) for c in ref["changed"]}
+    assert listed == changed and len(ref["changed"]) == len(changed)
+
+    assert ref["studies"] == len(uids) == 40
+    agreement = 1 - len(changed) / len(uids)
+    assert ref["agreement"] == pytest.approx(agreement, abs=1e-4)
+    lo, hi = ref["agreement_ci95"]
+    assert lo < agreement < hi
+    assert ref["kappa"] == pytest.approx(cohen_kappa_score(old, new), abs=1e-4)
+    assert ref["kappa"] < 1
+    assert sum(n for row in ref["levels"].values() for n in row.values()) == len(uids)
+    assert sum(ref["levels"].get(x, {}).get(x, 0) for x in ref["levels"]) == len(uids) - len(
+        changed
+    )
+
+    for j, code in enumerate(ours.codes):
+        d = ours.scores[:, j] - theirs.scores[:, j]
+        # the construction: every study moved SHIFTS[code] logits (where rounding allows)
+        mid = (np.minimum(ours.scores[:, j], theirs.scores[:, j]) > 1e-3) & (
+            np.maximum(ours.scores[:, j], theirs.scores[:, j]) < 1 - 1e-3
+        )
+        assert mid.sum() >= 5
+        logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+        moved = logit(ours.scores[mid, j]) - logit(theirs.scores[mid, j])
+        assert moved == pytest.approx(SHIFTS[code], abs=0.01)
+        diff = ref["score_differences"][code]
+        assert diff["studies"] == len(uids)
+        assert diff["mean"] == pytest.approx(float(d.mean()), abs=1e-4)
+        assert diff["mean_abs"] == pytest.approx(float(np.abs(d).mean()), abs=1e-4)
+        assert diff["max_abs"] == pytest.approx(float(np.abs(d).max()), abs=1e-4)
+        assert np.sign(diff["mean"]) == np.sign(SHIFTS[code])
+        assert np.all(np.sign(d) * np.sign(SHIFTS[code]) >= 0)
+    for c in ref["changed"]:
+        i = uids.index(c["study_instance_uid"])
+        assert c["scores"] == {code: float(ours.scores[i, j]) for j, code in enumerate(ours.codes)}
+        assert c["reference_scores"] == {
+            code: float(theirs.scores[i, j]) for j, code in enumerate(ours.codes)
+        }
+
+    assert f"{len(changed)} studies change level" in run.out
+    page = (out / "index.html").read_text()
+    assert "Against the reference" in page and "Score differences" in page
+    assert all(u in page for u in changed)
+
+
+def _unlike(source: Path, out: Path, **changes: object) -> Path:
+    return revise_bundle(source, out, version="0.1.0+unlike", **changes)
+
+
+def _refused_reference(dataset: Dataset, tmp_path: Path, reference: Path) -> Run:
+    out = tmp_path / "r"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", out, "--threads", "1", "--reference", reference, "--resamples", "100",
+        ]
+    )  # fmt: skip
+    assert run.code == 2, (run.code, run.err)
+    assert "--reference" in run.err
+    assert not out.exists()
+    return run
+
+
+def test_a_reference_with_other_findings_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    spec = load_bundle(DEMO).manifest
+    head = spec.head
+    assert isinstance(head, LinearProbeHead)
+    only = spec.findings[0].code
+    reference = _unlike(
+        DEMO,
+        tmp_path / "one-finding",
+        findings=[spec.findings[0]],
+        head=head.model_copy(
+            update={"weights": {only: head.weights[only]}, "biases": {only: head.biases[only]}}
+        ),
+    )
+    run = _refused_reference(dataset, tmp_path, reference)
+    assert "lung_nodule" in run.err and "cannot be compared" in run.err, run.err
+
+
+def test_a_reference_scoring_a_finding_on_other_images_is_refused(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    spec = load_bundle(DEMO).manifest
+    findings = [spec.findings[0], spec.findings[1].model_copy(update={"modalities": ("CT",)})]
+    reference = _unlike(
+        DEMO, tmp_path / "ct-nodule", findings=findings, ct=CTInput(convention="lung_window")
+    )
+    run = _refused_reference(dataset, tmp_path, reference)
+    assert "lung_nodule" in run.err and "CT" in run.err, run.err
 
 
 def test_time_to_notification_from_the_state_database(dataset: Dataset, tmp_path: Path) -> None:

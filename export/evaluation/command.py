@@ -200,12 +200,59 @@ def score_studies(
     return score_scan(bundle, labels, scan, settings, read)
 
 
+def check_comparable(bundle: Bundle, reference: Bundle) -> None:
+    """Refuse a reference that does not answer the same questions: other findings, or a
+    finding scored on other images (radiographs against CT). Each bundle keeps its own
+    preprocessing, head and thresholds: those are what is compared."""
+    ours = {f.code: f for f in bundle.manifest.findings}
+    theirs = {f.code: f for f in reference.manifest.findings}
+    problems = []
+    if set(ours) != set(theirs):
+        only_ours = sorted(set(ours) - set(theirs))
+        only_theirs = sorted(set(theirs) - set(ours))
+        problems.append(
+            "other findings ("
+            + "; ".join(
+                part
+                for part in (
+                    f"only in the bundle: {', '.join(only_ours)}" if only_ours else "",
+                    f"only in the reference: {', '.join(only_theirs)}" if only_theirs else "",
+                )
+                if part
+            )
+            + ")"
+        )
+    for code in sorted(set(ours) & set(theirs)):
+        a, b = ours[code].modalities, theirs[code].modalities
+        if set(a) != set(b):
+            problems.append(
+                f"finding {code} is scored on {'/'.join(a)} images by the bundle, on "
+                f"{'/'.join(b)} by the reference"
+            )
+    if problems:
+        raise ConfigError(
+            "--reference",
+            f"{reference.root} cannot be compared with {bundle.root}: "
+            + "; ".join(problems)
+            + ". A reference scores the same findings on the same images.",
+        )
+
+
+def _score_row(scored: Scored, index: int | None) -> dict[str, float | None]:
+    if index is None:
+        return dict.fromkeys(scored.codes)
+    row = scored.scores[index]
+    return {c: float(row[j]) if math.isfinite(row[j]) else None for j, c in enumerate(scored.codes)}
+
+
 def compare_reference(
     reference: Bundle, labels: Labels, scan: DataScan, scored: Scored, settings: EvaluateSettings
 ) -> dict[str, Any]:
-    """The same studies scored by ``reference``: triage-level agreement, Cohen's kappa and
-    every study whose level changes (by StudyInstanceUID). A study one bundle does not
-    score counts as ``not_scored`` for it."""
+    """The same studies scored by ``reference``: triage-level agreement with its Wilson
+    interval, Cohen's kappa, the score differences per finding (this bundle's minus the
+    reference's, over the studies both score) and every study whose level changes (by
+    StudyInstanceUID, with both bundles' scores). A study one bundle does not score counts
+    as ``not_scored`` for it. The bundles have the same findings (:func:`check_comparable`)."""
     from export.probe import Labels
 
     blank = Labels(
@@ -214,17 +261,29 @@ def compare_reference(
         studies={uid: (None,) * len(reference.finding_codes) for uid in labels.studies},
     )
     ref = score_scan(reference, blank, scan, settings)
-    ours = dict(zip(scored.study_uids, scored.levels, strict=True))
-    theirs = dict(zip(ref.study_uids, ref.levels, strict=True))
+    ours = {u: i for i, u in enumerate(scored.study_uids)}
+    theirs = {u: i for i, u in enumerate(ref.study_uids)}
     uids = sorted(set(labels.studies) & set(scan.studies))
-    a = [theirs.get(u, "not_scored") for u in uids]
-    b = [ours.get(u, "not_scored") for u in uids]
+    a = [ref.levels[theirs[u]] if u in theirs else "not_scored" for u in uids]
+    b = [scored.levels[ours[u]] if u in ours else "not_scored" for u in uids]
     table: dict[str, dict[str, int]] = {}
     for x, y in zip(a, b, strict=True):
         table.setdefault(x, {}).setdefault(y, 0)
         table[x][y] += 1
     kappa = stats.cohen_kappa(a, b)
-    agree = sum(x == y for x, y in zip(a, b, strict=True))
+    agree = stats.Proportion(sum(x == y for x, y in zip(a, b, strict=True)), len(uids))
+    differences: dict[str, Any] = {}
+    both = [(ours[u], theirs[u]) for u in uids if u in ours and u in theirs]
+    for j, code in enumerate(scored.codes):
+        k = ref.codes.index(code)
+        d = np.asarray([scored.scores[i, j] - ref.scores[r, k] for i, r in both])
+        d = d[np.isfinite(d)]
+        differences[code] = {
+            "studies": len(d),
+            "mean": _r(float(d.mean())) if len(d) else None,
+            "mean_abs": _r(float(np.abs(d).mean())) if len(d) else None,
+            "max_abs": _r(float(np.abs(d).max())) if len(d) else None,
+        }
     spec = reference.manifest
     return {
         "model": {
@@ -233,11 +292,19 @@ def compare_reference(
             "sha256": reference.sha256,
         },
         "studies": len(uids),
-        "agreement": _r(agree / len(uids)) if uids else None,
+        "agreement": _r(agree.value),
+        "agreement_ci95": _pair(agree.ci95),
         "kappa": _r(kappa),
         "levels": table,
+        "score_differences": differences,
         "changed": [
-            {"study_instance_uid": u, "reference": x, "level": y}
+            {
+                "study_instance_uid": u,
+                "reference": x,
+                "level": y,
+                "reference_scores": _score_row(ref, theirs.get(u)),
+                "scores": _score_row(scored, ours.get(u)),
+            }
             for u, x, y in zip(uids, a, b, strict=True)
             if x != y
         ],
@@ -575,6 +642,8 @@ def evaluate(
     _require_extra()
     bundle = load_bundle(bundle_dir)
     reference = load_bundle(reference_dir) if reference_dir is not None else None
+    if reference is not None:
+        check_comparable(bundle, reference)
     notification = time_to_notification(state_db) if state_db is not None else None
     if revision is not None:
         _check_out(Path(bundle_dir), revision[0], overwrite)  # before all the work

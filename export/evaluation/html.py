@@ -222,20 +222,43 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
         + "</tr>"
         for x in levels
     )
+    diffs = "".join(
+        f"<tr><td class=l>{e(code)}</td><td>{d['studies']}</td><td>{_signed(d['mean'])}</td>"
+        f"<td>{_fmt(d['mean_abs'])}</td><td>{_fmt(d['max_abs'])}</td></tr>"
+        for code, d in ref["score_differences"].items()
+    )
+
+    def scores(c: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{e(code)} {_fmt(c['reference_scores'].get(code))} → {_fmt(s)}"
+            for code, s in c["scores"].items()
+        )
+
     changed = "".join(
-        f"<li><code>{e(c['study_instance_uid'])}</code> {e(c['reference'])} → {e(c['level'])}</li>"
+        f"<li><code>{e(c['study_instance_uid'])}</code> {e(c['reference'])} → {e(c['level'])} "
+        f"<small>({scores(c)})</small></li>"
         for c in ref["changed"][:50]
     )
     more = len(ref["changed"]) - 50
     return (
         f"<h2>Against the reference {e(ref['model']['name'])} {e(ref['model']['version'])}</h2>"
         f"<p>Reference sha256 <code>{e(ref['model']['sha256'])}</code>; {ref['studies']} "
-        f"studies, triage agreement {_fmt(ref['agreement'])}, Cohen's kappa "
+        f"studies, triage agreement {_fmt(ref['agreement'])} "
+        f"<small>({_ci(ref['agreement_ci95'])})</small>, Cohen's kappa "
         f"{_fmt(ref['kappa'])}. Rows: the reference's level; columns: this bundle's.</p>"
         f"<table><tr><th class=l>reference</th>{head}</tr>{rows}</table>"
-        f"<ul>{changed or '<li>no study changes level</li>'}"
+        "<h3>Score differences</h3><p>This bundle's score minus the reference's, over the "
+        "studies both score.</p>"
+        "<table><tr><th class=l>finding</th><th>studies</th><th>mean</th><th>mean |d|</th>"
+        f"<th>max |d|</th></tr>{diffs}</table>"
+        f"<h3>Studies whose level changes</h3><ul>"
+        f"{changed or '<li>no study changes level</li>'}"
         f"{f'<li>and {more} more (report.json)</li>' if more > 0 else ''}</ul>"
     )
+
+
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.3f}"
 
 
 def _notification_html(ttn: dict[str, Any] | None) -> str:
