@@ -109,6 +109,8 @@ def test_report_has_the_fixed_fields_and_validates_against_its_schema(
     assert findings["lung_nodule"]["n_positive"] + findings["lung_nodule"]["n_negative"] == 40
     assert findings["pneumothorax"]["review"]["at_prevalence"]["prevalence"] == 0.02
     assert "pneumothorax" in evaluated.run.out and "AUROC" in evaluated.run.out
+    timings = report["timings_s"]
+    assert 0 < timings["bootstrap"] <= timings["statistics"]
 
 
 def test_figures_are_written_as_png(evaluated: Evaluated) -> None:
@@ -359,10 +361,38 @@ def test_a_reference_that_disagrees_names_exactly_the_studies_whose_level_change
             code: float(theirs.scores[i, j]) for j, code in enumerate(ours.codes)
         }
 
+    assert f"triage agreement {ref['agreement']} (95% CI {lo:.3f}–{hi:.3f})" in run.out
     assert f"{len(changed)} studies change level" in run.out
     page = (out / "index.html").read_text()
     assert "Against the reference" in page and "Score differences" in page
     assert all(u in page for u in changed)
+
+
+def test_a_reference_listing_the_same_findings_in_another_order_agrees(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """Findings are matched by code, not by position."""
+    spec = load_bundle(DEMO).manifest
+    reordered = revise_bundle(
+        DEMO, tmp_path / "reordered", version="0.1.0+reordered", findings=spec.findings[::-1]
+    )
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--reference", reordered,
+            "--resamples", "100",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    assert (ref["agreement"], ref["kappa"], ref["changed"]) == (1.0, 1.0, [])
+    for code in FINDINGS:
+        assert ref["score_differences"][code] == {
+            "studies": 40,
+            "mean": 0.0,
+            "mean_abs": 0.0,
+            "max_abs": 0.0,
+        }
 
 
 def _unlike(source: Path, out: Path, **changes: object) -> Path:

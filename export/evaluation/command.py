@@ -696,11 +696,14 @@ def evaluate(
     return report
 
 
+def _ci_text(ci: list[float] | None) -> str:
+    return "—" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"
+
+
 def format_summary(report: dict[str, Any]) -> str:
     lines = [f"{'finding':<20}{'n+':>5}{'n-':>6}{'AUROC':>8}{'95% CI':>16}{'sens':>7}{'spec':>7}"]
     for code, f in report["findings"].items():
-        ci = f["auroc_ci95"]
-        ci_text = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "—"
+        ci_text = _ci_text(f["auroc_ci95"])
         auroc = "—" if f["auroc"] is None else f"{f['auroc']:.3f}"
         sens = "—" if f["sensitivity"] is None else f"{f['sensitivity']:.3f}"
         spec = "—" if f["specificity"] is None else f"{f['specificity']:.3f}"
@@ -711,8 +714,9 @@ def format_summary(report: dict[str, Any]) -> str:
     ref = report.get("reference")
     if ref is not None:
         lines.append(
-            f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']}, "
-            f"kappa {ref['kappa']}, {len(ref['changed'])} studies change level"
+            f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']} "
+            f"(95% CI {_ci_text(ref['agreement_ci95'])}), kappa {ref['kappa']}, "
+            f"{len(ref['changed'])} studies change level"
         )
     rev = report.get("revision")
     if rev is not None:

@@ -230,7 +230,7 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
 
     def scores(c: dict[str, Any]) -> str:
         return ", ".join(
-            f"{e(code)} {_fmt(c['reference_scores'].get(code))} → {_fmt(s)}"
+            f"{e(code)} {_score(c['reference_scores'].get(code))} → {_score(s)}"
             for code, s in c["scores"].items()
         )
 
@@ -255,6 +255,11 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
         f"{changed or '<li>no study changes level</li>'}"
         f"{f'<li>and {more} more (report.json)</li>' if more > 0 else ''}</ul>"
     )
+
+
+def _score(x: float | None) -> str:
+    # 4 places, as thresholds are written: a crossed threshold stays visible
+    return "—" if x is None else f"{x:.4f}"
 
 
 def _signed(x: float | None) -> str:
