@@ -395,6 +395,41 @@ def test_a_reference_listing_the_same_findings_in_another_order_agrees(
         }
 
 
+def test_a_reference_with_its_own_preprocessing_is_scored_with_it(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """Preprocessing is part of what is compared (a new model may take other inputs): each
+    bundle scores the studies as the daemon would run it."""
+    pre = load_bundle(DEMO).manifest.encoder.preprocessing
+    reference = revise_bundle(
+        DEMO,
+        tmp_path / "other-mean",
+        version="0.1.0+mean",
+        preprocessing=pre.model_copy(update={"mean": (0.4, 0.4, 0.4)}),
+    )
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--reference", reference,
+            "--resamples", "100",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    ours = score_studies(load_bundle(DEMO), dataset.labels, dataset.data, EvaluateSettings())
+    theirs = score_studies(load_bundle(reference), dataset.labels, dataset.data, EvaluateSettings())
+    for j, code in enumerate(ours.codes):
+        d = ours.scores[:, j] - theirs.scores[:, j]
+        assert ref["score_differences"][code]["mean_abs"] == pytest.approx(
+            float(np.abs(d).mean()), abs=1e-4
+        )
+        assert ref["score_differences"][code]["mean_abs"] > 0
+    assert ours.study_uids == theirs.study_uids
+    levels = zip(ours.study_uids, ours.levels, theirs.levels, strict=True)
+    changed = {u for u, a, b in levels if a != b}
+    assert {c["study_instance_uid"] for c in ref["changed"]} == changed
+
+
 def _unlike(source: Path, out: Path, **changes: object) -> Path:
     return revise_bundle(source, out, version="0.1.0+unlike", **changes)
 
