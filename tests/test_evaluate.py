@@ -4,8 +4,10 @@ through the real CLI; the page checked in headless Chromium with the network cut
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,14 @@ from helpers.export_cli import Run, run_cli, write_labels
 from helpers.revised_bundle import revise_bundle, shifted_biases
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from edge_agent.bundle import CTInput, LinearProbeHead, load_bundle
+from edge_agent.bundle import (
+    RADIOGRAPH_MODALITIES,
+    Bundle,
+    CTInput,
+    LinearProbeHead,
+    load_bundle,
+)
+from edge_agent.errors import ConfigError
 from edge_agent.service import demo_bundle_path
 from edge_agent.simulate import FINDINGS, simulate
 from export.cli import main
@@ -617,3 +626,48 @@ def test_a_report_folder_that_is_not_empty_is_refused_before_any_work(
     )  # fmt: skip
     assert run.code == 2 and "--out" in run.err and "--overwrite" in run.err, run.err
     assert (out / "report.json").read_text() == "{}"
+
+
+_KINDS = {"radiographs": RADIOGRAPH_MODALITIES, "ct": ("CT",)}
+_CODES = st.sampled_from(["q1", "q2", "q3", "q4", "q5"])
+
+
+@functools.cache
+def _demo() -> Bundle:
+    return load_bundle(DEMO)
+
+
+def _with_findings(name: str, kinds: dict[str, str]) -> Bundle:
+    """The demo bundle's manifest with these finding codes, each on these images (not
+    validated: only what check_comparable reads)."""
+    demo = _demo()
+    finding = demo.manifest.findings[0]
+    findings = [
+        finding.model_copy(update={"code": c, "modalities": _KINDS[k]}) for c, k in kinds.items()
+    ]
+    manifest = demo.manifest.model_copy(update={"findings": findings})
+    return Bundle(root=Path(name), manifest=manifest, sha256=demo.sha256)
+
+
+@given(
+    st.dictionaries(_CODES, st.sampled_from(sorted(_KINDS)), min_size=1),
+    st.dictionaries(_CODES, st.sampled_from(sorted(_KINDS)), min_size=1),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_reference_is_comparable_exactly_when_findings_and_their_images_match(
+    ours: dict[str, str], theirs: dict[str, str]
+) -> None:
+    from export.evaluation.command import check_comparable
+
+    differ = (set(ours) ^ set(theirs)) | {
+        c for c in set(ours) & set(theirs) if ours[c] != theirs[c]
+    }
+    try:
+        check_comparable(_with_findings("b", ours), _with_findings("b0", theirs))
+    except ConfigError as exc:
+        assert exc.key == "--reference"
+        assert differ, "refused a reference that matches"
+        named = set(re.findall(r"\bq\d\b", exc.message))
+        assert named == differ, exc.message
+        return
+    assert not differ

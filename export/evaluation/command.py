@@ -207,21 +207,12 @@ def check_comparable(bundle: Bundle, reference: Bundle) -> None:
     ours = {f.code: f for f in bundle.manifest.findings}
     theirs = {f.code: f for f in reference.manifest.findings}
     problems = []
-    if set(ours) != set(theirs):
-        only_ours = sorted(set(ours) - set(theirs))
-        only_theirs = sorted(set(theirs) - set(ours))
-        problems.append(
-            "other findings ("
-            + "; ".join(
-                part
-                for part in (
-                    f"only in the bundle: {', '.join(only_ours)}" if only_ours else "",
-                    f"only in the reference: {', '.join(only_theirs)}" if only_theirs else "",
-                )
-                if part
-            )
-            + ")"
-        )
+    for where, codes in (
+        ("the bundle", set(ours) - set(theirs)),
+        ("the reference", set(theirs) - set(ours)),
+    ):
+        if codes:
+            problems.append(f"findings only in {where}: {', '.join(sorted(codes))}")
     for code in sorted(set(ours) & set(theirs)):
         a, b = ours[code].modalities, theirs[code].modalities
         if set(a) != set(b):

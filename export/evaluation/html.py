@@ -251,7 +251,7 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
         "studies both score.</p>"
         "<table><tr><th class=l>finding</th><th>studies</th><th>mean</th><th>mean |d|</th>"
         f"<th>max |d|</th></tr>{diffs}</table>"
-        f"<h3>Studies whose level changes</h3><ul>"
+        "<h3>Studies whose level changes</h3><ul>"
         f"{changed or '<li>no study changes level</li>'}"
         f"{f'<li>and {more} more (report.json)</li>' if more > 0 else ''}</ul>"
     )
