@@ -13,9 +13,9 @@ what the daemon does for them); the line after it gives the whole run and each o
 as a multiple of it.
 
 Claim: the bootstrap does not dominate; 2,000 resamples of 500 studies for each finding
-take, together, well under 10 % of the run. The claim line says whether this run met it; the run exits 1 when it
-did not, except with ``--quick`` (30 studies of 256 x 256, a few seconds: the benchmark
-runs end to end, its figures are not judged).
+take, together, well under 10 % of the run. The claim line says whether this run met it;
+the run exits 1 when it did not, except with ``--quick`` (30 studies of 256 x 256, a few
+seconds: the benchmark runs end to end, its figures are not judged).
 """
 
 from __future__ import annotations
