@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from export.probe import DataScan, Labels
 
 from . import stats
+from .html import ci_text
 
 logger = logging.getLogger(__name__)
 
@@ -540,9 +541,9 @@ def write_revision(
     """A new bundle revision at ``out`` whose review thresholds are the report's operating
     points at ``target`` sensitivity (urgent thresholds kept, raised to review where they
     would fall below it). The source bundle is never touched. Returns what was written."""
-    from edge_agent.bundle import ModelInfo, read_manifest
+    from edge_agent.bundle import read_manifest
 
-    from ..bundle_writer import write_bundle
+    from ..bundle_writer import revise_bundle
 
     spec = bundle.manifest
     findings = []
@@ -566,17 +567,6 @@ def write_revision(
             finding.model_copy(update={"review_threshold": review, "urgent_threshold": urgent})
         )
         changed[finding.code] = {"review_threshold": review, "urgent_threshold": urgent}
-    if spec.engines:
-        logger.warning(
-            "source device engines are not carried over (%s): rebuild them with "
-            "edge-export tensorrt",
-            ", ".join(spec.engines),
-        )
-    if spec.report is not None:
-        logger.warning(
-            "the source's narrative report section is not carried over: add it again with "
-            "edge-export add-report"
-        )
     metrics: dict[str, float | int | str] = dict(spec.metrics or {})
     metrics["thresholds"] = (
         f"review at sensitivity {target} on {report['studies']['scored']} labelled studies "
@@ -586,26 +576,8 @@ def write_revision(
         if f["auroc"] is not None:
             metrics[f"site_auroc_{code}"] = f["auroc"]
     version = _revision_version(spec.model.version, target)
-    notice = spec.model.notice
-    write_bundle(
-        out,
-        encoder_onnx=bundle.encoder_path,
-        model=ModelInfo(
-            name=spec.model.name,
-            version=version,
-            source=spec.model.source,
-            demo=spec.model.demo,
-            notice=Path(notice).name if notice else None,
-        ),
-        precision=spec.precision,
-        preprocessing=spec.encoder.preprocessing,
-        ct=spec.ct,
-        head=spec.head,
-        findings=findings,
-        parity=spec.parity,
-        metrics=metrics,
-        extra_files=[bundle.root / notice] if notice else [],
-        overwrite=overwrite,
+    revise_bundle(
+        bundle, out, version=version, findings=findings, metrics=metrics, overwrite=overwrite
     )
     return {
         "path": str(out),
@@ -687,26 +659,22 @@ def evaluate(
     return report
 
 
-def _ci_text(ci: list[float] | None) -> str:
-    return "—" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"
-
-
 def format_summary(report: dict[str, Any]) -> str:
     lines = [f"{'finding':<20}{'n+':>5}{'n-':>6}{'AUROC':>8}{'95% CI':>16}{'sens':>7}{'spec':>7}"]
     for code, f in report["findings"].items():
-        ci_text = _ci_text(f["auroc_ci95"])
+        interval = ci_text(f["auroc_ci95"])
         auroc = "—" if f["auroc"] is None else f"{f['auroc']:.3f}"
         sens = "—" if f["sensitivity"] is None else f"{f['sensitivity']:.3f}"
         spec = "—" if f["specificity"] is None else f"{f['specificity']:.3f}"
         lines.append(
-            f"{code:<20}{f['n_positive']:>5}{f['n_negative']:>6}{auroc:>8}{ci_text:>16}"
+            f"{code:<20}{f['n_positive']:>5}{f['n_negative']:>6}{auroc:>8}{interval:>16}"
             f"{sens:>7}{spec:>7}"
         )
     ref = report.get("reference")
     if ref is not None:
         lines.append(
             f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']} "
-            f"(95% CI {_ci_text(ref['agreement_ci95'])}), kappa {ref['kappa']}, "
+            f"(95% CI {ci_text(ref['agreement_ci95'])}), kappa {ref['kappa']}, "
             f"{len(ref['changed'])} studies change level"
         )
     rev = report.get("revision")

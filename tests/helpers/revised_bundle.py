@@ -1,6 +1,6 @@
 """A revision of an existing bundle with some of its manifest changed, written the way
-``edge-export probe`` and ``evaluate --write-bundle`` write theirs (a new folder through
-:func:`export.bundle_writer.write_bundle`, the source never touched): a second bundle that
+``edge-export probe`` and ``evaluate --write-bundle`` write theirs
+(:func:`export.bundle_writer.revise_bundle`, the source never touched): a second bundle that
 disagrees with the first in a known way."""
 
 from __future__ import annotations
@@ -8,35 +8,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_agent.bundle import LinearProbeHead, ModelInfo, load_bundle
+from edge_agent.bundle import LinearProbeHead, load_bundle
 
 
 def revise_bundle(source: Path, out: Path, *, version: str, **changes: Any) -> Path:
     """Write ``source`` again at ``out`` with model version ``version`` and any of the
     manifest's ``head``, ``findings``, ``preprocessing`` and ``ct`` replaced by ``changes``."""
-    from export.bundle_writer import write_bundle  # the export extra
+    from export.bundle_writer import revise_bundle as write_revision  # the export extra
 
     unknown = set(changes) - {"head", "findings", "preprocessing", "ct"}
     if unknown:
         raise TypeError(f"cannot change {sorted(unknown)}")
-    bundle = load_bundle(source)
-    spec = bundle.manifest
-    return write_bundle(
+    spec = load_bundle(source).manifest
+    return write_revision(
+        load_bundle(source),
         out,
-        encoder_onnx=bundle.encoder_path,
-        model=ModelInfo(
-            name=spec.model.name,
-            version=version,
-            source=f"revised by tests from {spec.model.name} {spec.model.version}",
-            demo=spec.model.demo,
-        ),
-        precision=spec.precision,
-        preprocessing=changes.get("preprocessing", spec.encoder.preprocessing),
-        ct=changes.get("ct", spec.ct),
-        head=changes.get("head", spec.head),
-        findings=changes.get("findings", spec.findings),
-        parity=spec.parity,
-        metrics=spec.metrics,
+        version=version,
+        model_source=f"revised by tests from {spec.model.name} {spec.model.version}",
+        **changes,
     )
 
 
