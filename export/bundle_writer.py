@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from edge_agent import __version__
 from edge_agent.bundle import (
     MANIFEST,
+    Bundle,
     CTInput,
     Encoder,
     Finding,
@@ -175,3 +176,57 @@ def write_bundle(
         bundle.sha256[:12],
     )
     return out_dir
+
+
+def revise_bundle(
+    source: Bundle,
+    out_dir: Path | str,
+    *,
+    version: str,
+    model_source: str | None = None,
+    head: Head | None = None,
+    findings: list[Finding] | None = None,
+    preprocessing: Preprocessing | None = None,
+    ct: CTInput | None = None,
+    metrics: Mapping[str, float | int | str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A new revision of ``source`` at ``out_dir`` (``edge-export probe``, ``evaluate
+    --write-bundle``): what is given replaces the source's; the encoder, its precision and
+    parity, the model's name, demo flag and NOTICE, and what is not given come from the
+    source. The source is never touched. Device engines and the narrative report section
+    are not carried over (both are built for one model file): each is said in the log with
+    the command that adds it again."""
+    spec = source.manifest
+    if spec.engines:
+        logger.warning(
+            "source device engines are not carried over (%s): rebuild them with "
+            "edge-export tensorrt",
+            ", ".join(spec.engines),
+        )
+    if spec.report is not None:
+        logger.warning(
+            "the source's narrative report section is not carried over: add it again with "
+            "edge-export add-report"
+        )
+    notice = spec.model.notice
+    return write_bundle(
+        out_dir,
+        encoder_onnx=source.encoder_path,
+        model=ModelInfo(
+            name=spec.model.name,
+            version=version,
+            source=spec.model.source if model_source is None else model_source,
+            demo=spec.model.demo,
+            notice=Path(notice).name if notice else None,
+        ),
+        precision=spec.precision,
+        preprocessing=spec.encoder.preprocessing if preprocessing is None else preprocessing,
+        ct=spec.ct if ct is None else ct,
+        head=spec.head if head is None else head,
+        findings=spec.findings if findings is None else findings,
+        parity=spec.parity,
+        metrics=spec.metrics if metrics is None else metrics,
+        extra_files=[source.root / notice] if notice else [],
+        overwrite=overwrite,
+    )

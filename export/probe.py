@@ -49,7 +49,6 @@ from edge_agent.bundle import (
     Bundle,
     Finding,
     LinearProbeHead,
-    ModelInfo,
     Preprocessing,
     load_bundle,
     read_manifest,
@@ -843,7 +842,7 @@ def build_probe_bundle(
     overwrite: bool = False,
 ) -> ProbeResult:
     """Embed the labelled studies in ``data_dir``, fit the probe, write the new bundle."""
-    from .bundle_writer import write_bundle
+    from .bundle_writer import revise_bundle
 
     settings = settings or ProbeSettings()
     start = time.monotonic()
@@ -876,37 +875,20 @@ def build_probe_bundle(
     head, findings, reports, study_auroc = fit(embedded, spec.findings, settings)
     metrics = probe_metrics(settings, embedded, reports, study_auroc, source)
 
-    if spec.engines:
-        logger.warning(
-            "source device engines are not carried over (%s): rebuild them with "
-            "edge-export tensorrt",
-            ", ".join(spec.engines),
-        )
     version = settings.version or _new_version(spec.model.version)
-    notice = spec.model.notice
-    write_bundle(
+    revise_bundle(
+        source,
         out_dir,
-        encoder_onnx=source.encoder_path,
-        model=ModelInfo(
-            name=spec.model.name,
-            version=version,
-            source=(
-                f"{SOURCE_PREFIX} on {len(embedded.study_uids)} labelled studies "
-                f"({labels.path.name}) over the encoder of {spec.model.name} "
-                f"{spec.model.version} (model sha256 {source.sha256[:12]})"
-                f"{SOURCE_WEIGHTS}{_weights_origin(spec.model.source)}"
-            ),
-            demo=spec.model.demo,
-            notice=Path(notice).name if notice else None,
+        version=version,
+        model_source=(
+            f"{SOURCE_PREFIX} on {len(embedded.study_uids)} labelled studies "
+            f"({labels.path.name}) over the encoder of {spec.model.name} "
+            f"{spec.model.version} (model sha256 {source.sha256[:12]})"
+            f"{SOURCE_WEIGHTS}{_weights_origin(spec.model.source)}"
         ),
-        precision=spec.precision,
-        preprocessing=spec.encoder.preprocessing,
-        ct=spec.ct,
         head=head,
         findings=findings,
-        parity=spec.parity,
         metrics=metrics,
-        extra_files=[source.root / notice] if notice else [],
         overwrite=overwrite,
     )
     return ProbeResult(

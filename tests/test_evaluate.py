@@ -4,8 +4,10 @@ through the real CLI; the page checked in headless Chromium with the network cut
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,17 @@ pytest.importorskip("jsonschema")
 
 import jsonschema
 from helpers.export_cli import Run, run_cli, write_labels
-from sklearn.metrics import roc_auc_score
+from helpers.revised_bundle import revise_bundle, shifted_biases
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from edge_agent.bundle import load_bundle
+from edge_agent.bundle import (
+    RADIOGRAPH_MODALITIES,
+    Bundle,
+    CTInput,
+    LinearProbeHead,
+    load_bundle,
+)
+from edge_agent.errors import ConfigError
 from edge_agent.service import demo_bundle_path
 from edge_agent.simulate import FINDINGS, simulate
 from export.cli import main
@@ -108,6 +118,8 @@ def test_report_has_the_fixed_fields_and_validates_against_its_schema(
     assert findings["lung_nodule"]["n_positive"] + findings["lung_nodule"]["n_negative"] == 40
     assert findings["pneumothorax"]["review"]["at_prevalence"]["prevalence"] == 0.02
     assert "pneumothorax" in evaluated.run.out and "AUROC" in evaluated.run.out
+    timings = report["timings_s"]
+    assert 0 < timings["bootstrap"] <= timings["statistics"]
 
 
 def test_figures_are_written_as_png(evaluated: Evaluated) -> None:
@@ -277,6 +289,205 @@ def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_pa
     assert (ref["studies"], ref["agreement"], ref["kappa"], ref["changed"]) == (40, 1.0, 1.0, [])
     assert "triage agreement 1.0" in run.out
     assert "Against the reference" in (tmp_path / "r" / "index.html").read_text()
+
+
+SHIFTS = {"pneumothorax": -3.0, "lung_nodule": 3.0}
+"""Logit moves of the disagreeing bundle: on the fixture's studies some urgent pneumothoraces
+drop to review or routine and some routine studies rise to review for a nodule."""
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo bundle with its head's biases moved by SHIFTS (same encoder, thresholds):
+    every study's score for a finding moves by exactly that many logits."""
+    out = tmp_path_factory.mktemp("shifted") / "bundle"
+    return revise_bundle(DEMO, out, version="0.1.0+shifted", head=shifted_biases(DEMO, SHIFTS))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.asarray(np.log(p / (1 - p)))
+
+
+def test_a_reference_that_disagrees_names_exactly_the_studies_whose_level_changes(
+    dataset: Dataset, shifted: Path, tmp_path: Path
+) -> None:
+    before = _digest(DEMO)
+    out = tmp_path / "r"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", shifted, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", out, "--threads", "1", "--reference", DEMO, "--resamples", "200",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert _digest(DEMO) == before
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    ref = report["reference"]
+    assert ref["model"]["sha256"] == load_bundle(DEMO).sha256 != report["model"]["sha256"]
+
+    # each bundle's per-study levels and scores, computed here run by run
+    ours = score_studies(load_bundle(shifted), dataset.labels, dataset.data, EvaluateSettings())
+    theirs = score_studies(load_bundle(DEMO), dataset.labels, dataset.data, EvaluateSettings())
+    assert ours.study_uids == theirs.study_uids and ours.codes == theirs.codes
+    uids = ours.study_uids
+    old, new = theirs.levels, ours.levels
+    changed = {u: (a, b) for u, a, b in zip(uids, old, new, strict=True) if a != b}
+    assert 0 < len(changed) < len(uids)
+    assert {(a, b) for a, b in changed.values()} >= {("urgent", "review"), ("routine", "review")}
+    listed = {c["study_instance_uid"]: (c["reference"], c["level"]) for c in ref["changed"]}
+    assert listed == changed and len(ref["changed"]) == len(changed)
+
+    assert ref["studies"] == len(uids) == 40
+    agreement = 1 - len(changed) / len(uids)
+    assert ref["agreement"] == pytest.approx(agreement, abs=1e-4)
+    lo, hi = ref["agreement_ci95"]
+    assert lo < agreement < hi
+    assert ref["kappa"] == pytest.approx(cohen_kappa_score(old, new), abs=1e-4)
+    assert ref["kappa"] < 1
+    assert sum(n for row in ref["levels"].values() for n in row.values()) == len(uids)
+    unchanged = sum(row.get(x, 0) for x, row in ref["levels"].items())
+    assert unchanged == len(uids) - len(changed)
+
+    for j, code in enumerate(ours.codes):
+        d = ours.scores[:, j] - theirs.scores[:, j]
+        # the construction: every study moved SHIFTS[code] logits (where rounding allows)
+        mid = (np.minimum(ours.scores[:, j], theirs.scores[:, j]) > 1e-3) & (
+            np.maximum(ours.scores[:, j], theirs.scores[:, j]) < 1 - 1e-3
+        )
+        assert mid.sum() >= 5
+        moved = _logit(ours.scores[mid, j]) - _logit(theirs.scores[mid, j])
+        assert moved == pytest.approx(SHIFTS[code], abs=0.01)
+        diff = ref["score_differences"][code]
+        assert diff["studies"] == len(uids)
+        assert diff["mean"] == pytest.approx(float(d.mean()), abs=1e-4)
+        assert diff["mean_abs"] == pytest.approx(float(np.abs(d).mean()), abs=1e-4)
+        assert diff["max_abs"] == pytest.approx(float(np.abs(d).max()), abs=1e-4)
+        assert np.sign(diff["mean"]) == np.sign(SHIFTS[code])
+        assert np.all(np.sign(d) * np.sign(SHIFTS[code]) >= 0)
+    for c in ref["changed"]:
+        i = uids.index(c["study_instance_uid"])
+        assert c["scores"] == {code: float(ours.scores[i, j]) for j, code in enumerate(ours.codes)}
+        assert c["reference_scores"] == {
+            code: float(theirs.scores[i, j]) for j, code in enumerate(ours.codes)
+        }
+
+    assert f"triage agreement {ref['agreement']} (95% CI {lo:.3f}–{hi:.3f})" in run.out
+    assert f"{len(changed)} studies change level" in run.out
+    page = (out / "index.html").read_text()
+    assert "Against the reference" in page and "Score differences" in page
+    assert all(u in page for u in changed)
+
+
+def test_a_reference_listing_the_same_findings_in_another_order_agrees(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """Findings are matched by code, not by position."""
+    spec = load_bundle(DEMO).manifest
+    reordered = revise_bundle(
+        DEMO, tmp_path / "reordered", version="0.1.0+reordered", findings=spec.findings[::-1]
+    )
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--reference", reordered,
+            "--resamples", "100",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    assert (ref["agreement"], ref["kappa"], ref["changed"]) == (1.0, 1.0, [])
+    for code in FINDINGS:
+        assert ref["score_differences"][code] == {
+            "studies": 40,
+            "mean": 0.0,
+            "mean_abs": 0.0,
+            "max_abs": 0.0,
+        }
+
+
+def test_a_reference_with_its_own_preprocessing_is_scored_with_it(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    """Preprocessing is part of what is compared (a new model may take other inputs): each
+    bundle scores the studies as the daemon would run it."""
+    pre = load_bundle(DEMO).manifest.encoder.preprocessing
+    reference = revise_bundle(
+        DEMO,
+        tmp_path / "other-mean",
+        version="0.1.0+mean",
+        preprocessing=pre.model_copy(update={"mean": (0.4, 0.4, 0.4)}),
+    )
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", tmp_path / "r", "--threads", "1", "--reference", reference,
+            "--resamples", "100",
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    ours = score_studies(load_bundle(DEMO), dataset.labels, dataset.data, EvaluateSettings())
+    theirs = score_studies(load_bundle(reference), dataset.labels, dataset.data, EvaluateSettings())
+    for j, code in enumerate(ours.codes):
+        d = ours.scores[:, j] - theirs.scores[:, j]
+        assert ref["score_differences"][code]["mean_abs"] == pytest.approx(
+            float(np.abs(d).mean()), abs=1e-4
+        )
+        assert ref["score_differences"][code]["mean_abs"] > 0
+    assert ours.study_uids == theirs.study_uids
+    levels = zip(ours.study_uids, ours.levels, theirs.levels, strict=True)
+    changed = {u for u, a, b in levels if a != b}
+    assert {c["study_instance_uid"] for c in ref["changed"]} == changed
+
+
+def _unlike(source: Path, out: Path, **changes: object) -> Path:
+    return revise_bundle(source, out, version="0.1.0+unlike", **changes)
+
+
+def _refused_reference(dataset: Dataset, tmp_path: Path, reference: Path) -> Run:
+    out = tmp_path / "r"
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", out, "--threads", "1", "--reference", reference, "--resamples", "100",
+        ]
+    )  # fmt: skip
+    assert run.code == 2, (run.code, run.err)
+    assert "--reference" in run.err
+    assert not out.exists()
+    return run
+
+
+def test_a_reference_with_other_findings_is_refused_before_any_work(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    spec = load_bundle(DEMO).manifest
+    head = spec.head
+    assert isinstance(head, LinearProbeHead)
+    only = spec.findings[0].code
+    reference = _unlike(
+        DEMO,
+        tmp_path / "one-finding",
+        findings=[spec.findings[0]],
+        head=head.model_copy(
+            update={"weights": {only: head.weights[only]}, "biases": {only: head.biases[only]}}
+        ),
+    )
+    run = _refused_reference(dataset, tmp_path, reference)
+    assert "lung_nodule" in run.err and "cannot be compared" in run.err, run.err
+
+
+def test_a_reference_scoring_a_finding_on_other_images_is_refused(
+    dataset: Dataset, tmp_path: Path
+) -> None:
+    spec = load_bundle(DEMO).manifest
+    findings = [spec.findings[0], spec.findings[1].model_copy(update={"modalities": ("CT",)})]
+    reference = _unlike(
+        DEMO, tmp_path / "ct-nodule", findings=findings, ct=CTInput(convention="lung_window")
+    )
+    run = _refused_reference(dataset, tmp_path, reference)
+    assert "lung_nodule" in run.err and "CT" in run.err, run.err
 
 
 def _timed_state(folder: Path) -> Path:
@@ -508,3 +719,48 @@ def test_a_report_folder_that_is_not_empty_is_refused_before_any_work(
     )  # fmt: skip
     assert run.code == 2 and "--out" in run.err and "--overwrite" in run.err, run.err
     assert (out / "report.json").read_text() == "{}"
+
+
+_KINDS = {"radiographs": RADIOGRAPH_MODALITIES, "ct": ("CT",)}
+_CODES = st.sampled_from(["q1", "q2", "q3", "q4", "q5"])
+
+
+@functools.cache
+def _demo() -> Bundle:
+    return load_bundle(DEMO)
+
+
+def _with_findings(name: str, kinds: dict[str, str]) -> Bundle:
+    """The demo bundle's manifest with these finding codes, each on these images (not
+    validated: only what check_comparable reads)."""
+    demo = _demo()
+    finding = demo.manifest.findings[0]
+    findings = [
+        finding.model_copy(update={"code": c, "modalities": _KINDS[k]}) for c, k in kinds.items()
+    ]
+    manifest = demo.manifest.model_copy(update={"findings": findings})
+    return Bundle(root=Path(name), manifest=manifest, sha256=demo.sha256)
+
+
+@given(
+    st.dictionaries(_CODES, st.sampled_from(sorted(_KINDS)), min_size=1),
+    st.dictionaries(_CODES, st.sampled_from(sorted(_KINDS)), min_size=1),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_reference_is_comparable_exactly_when_findings_and_their_images_match(
+    ours: dict[str, str], theirs: dict[str, str]
+) -> None:
+    from export.evaluation.command import check_comparable
+
+    differ = (set(ours) ^ set(theirs)) | {
+        c for c in set(ours) & set(theirs) if ours[c] != theirs[c]
+    }
+    try:
+        check_comparable(_with_findings("b", ours), _with_findings("b0", theirs))
+    except ConfigError as exc:
+        assert exc.key == "--reference"
+        assert differ, "refused a reference that matches"
+        named = set(re.findall(r"\bq\d\b", exc.message))
+        assert named == differ, exc.message
+        return
+    assert not differ

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from export.probe import DataScan, Labels
 
 from . import stats
+from .html import ci_text
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +201,50 @@ def score_studies(
     return score_scan(bundle, labels, scan, settings, read)
 
 
+def check_comparable(bundle: Bundle, reference: Bundle) -> None:
+    """Refuse a reference that does not answer the same questions: other findings, or a
+    finding scored on other images (radiographs against CT). Each bundle keeps its own
+    preprocessing, head and thresholds: those are what is compared."""
+    ours = {f.code: f for f in bundle.manifest.findings}
+    theirs = {f.code: f for f in reference.manifest.findings}
+    problems = []
+    for where, codes in (
+        ("the bundle", set(ours) - set(theirs)),
+        ("the reference", set(theirs) - set(ours)),
+    ):
+        if codes:
+            problems.append(f"findings only in {where}: {', '.join(sorted(codes))}")
+    for code in sorted(set(ours) & set(theirs)):
+        a, b = ours[code].modalities, theirs[code].modalities
+        if set(a) != set(b):
+            problems.append(
+                f"finding {code} is scored on {'/'.join(a)} images by the bundle, on "
+                f"{'/'.join(b)} by the reference"
+            )
+    if problems:
+        raise ConfigError(
+            "--reference",
+            f"{reference.root} cannot be compared with {bundle.root}: "
+            + "; ".join(problems)
+            + ". A reference scores the same findings on the same images.",
+        )
+
+
+def _score_row(scored: Scored, index: int | None) -> dict[str, float | None]:
+    if index is None:
+        return dict.fromkeys(scored.codes)
+    row = scored.scores[index]
+    return {c: float(row[j]) if math.isfinite(row[j]) else None for j, c in enumerate(scored.codes)}
+
+
 def compare_reference(
     reference: Bundle, labels: Labels, scan: DataScan, scored: Scored, settings: EvaluateSettings
 ) -> dict[str, Any]:
-    """The same studies scored by ``reference``: triage-level agreement, Cohen's kappa and
-    every study whose level changes (by StudyInstanceUID). A study one bundle does not
-    score counts as ``not_scored`` for it."""
+    """The same studies scored by ``reference``: triage-level agreement with its Wilson
+    interval, Cohen's kappa, the score differences per finding (this bundle's minus the
+    reference's, over the studies both score) and every study whose level changes (by
+    StudyInstanceUID, with both bundles' scores). A study one bundle does not score counts
+    as ``not_scored`` for it. The bundles have the same findings (:func:`check_comparable`)."""
     from export.probe import Labels
 
     blank = Labels(
@@ -214,17 +253,29 @@ def compare_reference(
         studies={uid: (None,) * len(reference.finding_codes) for uid in labels.studies},
     )
     ref = score_scan(reference, blank, scan, settings)
-    ours = dict(zip(scored.study_uids, scored.levels, strict=True))
-    theirs = dict(zip(ref.study_uids, ref.levels, strict=True))
+    ours = {u: i for i, u in enumerate(scored.study_uids)}
+    theirs = {u: i for i, u in enumerate(ref.study_uids)}
     uids = sorted(set(labels.studies) & set(scan.studies))
-    a = [theirs.get(u, "not_scored") for u in uids]
-    b = [ours.get(u, "not_scored") for u in uids]
+    a = [ref.levels[theirs[u]] if u in theirs else "not_scored" for u in uids]
+    b = [scored.levels[ours[u]] if u in ours else "not_scored" for u in uids]
     table: dict[str, dict[str, int]] = {}
     for x, y in zip(a, b, strict=True):
         table.setdefault(x, {}).setdefault(y, 0)
         table[x][y] += 1
     kappa = stats.cohen_kappa(a, b)
-    agree = sum(x == y for x, y in zip(a, b, strict=True))
+    agree = stats.Proportion(sum(x == y for x, y in zip(a, b, strict=True)), len(uids))
+    differences: dict[str, Any] = {}
+    both = [(ours[u], theirs[u]) for u in uids if u in ours and u in theirs]
+    for j, code in enumerate(scored.codes):
+        k = ref.codes.index(code)
+        d = np.asarray([scored.scores[i, j] - ref.scores[r, k] for i, r in both])
+        d = d[np.isfinite(d)]
+        differences[code] = {
+            "studies": len(d),
+            "mean": _r(float(d.mean())) if len(d) else None,
+            "mean_abs": _r(float(np.abs(d).mean())) if len(d) else None,
+            "max_abs": _r(float(np.abs(d).max())) if len(d) else None,
+        }
     spec = reference.manifest
     return {
         "model": {
@@ -233,11 +284,19 @@ def compare_reference(
             "sha256": reference.sha256,
         },
         "studies": len(uids),
-        "agreement": _r(agree / len(uids)) if uids else None,
+        "agreement": _r(agree.value),
+        "agreement_ci95": _pair(agree.ci95),
         "kappa": _r(kappa),
         "levels": table,
+        "score_differences": differences,
         "changed": [
-            {"study_instance_uid": u, "reference": x, "level": y}
+            {
+                "study_instance_uid": u,
+                "reference": x,
+                "level": y,
+                "reference_scores": _score_row(ref, theirs.get(u)),
+                "scores": _score_row(scored, ours.get(u)),
+            }
             for u, x, y in zip(uids, a, b, strict=True)
             if x != y
         ],
@@ -376,19 +435,22 @@ def finding_report(
     review: float,
     urgent: float | None,
     settings: EvaluateSettings,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Every figure of one finding over the studies labelled for it."""
+    """Every figure of one finding over the studies labelled for it; the bootstrap's seconds
+    are added to ``timings["bootstrap"]`` (its share of the run is a benchmark's figure)."""
     npos, nneg = int(truth.sum()), int((~truth).sum())
     out: dict[str, Any] = {"n_positive": npos, "n_negative": nneg}
     both = npos > 0 and nneg > 0
     out["auroc"] = _r(stats.auroc(scores, truth)) if both else None
-    out["auroc_ci95"] = (
-        _pair(
+    out["auroc_ci95"] = None
+    if both:
+        start = time.perf_counter()
+        out["auroc_ci95"] = _pair(
             stats.bootstrap_auroc(scores, truth, resamples=settings.resamples, seed=settings.seed)
         )
-        if both
-        else None
-    )
+        if timings is not None:
+            timings["bootstrap"] = timings.get("bootstrap", 0.0) + time.perf_counter() - start
     prevalence = (settings.prevalence or {}).get(code)
     review_at = _at(scores, truth, review, prevalence)
     out["sensitivity"] = review_at["sensitivity"]
@@ -444,6 +506,7 @@ def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> 
     spec = bundle.manifest
     findings: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    timings = {"bootstrap": 0.0}
     for j, finding in enumerate(spec.findings):
         code = finding.code
         labelled = ~np.isnan(scored.truth[:, j]) & ~np.isnan(scored.scores[:, j])
@@ -458,6 +521,7 @@ def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> 
             finding.review_threshold,
             finding.urgent_threshold,
             settings,
+            timings,
         )
     return {
         "report_version": REPORT_VERSION,
@@ -488,6 +552,7 @@ def build_report(bundle: Bundle, scored: Scored, settings: EvaluateSettings) -> 
             "decode_and_encode": round(scored.seconds_embed, 3),
             "decode": round(scored.seconds_decode, 3),
             "encode": round(scored.seconds_encode, 3),
+            "bootstrap": round(timings["bootstrap"], 3),
         },
         "provider": scored.provider,
     }
@@ -513,9 +578,9 @@ def write_revision(
     """A new bundle revision at ``out`` whose review thresholds are the report's operating
     points at ``target`` sensitivity (urgent thresholds kept, raised to review where they
     would fall below it). The source bundle is never touched. Returns what was written."""
-    from edge_agent.bundle import ModelInfo, read_manifest
+    from edge_agent.bundle import read_manifest
 
-    from ..bundle_writer import write_bundle
+    from ..bundle_writer import revise_bundle
 
     spec = bundle.manifest
     findings = []
@@ -539,17 +604,6 @@ def write_revision(
             finding.model_copy(update={"review_threshold": review, "urgent_threshold": urgent})
         )
         changed[finding.code] = {"review_threshold": review, "urgent_threshold": urgent}
-    if spec.engines:
-        logger.warning(
-            "source device engines are not carried over (%s): rebuild them with "
-            "edge-export tensorrt",
-            ", ".join(spec.engines),
-        )
-    if spec.report is not None:
-        logger.warning(
-            "the source's narrative report section is not carried over: add it again with "
-            "edge-export add-report"
-        )
     metrics: dict[str, float | int | str] = dict(spec.metrics or {})
     metrics["thresholds"] = (
         f"review at sensitivity {target} on {report['studies']['scored']} labelled studies "
@@ -559,26 +613,8 @@ def write_revision(
         if f["auroc"] is not None:
             metrics[f"site_auroc_{code}"] = f["auroc"]
     version = _revision_version(spec.model.version, target)
-    notice = spec.model.notice
-    write_bundle(
-        out,
-        encoder_onnx=bundle.encoder_path,
-        model=ModelInfo(
-            name=spec.model.name,
-            version=version,
-            source=spec.model.source,
-            demo=spec.model.demo,
-            notice=Path(notice).name if notice else None,
-        ),
-        precision=spec.precision,
-        preprocessing=spec.encoder.preprocessing,
-        ct=spec.ct,
-        head=spec.head,
-        findings=findings,
-        parity=spec.parity,
-        metrics=metrics,
-        extra_files=[bundle.root / notice] if notice else [],
-        overwrite=overwrite,
+    revise_bundle(
+        bundle, out, version=version, findings=findings, metrics=metrics, overwrite=overwrite
     )
     return {
         "path": str(out),
@@ -612,6 +648,8 @@ def evaluate(
     _require_extra()
     bundle = load_bundle(bundle_dir)
     reference = load_bundle(reference_dir) if reference_dir is not None else None
+    if reference is not None:
+        check_comparable(bundle, reference)
     timings = time_to_notification(state_db) if state_db is not None else None
     if revision is not None:
         _check_out(Path(bundle_dir), revision[0], overwrite)  # before all the work
@@ -661,20 +699,20 @@ def evaluate(
 def format_summary(report: dict[str, Any]) -> str:
     lines = [f"{'finding':<20}{'n+':>5}{'n-':>6}{'AUROC':>8}{'95% CI':>16}{'sens':>7}{'spec':>7}"]
     for code, f in report["findings"].items():
-        ci = f["auroc_ci95"]
-        ci_text = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "—"
+        interval = ci_text(f["auroc_ci95"])
         auroc = "—" if f["auroc"] is None else f"{f['auroc']:.3f}"
         sens = "—" if f["sensitivity"] is None else f"{f['sensitivity']:.3f}"
         spec = "—" if f["specificity"] is None else f"{f['specificity']:.3f}"
         lines.append(
-            f"{code:<20}{f['n_positive']:>5}{f['n_negative']:>6}{auroc:>8}{ci_text:>16}"
+            f"{code:<20}{f['n_positive']:>5}{f['n_negative']:>6}{auroc:>8}{interval:>16}"
             f"{sens:>7}{spec:>7}"
         )
     ref = report.get("reference")
     if ref is not None:
         lines.append(
-            f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']}, "
-            f"kappa {ref['kappa']}, {len(ref['changed'])} studies change level"
+            f"vs reference {ref['model']['version']}: triage agreement {ref['agreement']} "
+            f"(95% CI {ci_text(ref['agreement_ci95'])}), kappa {ref['kappa']}, "
+            f"{len(ref['changed'])} studies change level"
         )
     rev = report.get("revision")
     if rev is not None:

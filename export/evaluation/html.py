@@ -86,19 +86,20 @@ def _fmt(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _ci(pair: Any) -> str:
+def ci_text(pair: Any) -> str:
+    """A 95% interval as the page and the command's summary show it."""
     return "—" if not pair else f"{pair[0]:.3f}–{pair[1]:.3f}"
 
 
 def _rate_cells(at: dict[str, Any]) -> str:
     cells = []
     for name in ("sensitivity", "specificity", "ppv", "npv"):
-        cells.append(f"<td>{_fmt(at[name])} <small>({_ci(at[name + '_ci95'])})</small></td>")
+        cells.append(f"<td>{_fmt(at[name])} <small>({ci_text(at[name + '_ci95'])})</small></td>")
     prev = at.get("at_prevalence")
     if prev:
         cells.append(
-            f"<td>{_fmt(prev['ppv'])} <small>({_ci(prev['ppv_ci95'])})</small></td>"
-            f"<td>{_fmt(prev['npv'])} <small>({_ci(prev['npv_ci95'])})</small></td>"
+            f"<td>{_fmt(prev['ppv'])} <small>({ci_text(prev['ppv_ci95'])})</small></td>"
+            f"<td>{_fmt(prev['npv'])} <small>({ci_text(prev['npv_ci95'])})</small></td>"
         )
     else:
         cells.append("<td>—</td><td>—</td>")
@@ -138,7 +139,7 @@ def _finding_html(code: str, f: dict[str, Any], png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (
         f"<h2 id='{e(code)}'>{e(code)}</h2>"
-        f"<p>AUROC <b>{_fmt(f['auroc'])}</b> (95% bootstrap CI {_ci(f['auroc_ci95'])}), "
+        f"<p>AUROC <b>{_fmt(f['auroc'])}</b> (95% bootstrap CI {ci_text(f['auroc_ci95'])}), "
         f"{f['n_positive']} positive and {f['n_negative']} negative studies.</p>"
         f"<img alt='{e(code)}: ROC curve, score histograms, calibration' "
         f"src='data:image/png;base64,{data}'>"
@@ -175,7 +176,7 @@ def write_html(out: Path, report: dict[str, Any], scored: Scored) -> None:
     )
     summary = "".join(
         f"<tr><td class=l><a href='#{e(c)}'>{e(c)}</a></td><td>{f['n_positive']}</td>"
-        f"<td>{f['n_negative']}</td><td>{_fmt(f['auroc'])}</td><td>{_ci(f['auroc_ci95'])}</td>"
+        f"<td>{f['n_negative']}</td><td>{_fmt(f['auroc'])}</td><td>{ci_text(f['auroc_ci95'])}</td>"
         f"<td>{_fmt(f['sensitivity'])}</td><td>{_fmt(f['specificity'])}</td></tr>"
         for c, f in report["findings"].items()
     )
@@ -225,20 +226,48 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
         + "</tr>"
         for x in levels
     )
+    diffs = "".join(
+        f"<tr><td class=l>{e(code)}</td><td>{d['studies']}</td><td>{_signed(d['mean'])}</td>"
+        f"<td>{_fmt(d['mean_abs'])}</td><td>{_fmt(d['max_abs'])}</td></tr>"
+        for code, d in ref["score_differences"].items()
+    )
+
+    def scores(c: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{e(code)} {_score(c['reference_scores'].get(code))} → {_score(s)}"
+            for code, s in c["scores"].items()
+        )
+
     changed = "".join(
-        f"<li><code>{e(c['study_instance_uid'])}</code> {e(c['reference'])} → {e(c['level'])}</li>"
+        f"<li><code>{e(c['study_instance_uid'])}</code> {e(c['reference'])} → {e(c['level'])} "
+        f"<small>({scores(c)})</small></li>"
         for c in ref["changed"][:50]
     )
     more = len(ref["changed"]) - 50
     return (
         f"<h2>Against the reference {e(ref['model']['name'])} {e(ref['model']['version'])}</h2>"
         f"<p>Reference sha256 <code>{e(ref['model']['sha256'])}</code>; {ref['studies']} "
-        f"studies, triage agreement {_fmt(ref['agreement'])}, Cohen's kappa "
+        f"studies, triage agreement {_fmt(ref['agreement'])} "
+        f"<small>({ci_text(ref['agreement_ci95'])})</small>, Cohen's kappa "
         f"{_fmt(ref['kappa'])}. Rows: the reference's level; columns: this bundle's.</p>"
         f"<table><tr><th class=l>reference</th>{head}</tr>{rows}</table>"
-        f"<ul>{changed or '<li>no study changes level</li>'}"
+        "<h3>Score differences</h3><p>This bundle's score minus the reference's, over the "
+        "studies both score.</p>"
+        "<table><tr><th class=l>finding</th><th>studies</th><th>mean</th><th>mean |d|</th>"
+        f"<th>max |d|</th></tr>{diffs}</table>"
+        "<h3>Studies whose level changes</h3><ul>"
+        f"{changed or '<li>no study changes level</li>'}"
         f"{f'<li>and {more} more (report.json)</li>' if more > 0 else ''}</ul>"
     )
+
+
+def _score(x: float | None) -> str:
+    # 4 places, as thresholds are written: a crossed threshold stays visible
+    return "—" if x is None else f"{x:.4f}"
+
+
+def _signed(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.3f}"
 
 
 def _notification_html(ttn: dict[str, Any] | None, tta: dict[str, Any] | None) -> str:
