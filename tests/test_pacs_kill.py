@@ -4,8 +4,9 @@ agent removing its ``pacs_outbox`` row, at both ends of that window:
 * before the answer: the test's PACS keeps the SR, then SIGKILLs the agent before it
   answers the C-STORE;
 * after the answer: the PACS locks the agent's state database (``BEGIN EXCLUSIVE``) and
-  answers success; once the agent has released the association (it had the answer), its
-  row's removal is waiting on the lock, and the test SIGKILLs it, then unlocks.
+  answers success; once the agent has the answer (it released the association, or, were it
+  to keep associations open, it read every byte of the answer), its row's removal cannot
+  happen before the lock is gone, and the test SIGKILLs it, then unlocks.
 
 Restarted against the same PACS, the agent sends that result's SR again: the same SOP
 Instance UID, byte for byte the same data set, and no other SR twice; every row ends
@@ -107,9 +108,9 @@ def test_sigkill_between_the_c_store_and_the_row_leaving_resends_the_same_instan
             scp.wait(lambda: bool(first), 120, "the first C-STORE")
             wait_until(lambda: not daemon.alive(), 10, "the agent killed")
         else:
-            # The agent releases the association after it has the C-STORE's answer: from
-            # then on it is between the answer and the row's removal, which the lock holds.
-            scp.wait(lambda: scp.released >= 1, 120, "the agent to release the association")
+            # Once the agent has the C-STORE's answer, it is between the answer and the
+            # row's removal, which the lock holds.
+            wait_until(scp.agent_has_answer, 120, "the agent to have the answer", poll=0.01)
             assert daemon.alive()
             daemon.kill()
             locks[0].execute("ROLLBACK")
