@@ -22,7 +22,7 @@ from pydicom import dcmread
 from edge_agent.config import PacsSettings
 from edge_agent.devbroker import HOST, Pki
 from edge_agent.metrics import registry_for
-from edge_agent.pacs.scu import Peer, store
+from edge_agent.pacs.scu import store
 from edge_agent.pacs.sr import build_sr, sop_instance_uid
 from edge_agent.results import StudyResult
 from edge_agent.simulate.dicom_writer import chest_instance, new_study, write_instance
@@ -86,10 +86,16 @@ def settings_for(port: int, retry_max: float = 1.0) -> PacsSettings:
     )
 
 
-def worker_for(store: Store, watch: Path, port: int, stop: threading.Event) -> PacsWorker:
+def worker_for(
+    store: Store,
+    watch: Path,
+    port: int,
+    stop: threading.Event,
+    settings: PacsSettings | None = None,
+) -> PacsWorker:
     return PacsWorker(
         store,
-        settings_for(port),
+        settings or settings_for(port),
         concepts=CONCEPTS,
         agent="site/box",
         watch_dir=watch,
@@ -291,8 +297,7 @@ def test_a_pacs_requiring_a_client_certificate_gets_it_or_says_why(
     try:
         result, _ = commit_study(st, watch, "urgent", 1)
         no_pair = settings_for(server.dicom_port).model_copy(update={"tls_ca": fleet.ca_cert})
-        worker = worker_for(st, watch, server.dicom_port, threading.Event())
-        worker.peer = Peer.from_settings(no_pair)
+        worker = worker_for(st, watch, server.dicom_port, threading.Event(), no_pair)
         with caplog.at_level(logging.WARNING, logger="edge_agent.workers.pacs"):
             assert worker.step(time.time())
         assert st.pacs_depth() == 1
@@ -303,7 +308,7 @@ def test_a_pacs_requiring_a_client_certificate_gets_it_or_says_why(
         assert any(words in r.getMessage() for r in caplog.records)
 
         with_pair = no_pair.model_copy(update={"tls_cert": client_cert, "tls_key": client_key})
-        worker.peer = Peer.from_settings(with_pair)
+        worker = worker_for(st, watch, server.dicom_port, threading.Event(), with_pair)
         assert worker.step(time.time() + 3.0)  # after the back-off
         assert st.pacs_depth() == 0
         srs = [i["SOPInstanceUID"] for i in server.instances()]
