@@ -105,6 +105,8 @@ class _TlsSocket(ssl.SSLSocket):
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         try:
             return super().recv(buflen, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # not a failure: a non-blocking read with nothing to read yet
         except ssl.SSLError as exc:
             self._keep(exc)
             # The connection is over; pynetdicom leaves the socket of a failed read open
