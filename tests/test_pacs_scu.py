@@ -4,6 +4,7 @@ and by pynetdicom SCPs that refuse the SOP class or answer with a failure status
 from __future__ import annotations
 
 import gc
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -306,6 +307,16 @@ def test_tls_with_the_client_certificate_the_pacs_requires(
             assert run_check(check_config(tmp_path, mosquitto.port, pacs_keys(pair))) == 2
             out = capsys.readouterr().out
             assert "pacs.tls_ca/tls_cert/tls_key" in out and words in out
+        # Over TLS 1.2 this Orthanc has no cipher for its EC key: the handshake's alert
+        # says no more than "handshake failure", and so does the reason.
+        tls12 = tls_peer(client)
+        assert tls12.tls is not None
+        tls12.tls.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(PacsError) as err:
+            echo(tls12)
+        assert "sslv3 alert handshake failure (no TLS version or cipher in common" in (
+            err.value.reason
+        )
         assert len(server.instances()) == 1
     finally:
         server.stop()

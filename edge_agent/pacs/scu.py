@@ -144,8 +144,13 @@ def _tls_failure(peer: Peer, code: str, verify_message: str) -> str:
         words += f": {verify_message}"
     if code == "CERTIFICATE_VERIFY_FAILED":
         hint = "the PACS's certificate is not signed by pacs.tls_ca or not for pacs.host"
-    elif code in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+    elif code == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
         hint = "the PACS requires a client certificate it trusts: pacs.tls_cert/pacs.tls_key"
+    elif code == "SSLV3_ALERT_HANDSHAKE_FAILURE":  # TLS 1.2 says no more than that
+        hint = (
+            "no TLS version or cipher in common with the PACS, or it requires a client "
+            "certificate it trusts: pacs.tls_cert/pacs.tls_key"
+        )
     elif code in (
         "TLSV1_ALERT_UNKNOWN_CA",
         "SSLV3_ALERT_BAD_CERTIFICATE",
