@@ -278,7 +278,7 @@ def pacs_problem(reason: str) -> EdgeTriageError:
         return ConfigError("pacs.called_ae", reason)
     if "Calling AE title not recognised" in reason:
         return ConfigError("pacs.calling_ae", reason)
-    if reason.startswith("TLS files"):
+    if reason.startswith("TLS "):
         return ConfigError("pacs.tls_ca/tls_cert/tls_key", reason)
     return PacsUnreachable(f"pacs.host/pacs.port: {reason}")
 

@@ -13,7 +13,7 @@ from helpers.daemon import BASE, DEVICE, MATRIX, SITE, Collector, Daemon, assert
 from helpers.orthanc import Orthanc, needs_orthanc
 from helpers.polling import wait_until
 
-from edge_agent.devbroker import Mosquitto
+from edge_agent.devbroker import Mosquitto, Pki
 from edge_agent.pacs.sr import sop_instance_uid
 from edge_agent.results import StudyResult
 from edge_agent.simulate import simulate
@@ -162,3 +162,50 @@ def test_sigkill_while_srs_are_sent_loses_none_and_stores_none_twice(
     want = {sop_instance_uid(StudyResult.model_validate(r)) for r in results.values()}
     srs = [i["SOPInstanceUID"] for i in orthanc.instances() if i.get("Modality") == "SR"]
     assert sorted(srs) == sorted(want) and len(srs) == 6
+
+
+def test_a_pacs_requiring_a_client_certificate_over_the_daemon(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The daemon against an Orthanc that requires a client certificate: without
+    ``tls_cert``/``tls_key`` its SRs wait, status and the log say what TLS said; restarted
+    with the pair, they are stored. MQTT goes on throughout."""
+    fleet = Pki(tmp_path / "ca")
+    cert, key = fleet.issue("pacs", "pacs.hospital.lan", dns=["localhost"], ip=["127.0.0.1"])
+    client_cert, client_key = fleet.issue("agent", "EDGETRIAGE")
+    orthanc = Orthanc(
+        tmp_path / "orthanc", tls=(cert, key, fleet.ca_cert), require_client_cert=True
+    )
+    orthanc.start()
+    collector = Collector(mosquitto.host, mosquitto.port)
+    where = (
+        f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\ncalled_ae = "ORTHANC"\n'
+        f'levels = ["urgent", "review", "routine", "not_scored"]\ntls_ca = "{fleet.ca_cert}"\n'
+    )
+    database = tmp_path / "state" / "state.sqlite3"
+    daemon = Daemon(config_for(tmp_path, mosquitto, where), tmp_path / "agent.log")
+    daemon.start()
+    try:
+        list(simulate(tmp_path / "incoming", studies=2, abnormal=0.5, seed=29, **MATRIX))
+        collector.wait(lambda: len(collector.results()) >= 2, 90, "2 study results on MQTT")
+        wait_until(
+            lambda: bool(read_status(database).pacs_last_error), 30, "a PACS failure", poll=0.5
+        )
+        words = "tlsv13 alert certificate required (the PACS requires a client certificate"
+        status = read_status(database)
+        assert status.pacs_outbox == 2 and words in (status.pacs_last_error or "")
+        assert "pacs       last problem: TLS refused with ORTHANC@" in format_status(status)
+        assert words in daemon.log.read_text()
+        daemon.kill()
+
+        pair = f'tls_cert = "{client_cert}"\ntls_key = "{client_key}"\n'
+        daemon = Daemon(config_for(tmp_path, mosquitto, where + pair), tmp_path / "agent.log")
+        daemon.start()
+        wait_until(lambda: read_status(database).pacs_outbox == 0, 60, "the SRs stored", poll=0.5)
+        want = {sop_instance_uid(StudyResult.model_validate(r)) for r in collector.results()}
+        assert {i["SOPInstanceUID"] for i in orthanc.instances()} == want
+    finally:
+        daemon.kill()
+        collector.close()
+        orthanc.stop()
+    assert_no_phi(collector, daemon.log)

@@ -4,6 +4,7 @@ worker against a real Orthanc (outage included), and status and /metrics showing
 from __future__ import annotations
 
 import io
+import logging
 import sqlite3
 import threading
 import time
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from edge_agent.config import PacsSettings
-from edge_agent.devbroker import HOST
+from edge_agent.devbroker import HOST, Pki
 from edge_agent.metrics import registry_for
 from edge_agent.pacs.scu import store
 from edge_agent.pacs.sr import build_sr, sop_instance_uid
@@ -85,10 +86,16 @@ def settings_for(port: int, retry_max: float = 1.0) -> PacsSettings:
     )
 
 
-def worker_for(store: Store, watch: Path, port: int, stop: threading.Event) -> PacsWorker:
+def worker_for(
+    store: Store,
+    watch: Path,
+    port: int,
+    stop: threading.Event,
+    settings: PacsSettings | None = None,
+) -> PacsWorker:
     return PacsWorker(
         store,
-        settings_for(port),
+        settings or settings_for(port),
         concepts=CONCEPTS,
         agent="site/box",
         watch_dir=watch,
@@ -273,3 +280,41 @@ def test_a_source_image_gone_keeps_the_row_with_its_reason(tmp_path: Path, watch
     assert [r.alert_id for r in st.pacs_due(before + 3.0)] == [result.alert_id]
     assert read_status(st.path).pacs_last_error == worker.last_error
     st.close()
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_a_pacs_requiring_a_client_certificate_gets_it_or_says_why(
+    tmp_path: Path, watch: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS that requires a client certificate: the worker without ``tls_cert``/``tls_key``
+    keeps the row, and status and the log say what TLS said and which keys; with the pair,
+    the SR is stored."""
+    fleet = Pki(tmp_path / "ca")
+    cert, key = fleet.issue("pacs", "pacs.hospital.lan", dns=["localhost"], ip=[HOST])
+    client_cert, client_key = fleet.issue("agent", "EDGETRIAGE")
+    server = Orthanc(tmp_path / "orthanc", tls=(cert, key, fleet.ca_cert), require_client_cert=True)
+    server.start()
+    st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
+    try:
+        result, _ = commit_study(st, watch, "urgent", 1)
+        no_pair = settings_for(server.dicom_port).model_copy(update={"tls_ca": fleet.ca_cert})
+        worker = worker_for(st, watch, server.dicom_port, threading.Event(), no_pair)
+        with caplog.at_level(logging.WARNING, logger="edge_agent.workers.pacs"):
+            assert worker.step(time.time())
+        assert st.pacs_depth() == 1
+        words = "tlsv13 alert certificate required (the PACS requires a client certificate"
+        status = read_status(st.path)
+        assert status.pacs_last_error and words in status.pacs_last_error
+        assert "pacs       last problem: TLS refused with ORTHANC@" in format_status(status)
+        assert any(words in r.getMessage() for r in caplog.records)
+
+        with_pair = no_pair.model_copy(update={"tls_cert": client_cert, "tls_key": client_key})
+        worker = worker_for(st, watch, server.dicom_port, threading.Event(), with_pair)
+        assert worker.step(time.time() + 3.0)  # after the back-off
+        assert st.pacs_depth() == 0
+        srs = [i["SOPInstanceUID"] for i in server.instances()]
+        assert srs == [sop_instance_uid(result)]
+    finally:
+        st.close()
+        server.stop()

@@ -4,6 +4,7 @@ and by pynetdicom SCPs that refuse the SOP class or answer with a failure status
 from __future__ import annotations
 
 import gc
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,9 +245,79 @@ def test_dicom_over_tls_with_the_pacs_ca(tmp_path: Path) -> None:
         assert [i["SOPInstanceUID"] for i in server.instances()] == [sr.SOPInstanceUID]
         with pytest.raises(PacsError) as err:  # a certificate of another CA: refused
             echo(tls_peer(rogue.ca_cert))
-        assert err.value.retry is True
+        assert err.value.reason.startswith(f"TLS refused with ORTHANC@{HOST}:")
+        assert "certificate verify failed: self-signed certificate in certificate chain" in (
+            err.value.reason
+        )
+        assert "not signed by pacs.tls_ca" in err.value.reason
+        assert err.value.retry is False
     finally:
         server.stop()
         # pynetdicom leaves the socket of a failed handshake to the garbage collector:
         # collected here, inside this module's filter, not at the end of the session.
         gc.collect()
+
+
+@pytest.mark.slow
+@needs_orthanc
+def test_tls_with_the_client_certificate_the_pacs_requires(
+    tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PACS that requires a client certificate of its CA: the agent's pair
+    (``tls_cert``/``tls_key``) is presented; none, or one of another CA, is refused with
+    what TLS said and the keys to look at, by ``store`` and by ``edge-agent check``."""
+    fleet = Pki(tmp_path / "ca")
+    rogue = Pki(tmp_path / "rogue", ca_name="another CA")
+    cert, key = fleet.issue("pacs", "pacs.hospital.lan", dns=["localhost"], ip=[HOST])
+    client = fleet.issue("agent", "EDGETRIAGE")
+    stranger = rogue.issue("agent", "EDGETRIAGE")
+    server = Orthanc(tmp_path / "orthanc", tls=(cert, key, fleet.ca_cert), require_client_cert=True)
+    server.start()
+    try:
+
+        def pacs_keys(pair: tuple[Path, Path] | None) -> str:
+            keys = f'tls_ca = "{fleet.ca_cert}"\n'
+            if pair is not None:
+                keys += f'tls_cert = "{pair[0]}"\ntls_key = "{pair[1]}"\n'
+            return (
+                f'enabled = true\nhost = "{HOST}"\nport = {server.dicom_port}\n'
+                f'called_ae = "ORTHANC"\ntimeout_seconds = 5\n{keys}'
+            )
+
+        def tls_peer(pair: tuple[Path, Path] | None) -> Peer:
+            config = check_config(tmp_path, mosquitto.port, pacs_keys(pair))
+            return Peer.from_settings(load_settings(config).pacs)
+
+        sr = an_sr()
+        store(tls_peer(client), sr)
+        assert [i["SOPInstanceUID"] for i in server.instances()] == [sr.SOPInstanceUID]
+        assert run_check(check_config(tmp_path, mosquitto.port, pacs_keys(client))) == 0
+        assert "answers C-ECHO over TLS and accepts Enhanced SR" in capsys.readouterr().out
+
+        refusals = {
+            None: "tlsv13 alert certificate required (the PACS requires a client certificate",
+            stranger: "tlsv1 alert unknown ca (the PACS does not trust the client certificate",
+        }
+        for pair, words in refusals.items():
+            with pytest.raises(PacsError) as err:
+                store(tls_peer(pair), an_sr(2))
+            assert err.value.reason.startswith(f"TLS refused with ORTHANC@{HOST}:")
+            assert words in err.value.reason
+            assert err.value.retry is False
+            assert run_check(check_config(tmp_path, mosquitto.port, pacs_keys(pair))) == 2
+            out = capsys.readouterr().out
+            assert "pacs.tls_ca/tls_cert/tls_key" in out and words in out
+        # Over TLS 1.2 this Orthanc has no cipher for its EC key: the handshake's alert
+        # says no more than "handshake failure", and so does the reason.
+        tls12 = tls_peer(client)
+        assert tls12.tls is not None
+        tls12.tls.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises(PacsError) as err:
+            echo(tls12)
+        assert "sslv3 alert handshake failure (no TLS version or cipher in common" in (
+            err.value.reason
+        )
+        assert len(server.instances()) == 1
+    finally:
+        server.stop()
+        gc.collect()  # see test_dicom_over_tls_with_the_pacs_ca

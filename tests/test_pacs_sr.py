@@ -232,6 +232,22 @@ def test_retries_build_the_same_uids() -> None:
     assert other_agent.SeriesInstanceUID != a.SeriesInstanceUID
 
 
+def test_a_retry_builds_the_same_object_byte_for_byte(tmp_path: Path) -> None:
+    """The PACS may already hold the first copy (the agent was killed before the row left):
+    what it receives again is the very same object, not one dated by the clock."""
+    images = sources()
+    result = result_for(images)
+    first = save(build_sr(result, images, concepts=CONCEPTS, agent="box-1"), tmp_path, "a.dcm")
+    again = save(build_sr(result, images, concepts=CONCEPTS, agent="box-1"), tmp_path, "b.dcm")
+    assert first.read_bytes() == again.read_bytes()
+    sr = dcmread(first)
+    scored = result.timing.scored_at  # 2026-12-07T01:02:03...Z
+    day, time = scored[:10].replace("-", ""), scored[11:19].replace(":", "")
+    assert (sr.InstanceCreationDate, sr.InstanceCreationTime) == (day, time)
+    dated = [e for e in sr.ContributingEquipmentSequence if "ContributionDateTime" in e]
+    assert dated and {e.ContributionDateTime for e in dated} == {day + time}
+
+
 def test_refuses_without_sources_or_with_another_study() -> None:
     images = sources()
     result = result_for(images)

@@ -7,6 +7,9 @@ log, ``edge-agent status`` and ``edge-agent check``; it never holds patient data
 * the connection refused or timed out, the association aborted or rejected transiently, a
   C-STORE status "out of resources" (0xA7xx) or a peer that went away mid-transfer:
   ``retry=True`` (the PACS is down or busy; the object will be sent again unchanged);
+* TLS refused, by either side (the PACS's certificate not signed by ``tls_ca``, no client
+  certificate or one the PACS does not trust): ``retry=False``, the reason quotes TLS's
+  words and which key to look at;
 * the association rejected permanently (called or calling AE title not recognised), the SR's
   SOP class not accepted, a C-STORE status "does not match SOP class" (0xA9xx), "cannot
   understand" (0xCxxx) or another failure: ``retry=False`` until the PACS's configuration
@@ -20,7 +23,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -79,7 +82,85 @@ def tls_context(pacs: PacsSettings) -> ssl.SSLContext | None:
             context.load_cert_chain(str(pacs.tls_cert), str(pacs.tls_key))
     except (OSError, ssl.SSLError) as exc:
         raise PacsError(f"TLS files: {exc}", retry=False) from exc
+    context.sslsocket_class = _TlsSocket
     return context
+
+
+class _TlsSocket(ssl.SSLSocket):
+    """A TLS socket that keeps its TLS errors in ``errors`` (given by :class:`_TlsArgs`).
+
+    pynetdicom logs a failed handshake, or the alert a PACS sends after it (TLS 1.3 refuses
+    a client certificate only then, on the first read), and reports a connection that
+    closed; what TLS said is what an operator needs."""
+
+    errors: list[tuple[str, str]] | None = None
+
+    def connect(self, address: Any) -> None:
+        try:
+            super().connect(address)
+        except ssl.SSLError as exc:
+            self._keep(exc)
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # not a failure: a non-blocking read with nothing to read yet
+        except ssl.SSLError as exc:
+            self._keep(exc)
+            # The connection is over; pynetdicom leaves the socket of a failed read open
+            # (its log record's traceback keeps it alive), so it is closed here.
+            self.close()
+            raise
+
+    def _keep(self, exc: ssl.SSLError) -> None:
+        # Its words, not the exception: its traceback holds this socket, which would then
+        # wait for the garbage collector to be closed.
+        if self.errors is not None:
+            self.errors.append((exc.reason or "", getattr(exc, "verify_message", None) or ""))
+
+
+class _TlsArgs:
+    """The context pynetdicom wraps one association's socket with: the peer's context, with
+    that association's TLS errors kept in ``errors`` (OpenSSL's reason code, and why the
+    certificate was not verified)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.errors: list[tuple[str, str]] = []
+
+    def wrap_socket(self, sock: Any, **kwargs: Any) -> ssl.SSLSocket:
+        wrapped = self.context.wrap_socket(sock, **kwargs)
+        if isinstance(wrapped, _TlsSocket):
+            wrapped.errors = self.errors
+        return wrapped
+
+
+def _tls_failure(peer: Peer, code: str, verify_message: str) -> str:
+    """What TLS said, and the key that is likely at fault."""
+    words = code.lower().replace("_", " ") or "handshake failed"
+    if verify_message:
+        words += f": {verify_message}"
+    if code == "CERTIFICATE_VERIFY_FAILED":
+        hint = "the PACS's certificate is not signed by pacs.tls_ca or not for pacs.host"
+    elif code == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        hint = "the PACS requires a client certificate it trusts: pacs.tls_cert/pacs.tls_key"
+    elif code == "SSLV3_ALERT_HANDSHAKE_FAILURE":  # TLS 1.2 says no more than that
+        hint = (
+            "no TLS version or cipher in common with the PACS, or it requires a client "
+            "certificate it trusts: pacs.tls_cert/pacs.tls_key"
+        )
+    elif code in (
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "TLSV1_ALERT_ACCESS_DENIED",
+    ):
+        hint = "the PACS does not trust the client certificate pacs.tls_cert"
+    else:
+        hint = "see pacs.tls_ca/tls_cert/tls_key and the PACS's TLS settings"
+    return f"TLS refused with {peer.where}: {words} ({hint})"
 
 
 def _rejection(primitive: Any) -> str:
@@ -100,11 +181,13 @@ def _associate(peer: Peer, contexts: list[tuple[str, list[str] | None]]) -> Asso
             ae.add_requested_context(sop_class, syntaxes)
     received: list[Any] = []
     opened: list[bool] = []
+    tls = _TlsArgs(peer.tls) if peer.tls is not None else None
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.called_ae,
-        tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
+        # pynetdicom only calls wrap_socket on what it takes for the SSLContext.
+        tls_args=(cast(ssl.SSLContext, tls), peer.host) if tls is not None else None,
         evt_handlers=[
             (evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive)),
             (evt.EVT_CONN_OPEN, lambda event: opened.append(True)),
@@ -112,6 +195,8 @@ def _associate(peer: Peer, contexts: list[tuple[str, list[str] | None]]) -> Asso
     )
     if assoc.is_established:
         return assoc
+    if tls is not None and tls.errors:
+        raise PacsError(_tls_failure(peer, *tls.errors[0]), retry=False)
     if assoc.is_rejected:
         rejected = [p for p in received if getattr(p, "result", None) in (0x01, 0x02)]
         if rejected:

@@ -228,10 +228,14 @@ def build_sr(
     scheme.CodingSchemeName = "edge-triage triage codes"
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [scheme]
-    # Dates from the result, not the clock: a retry builds the same object.
+    # Dates from the result, not the clock (highdicom dates the instance's creation and its
+    # own contribution by the clock): a retry builds the same object, byte for byte.
     when = datetime.fromisoformat(result.timing.scored_at.replace("Z", "+00:00"))
-    for prefix in ("Content", "Instance", "Series"):
+    for prefix in ("Content", "InstanceCreation", "Series"):
         if hasattr(sr, f"{prefix}Date"):
             setattr(sr, f"{prefix}Date", when.strftime("%Y%m%d"))
             setattr(sr, f"{prefix}Time", when.strftime("%H%M%S"))
+    for equipment in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:
+            equipment.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
     return sr

@@ -38,9 +38,10 @@ class Orthanc:
         aet: str = "ORTHANC",
         check_called_aet: bool = True,
         tls: tuple[Path, Path, Path] | None = None,
+        require_client_cert: bool = False,
     ) -> None:
-        """``tls``: (certificate, key, CA of the clients): DICOM over TLS only, client
-        certificates not required."""
+        """``tls``: (certificate, key, CA of the clients): DICOM over TLS only; a client
+        certificate signed by that CA is required when ``require_client_cert``."""
         self.root = root
         self.aet = aet
         self.dicom_port = free_port()
@@ -70,7 +71,7 @@ class Orthanc:
                             "DicomTlsCertificate": str(tls[0]),
                             "DicomTlsPrivateKey": str(tls[1]),
                             "DicomTlsTrustedCertificates": str(tls[2]),
-                            "DicomTlsRemoteCertificateRequired": False,
+                            "DicomTlsRemoteCertificateRequired": require_client_cert,
                         }
                         if tls is not None
                         else {}
