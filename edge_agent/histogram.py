@@ -2,12 +2,16 @@
 tallies (:mod:`edge_agent.state.tallies`), the score buckets of ``/metrics``, and the
 histograms of ``edge-export evaluate``'s report that ``--drift`` compares them with.
 
-A score s in [0, 1] falls in *fine* bin ``min(floor(s * FINE_BINS), FINE_BINS - 1)``:
-:data:`FINE_BINS` equal-width bins of 0.01, a score of 1 in the last one. A coarser
-histogram (the report's :data:`REPORT_BINS` bins of 0.05) is made by adding consecutive
-fine bins (:func:`coarsen`), never by counting the scores again: a score is in the same
-coarse bin whether the agent counted it or the report did, even where ``s * 20`` and
-``s * 100`` round differently.
+:data:`FINE_BINS` equal-width *fine* bins of 0.01, closed on the right as Prometheus'
+``le`` buckets are: bin i holds the scores in (i/100, (i+1)/100], the first one also 0, so a
+score on an edge is in the bin that edge closes (a review threshold of 0.3 and a score of
+0.3 are on the same side of the edge as ``le="0.3"`` says). ``s * 100`` is rounded to 6
+places first: 0.29 * 100 is 28.999999999999996 in floating point, and a score is never
+finer than 1e-6 (results round scores to 6 places). A coarser histogram (the report's
+:data:`REPORT_BINS` bins of 0.05) is made by adding consecutive fine bins
+(:func:`coarsen`), never by counting the scores again, so a score is in the same coarse bin
+whether the agent counted it or the report did. (Reports written before this module
+closed their bins on the left: a score exactly on a 0.05 edge sat one bin higher there.)
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def fine_bin(score: float) -> int:
     """The fine bin of ``score`` (clamped to [0, 1]; raises ValueError for NaN)."""
     if math.isnan(score):
         raise ValueError("a score is a number in [0, 1], not NaN")
-    return min(max(int(score * FINE_BINS), 0), FINE_BINS - 1)
+    return min(max(math.ceil(round(score * FINE_BINS, 6)) - 1, 0), FINE_BINS - 1)
 
 
 def fine_histogram(scores: Iterable[float]) -> list[int]:
@@ -54,8 +58,9 @@ def upper_edges(bins: int) -> list[float]:
 
 
 def quantile(fine: Sequence[int], q: float) -> float | None:
-    """The ``q`` quantile of the scores a fine histogram counts, interpolated linearly inside
-    its bin (within 0.01 of the exact one); None for an empty histogram."""
+    """The ``q`` quantile of the scores a fine histogram counts: where the count reaches
+    ``q`` of the total, interpolated linearly inside that bin (the median of an even count
+    lies between the two middle scores, within a bin of them); None for an empty one."""
     total = sum(fine)
     if total == 0:
         return None

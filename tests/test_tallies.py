@@ -249,3 +249,14 @@ def test_report_bins_are_sums_of_fine_bins(scores: list[float]) -> None:
 def test_a_bin_count_that_is_not_a_divisor_is_refused() -> None:
     with pytest.raises(ValueError, match="not a divisor"):
         coarsen([0] * FINE_BINS, 30)
+
+
+@pytest.mark.parametrize(
+    ("score", "expected"),
+    [(0.0, 0), (0.01, 0), (0.0100001, 1), (0.29, 28), (0.3, 29), (0.999, 99), (1.0, 99)],
+)
+def test_fine_bins_are_closed_on_the_right_whatever_the_float_rounding(
+    score: float, expected: int
+) -> None:
+    """As Prometheus' ``le``; 0.29 * 100 is 28.999999999999996 in floating point."""
+    assert fine_bin(score) == expected

@@ -298,3 +298,44 @@ def window(now: float, days: int) -> list[str]:
     """The ``days`` UTC days ending with ``now``'s, oldest first."""
     today = datetime.fromtimestamp(now, timezone.utc).date()
     return [(today - timedelta(days=days - 1 - i)).isoformat() for i in range(days)]
+
+
+WINDOW_DAYS = 7
+"""The days ``edge-agent status`` and ``/metrics`` sum over besides today (today included)."""
+
+
+@dataclass(frozen=True)
+class Recent:
+    """The tallies status and /metrics show: today's and the last WINDOW_DAYS UTC days'."""
+
+    day: str
+    """Today, UTC (``YYYY-MM-DD``)."""
+    model: str | None
+    """The model of the last result counted; the findings' figures are its own."""
+    today: dict[str, FindingTally]
+    """Finding code -> today's tally."""
+    week: dict[str, FindingTally]
+    """Finding code -> the tally of the last WINDOW_DAYS days."""
+    levels: dict[str, dict[str, int]]
+    """UTC day -> triage level -> studies, every one of the WINDOW_DAYS days (oldest
+    first, zeros where none), all models together."""
+
+    def level_totals(self, days: Iterable[str]) -> dict[str, int]:
+        return {level: sum(self.levels[d][level] for d in days) for level in LEVELS}
+
+
+def recent(conn: sqlite3.Connection, now: float, days: int = WINDOW_DAYS) -> Recent:
+    """Today's and the last ``days`` UTC days' tallies at ``now`` (one read transaction)."""
+    span = window(now, days)
+    kept = read(conn, span[0])
+    today = span[-1]
+    model = kept.model
+    codes = sorted(kept.findings.get(model, {})) if model is not None else []
+    by_day = kept.levels_by_day()
+    return Recent(
+        day=today,
+        model=model,
+        today={c: kept.finding(model, c, [today]) for c in codes if model is not None},
+        week={c: kept.finding(model, c, span) for c in codes if model is not None},
+        levels={d: by_day.get(d, dict.fromkeys(LEVELS, 0)) for d in span},
+    )
