@@ -155,3 +155,31 @@ def test_metrics_show_the_daily_tallies_as_status_does(tmp_path: Path) -> None:
         )
     assert got[("edge_triage_over_review_share", (f, ("window", "today")))] == 0.5
     assert not any("1.2.3" in str(key) for key in got)  # no UIDs in labels
+
+
+def test_the_tally_metrics_and_status_fields_are_documented(tmp_path: Path) -> None:
+    """Each metric family the tallies give, and each field of status's ``scores``, is named
+    in the README's "Watching the model after go-live"."""
+    import time
+
+    from helpers.delivery import Injector
+
+    from edge_agent.metrics import _tally_metrics
+    from edge_agent.state import tallies
+    from edge_agent.status import scores_section
+    from edge_agent.store import Store
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Watching the model after go-live")[1].split("\n## ")[0]
+    store = Store(tmp_path / "state.sqlite3")
+    try:
+        Injector(store).result("1.2.3.1", "urgent")
+        recent = tallies.recent(store._conn(), time.time())
+    finally:
+        store.close()
+    names = {s.name for family in _tally_metrics(recent) for s in family.samples}
+    assert names and all(f"`{name}{{" in section for name in names), names
+    scores = scores_section(recent)
+    fields = {f"scores.{key}" for key in scores if key not in ("findings", "levels_by_day")}
+    fields |= set(scores["findings"]["pneumothorax"]["today"]) | set(scores["levels_by_day"][0])
+    assert all(f"`{field}`" in section for field in fields), fields
