@@ -282,6 +282,11 @@ def format_scores(scores: dict[str, Any]) -> list[str]:
     for code, f in scores["findings"].items():
         lines.append(f"  {code:<20} today   {_summary_text(f['today'])}")
         lines.append(f"  {'':<20} 7 days  {_summary_text(f['last_7_days'])}")
+    if not scores["findings"]:
+        lines.append("  no study scored in the last 7 days")
+    if not any(d["studies"] for d in scores["levels_by_day"]):
+        lines.append("levels     no study in the last 7 UTC days")
+        return lines
     lines.append("levels     studies per UTC day: urgent and review shares")
     for d in scores["levels_by_day"]:
         if d["studies"]:

@@ -233,6 +233,19 @@ def test_status_shows_per_finding_scores_and_levels_by_utc_day(
     assert "1.2.3" not in json.dumps(report.scores)
 
 
+def test_status_of_an_agent_that_has_counted_nothing_says_so_in_two_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    Store(path).close()
+    report = read_status(path, now=NOW)
+    assert report.scores is not None and report.scores["model_sha256"] is None
+    lines = [x for x in format_status(report).splitlines() if x.startswith(("scores", "levels"))]
+    assert lines[0].startswith("scores     UTC day 2024-10-04, model -:")
+    assert lines[1] == "levels     no study in the last 7 UTC days"
+    assert "  no study scored in the last 7 days" in format_status(report)
+
+
 def test_status_of_a_database_from_before_the_tallies_has_no_scores(tmp_path: Path) -> None:
     import sqlite3
 
