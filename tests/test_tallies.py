@@ -136,21 +136,26 @@ def test_a_commit_that_fails_counts_nothing_and_its_retry_counts_once(store: Sto
     assert read(store).finding(SHA, "pneumothorax").studies == 1
 
 
-def test_days_older_than_the_kept_ones_are_deleted(store: Store) -> None:
+def test_only_the_newest_kept_days_stay(store: Store) -> None:
+    """One result a day for KEEP_DAYS + 1 days: the first day goes, from every table."""
+    inject = Injector(store)
+    for i in range(tallies.KEEP_DAYS + 1):
+        inject.result(f"{UID}.{i}", "urgent", now=T0 + i * DAY)
+    kept = read(store)
+    assert len(kept.levels_by_day()) == tallies.KEEP_DAYS
+    assert day(T0) not in kept.levels_by_day() and day(T0 + DAY) in kept.levels_by_day()
+    assert day(T0) not in kept.findings[SHA]["pneumothorax"]
+    bins = store._conn().execute("SELECT COUNT(*) FROM tally_bins WHERE day = ?", (day(T0),))
+    assert bins.fetchone() == (0,)
+
+
+def test_a_clock_set_years_ahead_once_deletes_nothing(store: Store) -> None:
+    """Kept are the newest days holding a result, not the days near the clock's now."""
     inject = Injector(store)
     inject.result(f"{UID}.1", "urgent", now=T0)
-    inject.result(f"{UID}.2", "urgent", now=T0 + (tallies.KEEP_DAYS - 1) * DAY)
-    assert set(read(store).levels_by_day()) == {day(T0), day(T0 + (tallies.KEEP_DAYS - 1) * DAY)}
-    inject.result(f"{UID}.3", "routine", now=T0 + tallies.KEEP_DAYS * DAY)
-    kept = read(store)
-    assert day(T0) not in kept.levels_by_day()
-    assert day(T0) not in kept.findings[SHA]["pneumothorax"]
-    (n,) = (
-        store._conn()
-        .execute("SELECT COUNT(*) FROM tally_bins WHERE day = ?", (day(T0),))
-        .fetchone()
-    )
-    assert n == 0
+    inject.result(f"{UID}.2", "urgent", now=T0 + 3650 * DAY)  # a flat RTC battery, say
+    inject.result(f"{UID}.3", "routine", now=T0 + DAY)  # the clock right again
+    assert len(read(store).levels_by_day()) == 3
 
 
 def test_the_tallies_hold_no_uid_and_no_patient_data(store: Store) -> None:

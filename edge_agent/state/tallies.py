@@ -19,8 +19,10 @@ or neither, and a result stored before a crash is not counted again when its com
 repeated (the result is there: it is not the study's first any more).
 
 **Bounded.** One row per day, model and level; per day, model and finding; per day, model,
-finding and fine bin holding a score. Days more than :data:`KEEP_DAYS` before the day of
-the result being counted are deleted in the same transaction.
+finding and fine bin holding a score; and at most :data:`KEEP_DAYS` days: when a result
+opens a new day, the days older than the newest KEEP_DAYS that hold a result are deleted,
+in the same transaction. Newest by their date, not by the clock's distance from now: a
+clock set years ahead once (a flat RTC battery) adds one day, and cannot wipe the others.
 
 The schema 5 -> 6 migration counts the results stored before (:func:`backfill`), so the
 tallies of an upgraded box start with its history.
@@ -29,7 +31,6 @@ tallies of an upgraded box start with its history.
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable
@@ -43,10 +44,9 @@ from ..results import reaches
 if TYPE_CHECKING:  # schema imports this module (its migration 5 -> 6 is :func:`backfill`)
     from .schema import Layout
 
-logger = logging.getLogger(__name__)
-
 KEEP_DAYS = 400
-"""Days of tallies kept (over a year: a season can be compared with last year's)."""
+"""Days of tallies kept, the newest holding a result (over a year: a season can be
+compared with last year's)."""
 
 LEVELS = ("urgent", "review", "routine", "not_scored")
 
@@ -108,11 +108,6 @@ def utc_day(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).date().isoformat()
 
 
-def first_day(ts: float, days: int) -> str:
-    """The first UTC day of the ``days`` days ending with ``ts``'s (``days=1``: that day)."""
-    return utc_day(ts - (days - 1) * 86400.0)
-
-
 # -- writing (in the caller's transaction) --------------------------------------------------
 
 
@@ -125,20 +120,37 @@ def count_first(
     at: float,
 ) -> bool:
     """Count the result ``alert_id`` (just stored, at ``at``) if it is its study's first;
-    True when it was counted."""
+    True when it was counted.
+
+    The scores are read from ``payload``, the bytes stored and published: the tallies count
+    what the receivers were told, and the migration (:func:`backfill`) and ``--drift`` on an
+    older database count the same bytes the same way.
+    """
     other = conn.execute(
         "SELECT 1 FROM results WHERE study_instance_uid = ? AND alert_id != ? LIMIT 1",
         (study_instance_uid, alert_id),
     ).fetchone()
     if other is not None:
         return False
-    _add(conn, utc_day(at), triage, scores_of(payload))
-    conn.execute(  # the key starts with the day: a short index range, often empty
-        "DELETE FROM tally_levels WHERE day < ?", (first_day(at, KEEP_DAYS),)
-    )
-    conn.execute("DELETE FROM tally_findings WHERE day < ?", (first_day(at, KEEP_DAYS),))
-    conn.execute("DELETE FROM tally_bins WHERE day < ?", (first_day(at, KEEP_DAYS),))
+    day = utc_day(at)
+    new_day = conn.execute("SELECT 1 FROM tally_levels WHERE day = ? LIMIT 1", (day,)).fetchone()
+    _add(conn, day, triage, scores_of(payload))
+    if new_day is None:
+        _prune(conn)
     return True
+
+
+def _prune(conn: sqlite3.Connection) -> None:
+    """Delete the days older than the newest KEEP_DAYS that hold a result."""
+    row = conn.execute(
+        "SELECT day FROM (SELECT DISTINCT day FROM tally_levels ORDER BY day DESC) "
+        "LIMIT 1 OFFSET ?",
+        (KEEP_DAYS - 1,),
+    ).fetchone()
+    if row is None:
+        return
+    for table in ("tally_levels", "tally_findings", "tally_bins"):
+        conn.execute(f"DELETE FROM {table} WHERE day < ?", (row[0],))  # names from this list
 
 
 def _add(conn: sqlite3.Connection, day: str, triage: str, scores: Scores) -> None:
