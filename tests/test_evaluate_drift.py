@@ -150,6 +150,34 @@ def test_an_older_agents_database_gives_the_same_answer_unchanged(
     assert state.read_bytes() == before
 
 
+def test_days_limits_the_comparison_to_the_last_utc_days(baseline: Path, tmp_path: Path) -> None:
+    """The 12 studies are spread over three UTC days; --days 1 on the third compares its
+    own; --days counts back from today (here years after them: nothing to compare)."""
+    from export.evaluation.drift import drift
+
+    data, labels = simulated(tmp_path, 12, 0.3, seed=26)
+    state = state_with_results(tmp_path / "state", data, labels)
+    whole = drift(state, baseline)
+    last = drift(state, baseline, days=1, now=20_002.5 * DAY)
+    assert whole["since"] is None and last["since"] == "2024-10-06"
+    third = whole["findings"]["pneumothorax"]["daily_flag_rate"]["2024-10-06"]["studies"]
+    assert 0 < last["studies"] == third < whole["studies"] == 12
+    assert list(last["findings"]["pneumothorax"]["daily_flag_rate"]) == ["2024-10-06"]
+    code, out, err = run_cli(["evaluate", "--drift", state, "--baseline", baseline, "--days", "7"])
+    assert code == 0, err
+    assert out.strip().endswith("since " + last_week() + ": nothing to compare")
+    code, _, err = run_cli(["evaluate", "--bundle", DEMO, "--days", "7"])
+    assert code == 2 and "--days" in err and "--drift" in err
+
+
+def last_week() -> str:
+    import time
+
+    from edge_agent.state.tallies import window
+
+    return window(time.time(), 7)[0]
+
+
 def test_a_baseline_whose_bins_the_agents_do_not_add_up_to_is_refused(
     baseline: Path, tmp_path: Path
 ) -> None:

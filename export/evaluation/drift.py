@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,16 @@ def read_baseline(folder: Path) -> dict[str, Any]:
     return {"sha256": sha, "findings": findings}
 
 
-def read_tallies(state_db: Path) -> Tallies:
-    """The agent's daily tallies in ``state_db`` (read-only). An older agent's database has
-    none: they are counted from its stored results into a database in memory."""
+def read_tallies(state_db: Path, since: str | None = None) -> Tallies:
+    """The agent's daily tallies in ``state_db`` (read-only), of the UTC days from ``since``
+    on (default: all). An older agent's database has none: they are counted from its stored
+    results into a database in memory."""
     try:
         conn = open_read_only(state_db)
         try:
             layout = Layout.of(conn)
             if tallies.has_tallies(layout):
-                return tallies.read(conn)
+                return tallies.read(conn, since)
             if not layout.has("results"):
                 raise ConfigError("--drift", f"{state_db}: not an edge-agent state database")
             memory = sqlite3.connect(":memory:", isolation_level=None)
@@ -105,7 +107,7 @@ def read_tallies(state_db: Path) -> Tallies:
                     state_db,
                     counted,
                 )
-                return tallies.read(memory)
+                return tallies.read(memory, since)
             finally:
                 memory.close()
         finally:
@@ -131,10 +133,16 @@ def drift(
     baseline_dir: Path,
     psi_limit: float = DEFAULT_PSI_LIMIT,
     alpha: float = DEFAULT_ALPHA,
+    *,
+    days: int | None = None,
+    now: float | None = None,
 ) -> dict[str, Any]:
+    """Compare the studies of ``state_db`` (those of the last ``days`` UTC days at ``now``,
+    today included; default: all) with the baseline report in ``baseline_dir``."""
     baseline = read_baseline(baseline_dir)
     sha = baseline["sha256"]
-    kept = read_tallies(state_db)
+    since = None if days is None else tallies.window(time.time() if now is None else now, days)[0]
+    kept = read_tallies(state_db, since)
     findings: dict[str, Any] = {}
     moved: list[str] = []
     for code, base in baseline["findings"].items():
@@ -183,16 +191,18 @@ def drift(
             },
         }
     studies = max((f["studies"] for f in findings.values()), default=0)
+    when = "" if since is None else f" since {since}"
     if studies == 0:
-        verdict = f"no result of model {sha[:12]} in {state_db.name}: nothing to compare"
+        verdict = f"no result of model {sha[:12]} in {state_db.name}{when}: nothing to compare"
     elif moved:
         verdict = "MOVED: " + "; ".join(moved)
     else:
-        verdict = f"stable: {studies} studies, no significant shift of scores or flag rates"
+        verdict = f"stable: {studies} studies{when}, no significant shift of scores or flag rates"
     return {
         "model_sha256": sha,
         "psi_limit": psi_limit,
         "alpha": alpha,
+        "since": since,
         "studies": studies,
         "left_out": dict(left_out(kept, sha).most_common()),
         "findings": findings,
