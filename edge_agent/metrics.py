@@ -158,8 +158,8 @@ def _tally_metrics(recent: Recent) -> Iterator[Metric]:
     scores = GaugeHistogramMetricFamily(
         f"{PREFIX}_score",
         "Study scores per finding over the last 7 UTC days (today included), of the model "
-        "of the last result; le is a bin's upper edge (a score on an edge is in the bin "
-        "above); goes down as days leave the window",
+        "of the last result; le is a bin's upper edge, a score on it included; goes down as "
+        "days leave the window",
         labels=["finding"],
     )
     edges = [*(f"{e:g}" for e in upper_edges(REPORT_BINS)[:-1]), "+Inf"]  # scores <= 1
