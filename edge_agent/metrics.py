@@ -1,9 +1,10 @@
 """Prometheus metrics for fleets that scrape (off by default: ``metrics.port = 0``).
 
 Every scrape reads the state database read-only (:func:`edge_agent.state.report.read`: the
-figures of ``edge-agent status`` and ``P/status``), so the figures are what is durably true,
-survive restarts, and need no bookkeeping in the daemon's threads. The process collector adds
-memory and CPU. Labels carry levels and states only: no UIDs, no patient data.
+figures of ``edge-agent status`` and ``P/status``; :func:`edge_agent.state.tallies.recent`:
+the daily tallies status shows), so the figures are what is durably true, survive restarts,
+and need no bookkeeping in the daemon's threads. The process collector adds memory and CPU.
+Labels carry levels, states, finding codes and windows only: no UIDs, no patient data.
 """
 
 from __future__ import annotations
@@ -16,21 +17,32 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .errors import ResourceMissing
 from .health import HEALTH_FILE, read_health_file
-from .state import report
+from .histogram import REPORT_BINS, coarsen, upper_edges
+from .state import report, tallies
 from .state.report import Figures
+from .state.schema import Layout
+from .state.tallies import Recent
 
 PREFIX = "edge_triage"
 
 
-def _read(database: Path) -> Figures:
+def _read(database: Path) -> tuple[Figures, Recent | None]:
     db = report.open_read_only(database)
     try:
-        return report.read(db)
+        layout = Layout.of(db)
+        figures = report.read(db, layout)
+        recent = tallies.recent(db, time.time()) if tallies.has_tallies(layout) else None
+        return figures, recent
     finally:
         db.close()
 
@@ -51,7 +63,7 @@ class StateCollector(Collector):
             f"{PREFIX}_state_readable", "1 when the state database could be read at this scrape"
         )
         try:
-            figures = _read(self.database)
+            figures, recent = _read(self.database)
         except (ResourceMissing, sqlite3.Error, OSError):
             up.add_metric([], 0.0)
             yield up
@@ -132,6 +144,58 @@ class StateCollector(Collector):
             counter = CounterMetricFamily(f"{PREFIX}_{_name(key)}", f"Agent counter '{key}'")
             counter.add_metric([], float(value))
             yield counter
+        if recent is not None:
+            yield from _tally_metrics(recent)
+
+
+WINDOWS = {"today": "today", "7d": "week"}
+"""The ``window`` label's values and the :class:`Recent` field each reads."""
+
+
+def _tally_metrics(recent: Recent) -> Iterator[Metric]:
+    """The daily tallies (each study once, at its first result; UTC days): the last 7
+    days' score distribution per finding, studies by level, shares over the thresholds."""
+    scores = GaugeHistogramMetricFamily(
+        f"{PREFIX}_score",
+        "Study scores per finding over the last 7 UTC days (today included), of the model "
+        "of the last result; le is a bin's upper edge, a score on it included; goes down as "
+        "days leave the window",
+        labels=["finding"],
+    )
+    edges = [*(f"{e:g}" for e in upper_edges(REPORT_BINS)[:-1]), "+Inf"]  # scores <= 1
+    for code, tally in recent.week.items():
+        counts = coarsen(tally.bins, REPORT_BINS)
+        cumulative = [float(sum(counts[: i + 1])) for i in range(REPORT_BINS)]
+        scores.add_metric([code], list(zip(edges, cumulative, strict=True)), tally.score_sum)
+    yield scores
+    days = list(recent.levels)
+    for suffix, span, when in (
+        ("today", days[-1:], "today (UTC)"),
+        ("last_7_days", days, "in the last 7 UTC days (today included)"),
+    ):
+        studies = GaugeMetricFamily(
+            f"{PREFIX}_studies_{suffix}",
+            f"Studies whose first result was committed {when}, by triage level",
+            labels=["triage"],
+        )
+        for level, n in recent.level_totals(span).items():
+            studies.add_metric([level], float(n))
+        yield studies
+    for name, what, attr in (
+        ("over_review_share", "at or above its review threshold (flagged)", "flagged"),
+        ("over_urgent_share", "at or above its urgent threshold", "urgent"),
+    ):
+        share = GaugeMetricFamily(
+            f"{PREFIX}_{name}",
+            f"Share of the studies scored for a finding whose score was {what}, of the model "
+            "of the last result; window today or 7d (UTC days); absent without studies",
+            labels=["finding", "window"],
+        )
+        for window, field in WINDOWS.items():
+            for code, tally in getattr(recent, field).items():
+                if tally.studies:
+                    share.add_metric([code, window], getattr(tally, attr) / tally.studies)
+        yield share
 
 
 # Health readings (state_dir/health.json, written by the agent's health thread) as gauges:

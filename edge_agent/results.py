@@ -44,6 +44,12 @@ class SlabRef(_Payload):
     score: float = Field(ge=0.0, le=1.0, description="The finding's score on this slab.")
 
 
+def reaches(score: float, threshold: float | None) -> bool:
+    """A finding's score is at or above ``threshold`` (None: a threshold never reached, as a
+    finding that can never be urgent). The one rule of ``flagged`` and of an urgent finding."""
+    return threshold is not None and score >= threshold
+
+
 class FindingResult(_Payload):
     code: str = Field(description="Finding code from the bundle, e.g. 'pneumothorax'.")
     label: str = Field(description="Human-readable finding name.")

@@ -41,6 +41,7 @@ from .results import (
     TriageLevel,
     alert_id,
     iso,
+    reaches,
 )
 from .runners import Runner
 from .store import InstanceRow, StudyRow
@@ -105,11 +106,7 @@ class _Outcome:
 
 def urgent_finding(findings: list[FindingResult]) -> int | None:
     """Index of the finding that makes the study urgent with the highest score, if any."""
-    urgent = [
-        (f.score, i)
-        for i, f in enumerate(findings)
-        if f.urgent_threshold is not None and f.score >= f.urgent_threshold
-    ]
+    urgent = [(f.score, i) for i, f in enumerate(findings) if reaches(f.score, f.urgent_threshold)]
     return max(urgent)[1] if urgent else None
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from .health import HEALTH_FILE, read_health_file
 from .identifiers import FILE_ID_KEY, file_id, is_file_id
-from .state import report
+from .state import report, tallies
 from .state.report import open_read_only
 from .state.schema import Layout
 from .text import escape_controls, printable
@@ -60,6 +60,10 @@ class StatusReport:
     scoring_waiting_as_of: str | None = None
     health: dict[str, Any] | None = None
     """The agent's last box-health reading (state_dir/health.json), None before its first."""
+    scores: dict[str, Any] | None = None
+    """The daily tallies (:func:`scores_section`): per finding, today's and the last 7 UTC
+    days' studies, mean and median score, shares at or above the review and urgent
+    thresholds; studies by triage level per UTC day. None: a database from before them."""
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -162,6 +166,7 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
         aside = report.set_aside(db, layout, last)
         rejected = report.last_rejected(db, layout, last)
         results = report.last_results(db, layout, last)
+        recent = tallies.recent(db, now) if tallies.has_tallies(layout) else None
     finally:
         db.close()
     status = StatusReport(
@@ -197,6 +202,7 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
             for path, reason, at in rejected
         ],
         health=read_health_file(database.parent / HEALTH_FILE, now),
+        scores=None if recent is None else scores_section(recent),
     )
     for uid, revision, triage, payload, created, modality in results:
         code, score, narrative = _summary(payload)
@@ -220,6 +226,79 @@ def read_status(database: Path, *, last: int = 5, now: float | None = None) -> S
         at = waiting.get("updated_at")
         status.scoring_waiting_as_of = _iso(at) if isinstance(at, int | float) else None
     return status
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def scores_section(recent: tallies.Recent) -> dict[str, Any]:
+    """The ``scores`` of ``edge-agent status --json`` (README: "Watching the model")."""
+    return {
+        "day": recent.day,
+        "model_sha256": recent.model,
+        "findings": {
+            code: {
+                "today": recent.today[code].summary(),
+                "last_7_days": recent.week[code].summary(),
+            }
+            for code in recent.week
+        },
+        "levels_by_day": [
+            {
+                "day": day,
+                "studies": sum(levels.values()),
+                **levels,
+                "urgent_share": _share(levels["urgent"], sum(levels.values())),
+                "review_share": _share(levels["review"], sum(levels.values())),
+            }
+            for day, levels in recent.levels.items()
+        ],
+    }
+
+
+def _percent(share: Any) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def _summary_text(s: dict[str, Any]) -> str:
+    if not s["studies"]:
+        return "n 0"
+    return (
+        f"n {s['studies']}, mean {s['mean_score']:.2f}, median {s['median_score']:.2f}, "
+        f">=review {_percent(s['over_review_share'])}, "
+        f">=urgent {_percent(s['over_urgent_share'])}"
+    )
+
+
+def format_scores(scores: dict[str, Any]) -> list[str]:
+    """The lines of the daily tallies: per finding today and the last 7 days; studies by
+    level per day."""
+    model = scores["model_sha256"]
+    lines = [
+        f"scores     UTC day {scores['day']}, model {model[:12] if model else '-'}: per "
+        "finding, today and the last 7 days (each study once, at its first result)"
+    ]
+    for code, f in scores["findings"].items():
+        lines.append(f"  {code:<20} today   {_summary_text(f['today'])}")
+        lines.append(f"  {'':<20} 7 days  {_summary_text(f['last_7_days'])}")
+    if not scores["findings"]:
+        lines.append("  no study scored in the last 7 days")
+    if not any(d["studies"] for d in scores["levels_by_day"]):
+        lines.append("levels     no study in the last 7 UTC days")
+        return lines
+    lines.append("levels     studies per UTC day: urgent and review shares")
+    for d in scores["levels_by_day"]:
+        if d["studies"]:
+            lines.append(
+                f"  {d['day']}  n {d['studies']}: urgent {d['urgent']} "
+                f"({_percent(d['urgent_share'])}), review {d['review']} "
+                f"({_percent(d['review_share'])}), routine {d['routine']}, "
+                f"not_scored {d['not_scored']}"
+            )
+        else:
+            lines.append(f"  {d['day']}  n 0")
+    return lines
 
 
 def format_status(report: StatusReport) -> str:
@@ -293,6 +372,8 @@ def format_status(report: StatusReport) -> str:
         )
     if report.health is not None:
         lines.extend(format_health(report.health))
+    if report.scores is not None:
+        lines.extend(format_scores(report.scores))
     lines.append(f"rejected   {report.rejected} file(s)")
     for r in report.last_rejected:
         lines.append(f"  {r['at']}  {r['file_id'] or '-'}  {r['path']}: {r['reason']}")

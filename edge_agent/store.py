@@ -11,7 +11,8 @@ either the state before the step or after it:
 
 * an instance is recorded together with its file and its study's quiet timer;
 * a reject is recorded together with its ``P/rejected`` message;
-* a result is recorded together with its outbox message and the study's new state;
+* a result is recorded together with its outbox message and the study's new state (and,
+  a study's first, its count in the daily tallies ``tally_*``);
 * an outbox message leaves only when the broker has acknowledged it (PUBACK), or when the
   outbox is full and the message is a droppable one (below).
 
@@ -52,7 +53,18 @@ from typing import Literal
 
 from .errors import ConfigError, CorruptState
 from .results import StudyResult
-from .state import alerts, files, meta, narratives, outbox, pacs, report, schema, studies
+from .state import (
+    alerts,
+    files,
+    meta,
+    narratives,
+    outbox,
+    pacs,
+    report,
+    schema,
+    studies,
+    tallies,
+)
 from .state.alerts import AckOutcome
 from .state.database import (
     connect,
@@ -256,7 +268,8 @@ class Store:
     ) -> bool:
         """Store a study's result, its outbox message and its instances' fate, atomically;
         with ``narrative``, the job that will write the result's draft narrative, in the
-        same transaction (a crash cannot lose it).
+        same transaction (a crash cannot lose it). The study's first result is counted in
+        the daily tallies in that transaction too (:mod:`edge_agent.state.tallies`).
 
         Returns False (and changes nothing) when the study changed while it was being
         scored: a new instance re-opened it, so it will be scored again once quiet.
@@ -270,7 +283,8 @@ class Store:
                 c, result.alert_id, uid, revision, triage, result.payload, now
             )
             studies.mark_scored(c, uid, triage, instance_states)
-            if inserted:  # a result stored before a crash is not queued twice
+            if inserted:  # a result stored before a crash is not queued (or counted) twice
+                tallies.count_first(c, uid, result.alert_id, triage, result.payload, now)
                 alerts.supersede_older(c, uid, revision)
                 self._outbox.enqueue(c, result._replace(triage=triage), now)
                 if triage == "urgent":

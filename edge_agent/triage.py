@@ -12,7 +12,7 @@ from collections.abc import Collection
 import numpy as np
 
 from .bundle import RADIOGRAPH_MODALITIES, Bundle, Finding
-from .results import FindingResult, SlabRef, TriageLevel
+from .results import FindingResult, SlabRef, TriageLevel, reaches
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -57,13 +57,13 @@ def finding_result(finding: Finding, score: float, slab: SlabRef | None = None) 
         score=s,
         urgent_threshold=finding.urgent_threshold,
         review_threshold=finding.review_threshold,
-        flagged=s >= finding.review_threshold,
+        flagged=reaches(s, finding.review_threshold),
         slab=slab,
     )
 
 
 def triage_level(findings: list[FindingResult]) -> TriageLevel:
-    if any(f.urgent_threshold is not None and f.score >= f.urgent_threshold for f in findings):
+    if any(reaches(f.score, f.urgent_threshold) for f in findings):
         return "urgent"
     if any(f.flagged for f in findings):
         return "review"

@@ -1,10 +1,13 @@
-"""``edge-export evaluate --drift``: a stream of results in a real state database (written
-by the agent's Store, scores from the daemon's scorer on simulated studies) against a
-baseline report; a planted shift is reported, an unchanged stream is not."""
+"""``edge-export evaluate --drift``: a stream of results in a real state database (the
+agent's Store commits them and keeps its daily tallies, which --drift reads; scores from
+the daemon's scorer on simulated studies) against a baseline report; a planted shift is
+reported, an unchanged stream is not; an older agent's database (no tallies) gives the same
+answer, counted from its results."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -123,6 +126,67 @@ def test_results_of_another_model_are_left_out(baseline: Path, tmp_path: Path) -
     assert code == 0
     assert "left out: 10 × scored by another model" in out
     assert "nothing to compare" in out
+
+
+def test_an_older_agents_database_gives_the_same_answer_unchanged(
+    baseline: Path, tmp_path: Path
+) -> None:
+    """Schema 5 had no tallies: they are counted from its results, in memory."""
+    data, labels = simulated(tmp_path, 12, 0.3, seed=25)
+    state = state_with_results(tmp_path / "state", data, labels)
+    code, kept, err = run_cli(["evaluate", "--drift", state, "--baseline", baseline, "--json"])
+    assert code == 0, err
+    assert json.loads(kept)["studies"] == 12
+    with sqlite3.connect(state) as db:
+        db.executescript(
+            "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
+            "DELETE FROM meta WHERE key = 'tally_model';"
+            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
+        )
+    before = state.read_bytes()
+    code, old, err = run_cli(["evaluate", "--drift", state, "--baseline", baseline, "--json"])
+    assert code == 0, err
+    assert json.loads(old) == json.loads(kept)
+    assert state.read_bytes() == before
+
+
+def test_days_limits_the_comparison_to_the_last_utc_days(baseline: Path, tmp_path: Path) -> None:
+    """The 12 studies are spread over three UTC days; --days 1 on the third compares its
+    own; --days counts back from today (here years after them: nothing to compare)."""
+    from export.evaluation.drift import drift
+
+    data, labels = simulated(tmp_path, 12, 0.3, seed=26)
+    state = state_with_results(tmp_path / "state", data, labels)
+    whole = drift(state, baseline)
+    last = drift(state, baseline, days=1, now=20_002.5 * DAY)
+    assert whole["since"] is None and last["since"] == "2024-10-06"
+    third = whole["findings"]["pneumothorax"]["daily_flag_rate"]["2024-10-06"]["studies"]
+    assert 0 < last["studies"] == third < whole["studies"] == 12
+    assert list(last["findings"]["pneumothorax"]["daily_flag_rate"]) == ["2024-10-06"]
+    code, out, err = run_cli(["evaluate", "--drift", state, "--baseline", baseline, "--days", "7"])
+    assert code == 0, err
+    assert out.strip().endswith("since " + last_week() + ": nothing to compare")
+    code, _, err = run_cli(["evaluate", "--bundle", DEMO, "--days", "7"])
+    assert code == 2 and "--days" in err and "--drift" in err
+
+
+def last_week() -> str:
+    import time
+
+    from edge_agent.state.tallies import window
+
+    return window(time.time(), 7)[0]
+
+
+def test_a_baseline_whose_bins_the_agents_do_not_add_up_to_is_refused(
+    baseline: Path, tmp_path: Path
+) -> None:
+    report = json.loads((baseline / "report.json").read_text())
+    report["findings"]["pneumothorax"]["score_histogram"] = [1] * 30
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "report.json").write_text(json.dumps(report))
+    code, _, err = run_cli(["evaluate", "--drift", tmp_path / "s", "--baseline", tmp_path / "odd"])
+    assert code == 2 and "pneumothorax has 30 bins" in err
 
 
 def test_drift_needs_a_baseline_report(tmp_path: Path) -> None:

@@ -168,9 +168,11 @@ def test_kappa_by_hand() -> None:
 
 
 def test_histogram_counts_every_score_in_its_bin() -> None:
-    assert stats.histogram(np.array([0.0, 0.04, 0.05, 0.99, 1.0]), bins=20) == [
-        2, 1, *([0] * 17), 2,
-    ]  # fmt: skip
+    """Bins closed on the right, as the agent's tallies and Prometheus' ``le``: 0.05 is in
+    the first bin, 0.051 in the second, 0.15 in the third, 0.29 in the sixth (though
+    0.29 * 100 is 28.999999999999996 in floating point)."""
+    scores = np.array([0.0, 0.04, 0.05, 0.051, 0.15, 0.29, 0.99, 1.0])
+    assert stats.histogram(scores, bins=20) == [3, 1, 1, 0, 0, 1, *([0] * 13), 2]
 
 
 def test_psi_by_hand() -> None:

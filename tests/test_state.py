@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.delivery import SHA, make_result
+from helpers.delivery import SHA, Injector, make_result
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.metrics import registry_for
 from edge_agent.results import StudyResult, alert_id, iso
-from edge_agent.state import schema
+from edge_agent.state import schema, tallies
 from edge_agent.state.schema import Layout
 from edge_agent.status import read_status
 from edge_agent.store import InstanceRecord, Message, NarrativeJob, Store
@@ -146,6 +146,42 @@ def test_state_database_of_schema_2_is_migrated(tmp_path: Path) -> None:
     store.close()
 
 
+def test_state_database_of_schema_5_is_migrated_with_its_results_counted(
+    tmp_path: Path,
+) -> None:
+    """Schema 6 adds the daily tallies and the PUBACK and ack times; the migration counts the
+    results stored before (each study's first, on its UTC day), exactly as if the tallies had
+    been kept then, and leaves the times it cannot know NULL."""
+    path = tmp_path / "old.sqlite3"
+    store = Store(path)
+    inject = Injector(store)
+    inject.result(f"{UID}.1", "urgent", now=86400.0 * 20_000)
+    inject.result(f"{UID}.1", "routine", now=86400.0 * 20_001)  # revision 2: not counted
+    inject.result(f"{UID}.2", "not_scored", now=86400.0 * 20_001)
+    kept = tallies.read(store._conn())
+    store.close()
+    assert kept.levels_by_day() and kept.model == SHA
+    with sqlite3.connect(path) as db:  # schema 5: no tallies, no PUBACK or ack times
+        db.executescript(
+            "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
+            "ALTER TABLE results DROP COLUMN published_at;"
+            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
+            "DELETE FROM meta WHERE key = 'tally_model';"
+            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
+        )
+    store = Store(path)
+    try:
+        assert tallies.read(store._conn()) == kept
+        layout = Layout.of(store._conn())
+        assert layout.has("results", "published_at") and layout.has("alerts", "ack_taken_at")
+        unknown = "SELECT count(*) FROM results WHERE published_at IS NULL"
+        assert store._conn().execute(unknown).fetchone() == (3,)
+        version = store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        assert version.fetchone() == (str(schema.SCHEMA_VERSION),)
+    finally:
+        store.close()
+
+
 def test_a_fresh_database_has_exactly_what_the_migrations_lead_to(tmp_path: Path) -> None:
     """Each column a migration adds is in today's DDL (the history and today agree)."""
     fresh = Store(tmp_path / "fresh.sqlite3")
@@ -154,7 +190,7 @@ def test_a_fresh_database_has_exactly_what_the_migrations_lead_to(tmp_path: Path
     for version, statements in schema.MIGRATIONS.items():
         assert version < schema.SCHEMA_VERSION
         for sql in statements:
-            words = sql.split()
+            words = sql.split() if isinstance(sql, str) else []
             if words[:2] == ["ALTER", "TABLE"]:
                 assert layout.has(words[2], words[5]), sql
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.delivery import SHA, Injector
 from helpers.status import make_state, result_payload
 
 from edge_agent.cli import main
@@ -172,3 +173,88 @@ def test_status_file_finds_an_instance_rejected_when_its_study_was_scored(
     assert found["path"] == "room 2/img.dcm" and found["status"] == "rejected"
     assert found["reason"] == "pixel data cannot be decoded"
     assert found["study_instance_uid"] == "1.2.7" and found["sop_instance_uid"] == "1.2.7.1"
+
+
+# -- the daily tallies ----------------------------------------------------------------------
+
+NOW = 20_000 * 86400.0 + 43200.0  # 2024-10-04 12:00 UTC
+
+
+def test_status_shows_per_finding_scores_and_levels_by_utc_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each study once, at its first result: today's and the last 7 days' figures per
+    finding, and studies by level for each of the 7 UTC days."""
+    folder = tmp_path / "state"
+    store = Store(folder / "state.sqlite3")
+    inject = Injector(store)
+    try:
+        inject.result("1.2.3.1", "urgent", now=NOW)  # pneumothorax 0.93 (urgent 0.6)
+        inject.result("1.2.3.2", "routine", now=NOW - 60)  # 0.05
+        inject.result("1.2.3.2", "urgent", now=NOW - 30)  # its revision 2: not counted
+        inject.result("1.2.3.3", "review", now=NOW - 2 * 86400)  # 0.45 (review 0.3)
+        inject.result("1.2.3.4", "not_scored", now=NOW - 3 * 86400)
+        inject.result("1.2.3.5", "review", now=NOW - 7 * 86400)  # outside the 7 days
+    finally:
+        store.close()
+    report = read_status(folder / "state.sqlite3", now=NOW)
+    scores = report.scores
+    assert scores is not None and scores["day"] == "2024-10-04" and scores["model_sha256"] == SHA
+    pneumothorax = scores["findings"]["pneumothorax"]
+    assert pneumothorax["today"] == {
+        "studies": 2,
+        "mean_score": 0.49,
+        "median_score": pytest.approx(0.05, abs=0.01),
+        "over_review_share": 0.5,
+        "over_urgent_share": 0.5,
+    }
+    assert pneumothorax["last_7_days"]["studies"] == 3
+    assert pneumothorax["last_7_days"]["over_review_share"] == round(2 / 3, 4)
+    days = scores["levels_by_day"]
+    assert [d["day"] for d in days] == [f"2024-09-{d}" for d in range(28, 31)] + [
+        f"2024-10-0{d}" for d in range(1, 5)
+    ]
+    assert days[-1] == {
+        "day": "2024-10-04",
+        "studies": 2,
+        "urgent": 1,
+        "review": 0,
+        "routine": 1,
+        "not_scored": 0,
+        "urgent_share": 0.5,
+        "review_share": 0.0,
+    }
+    assert days[-3]["review"] == 1 and days[-4]["not_scored"] == 1 and days[0]["studies"] == 0
+    text = format_status(report)
+    assert "scores     UTC day 2024-10-04, model 5a5a5a5a5a5a" in text
+    assert "pneumothorax         today   n 2, mean 0.49, median 0.05, >=review 50%" in text
+    assert "  2024-10-04  n 2: urgent 1 (50%), review 0 (0%), routine 1, not_scored 0" in text
+    assert "1.2.3.1" in text  # the last results list their studies; the tallies do not
+    assert "1.2.3" not in json.dumps(report.scores)
+
+
+def test_status_of_an_agent_that_has_counted_nothing_says_so_in_two_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    Store(path).close()
+    report = read_status(path, now=NOW)
+    assert report.scores is not None and report.scores["model_sha256"] is None
+    lines = [x for x in format_status(report).splitlines() if x.startswith(("scores", "levels"))]
+    assert lines[0].startswith("scores     UTC day 2024-10-04, model -:")
+    assert lines[1] == "levels     no study in the last 7 UTC days"
+    assert "  no study scored in the last 7 days" in format_status(report)
+
+
+def test_status_of_a_database_from_before_the_tallies_has_no_scores(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.sqlite3"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
+            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
+        )
+    report = read_status(path)
+    assert report.scores is None and "scores " not in format_status(report)

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..histogram import FINE_BINS
+from . import tallies
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 6
 
-DDL = """
+DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,
@@ -114,12 +117,41 @@ CREATE TABLE IF NOT EXISTS pacs_outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS pacs_outbox_due ON pacs_outbox (next_attempt_at);
+CREATE TABLE IF NOT EXISTS tally_levels (
+    day TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    triage TEXT NOT NULL CHECK (triage IN ('urgent', 'review', 'routine', 'not_scored')),
+    studies INTEGER NOT NULL,
+    PRIMARY KEY (day, model_sha256, triage)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tally_findings (
+    day TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    finding TEXT NOT NULL,
+    studies INTEGER NOT NULL,
+    flagged INTEGER NOT NULL,
+    urgent INTEGER NOT NULL,
+    score_sum REAL NOT NULL,
+    PRIMARY KEY (day, model_sha256, finding)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tally_bins (
+    day TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    finding TEXT NOT NULL,
+    bin INTEGER NOT NULL CHECK (bin >= 0 AND bin < {FINE_BINS}),
+    studies INTEGER NOT NULL,
+    PRIMARY KEY (day, model_sha256, finding, bin)
+) WITHOUT ROWID;
 """
 """Today's schema. A table added by a version is created here (``IF NOT EXISTS``) when an
 older database is opened; a column added to an existing table comes from its migration.
 :func:`create` runs it statement by statement in one transaction: no ``;`` inside one."""
 
-MIGRATIONS: dict[int, tuple[str, ...]] = {
+Migration = str | Callable[[sqlite3.Connection], object]
+"""One step of a migration: an SQL statement, or a function run on the connection (in the
+same transaction) for what SQL alone cannot do."""
+
+MIGRATIONS: dict[int, tuple[Migration, ...]] = {
     # 1 -> 2: outbox messages carry their triage level (the cap policy needs it).
     1: (
         "ALTER TABLE outbox ADD COLUMN triage TEXT",
@@ -140,10 +172,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (),
     # 5 -> 6: when the broker first acknowledged a result (PUBACK) and when the agent took
     # an alert's acknowledgement, by the agent's clock (time to notification and to
-    # acknowledgement, `edge-export evaluate --state`); NULL for what happened before.
+    # acknowledgement, `edge-export evaluate --state`), NULL for what happened before; and
+    # the daily tallies of results (tally_* tables, created by DDL), filled from the results
+    # stored so far: each study's first result, on its UTC day.
     5: (
         "ALTER TABLE results ADD COLUMN published_at REAL",
         "ALTER TABLE alerts ADD COLUMN ack_taken_at REAL",
+        tallies.backfill,
     ),
 }
 """Version n -> n + 1: the statements that make a database of version n one of n + 1."""
@@ -182,9 +217,11 @@ def create(conn: sqlite3.Connection, path: Path) -> None:
     if problem is not None:
         raise problem
     while version < SCHEMA_VERSION:
-        for sql in MIGRATIONS[version]:
-            if not _column_exists(conn, sql):
-                conn.execute(sql)
+        for step in MIGRATIONS[version]:
+            if callable(step):
+                step(conn)
+            elif not _column_exists(conn, step):
+                conn.execute(step)
         version += 1
         logger.info("state database %s migrated to schema %d", path, version)
     conn.execute(

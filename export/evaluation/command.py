@@ -762,7 +762,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
     if args.baseline is None:
         raise ConfigError("--baseline", "--drift needs the baseline REPORT_DIR")
-    result = drift(args.drift, args.baseline, args.psi_limit, args.alpha)
+    result = drift(args.drift, args.baseline, args.psi_limit, args.alpha, days=args.days)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -792,6 +792,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "--drift", f"compares stored results with --baseline only: drop {', '.join(mixed)}"
             )
         return cmd_drift(args)
+    if args.days is not None:
+        raise ConfigError("--days", "chooses the days --drift compares: use it with --drift")
     missing = [
         f"--{name.replace('_', '-')}"
         for name in ("bundle", "data", "labels", "out")
@@ -868,6 +870,13 @@ def register(sub: Any) -> None:
         help="with --drift: significance level of the PSI and flag-rate tests (default 0.01)",
     )
     p.add_argument("--json", action="store_true", help="with --drift: print the result as JSON")
+    p.add_argument(
+        "--days",
+        type=_int_at_least(1),
+        metavar="N",
+        help="with --drift: only the studies of the last N UTC days, today included "
+        "(default: every day the agent kept)",
+    )
     p.add_argument(
         "--prevalence",
         type=_prevalence,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.histogram import REPORT_BINS, coarsen, fine_histogram
+
 Z95 = 1.959963984540054
 """The standard normal's 97.5 % quantile: two-sided 95 % intervals."""
 
@@ -237,15 +239,15 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     return (observed - expected) / (1 - expected)
 
 
-HISTOGRAM_BINS = 20
-"""Equal-width score bins on [0, 1] of the report's score histograms (drift's baseline)."""
+HISTOGRAM_BINS = REPORT_BINS
+"""Equal-width score bins on [0, 1] of the report's score histograms (drift's baseline):
+the agent's bins (:mod:`edge_agent.histogram`), so its tallies compare bin for bin."""
 
 
 def histogram(scores: np.ndarray, bins: int = HISTOGRAM_BINS) -> list[int]:
-    """Studies per equal-width score bin on [0, 1] (a score of 1 in the last bin)."""
-    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-    which = np.minimum((s * bins).astype(int), bins - 1)
-    return [int(n) for n in np.bincount(which, minlength=bins)]
+    """Studies per equal-width score bin on [0, 1] (a score of 1 in the last bin), counted
+    as the agent counts them: in its fine bins, added up (``bins`` divides FINE_BINS)."""
+    return coarsen(fine_histogram(np.asarray(scores, dtype=np.float64).tolist()), bins)
 
 
 PSI_FLOOR = 1e-4

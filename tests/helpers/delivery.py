@@ -88,10 +88,10 @@ class Injector:
         self.sent: dict[str, bytes] = {}  # alert_id -> payload committed
         self._n = 0
 
-    def result(self, uid: str, triage: str = "routine") -> StudyResult:
+    def result(self, uid: str, triage: str = "routine", now: float | None = None) -> StudyResult:
         self._n += 1
         sop = f"{uid}.{self._n}"
-        now = time.time()
+        now = time.time() if now is None else now
         record = InstanceRecord(sop, uid, None, "CR", "frontal")
         assert self.store.add_instance(f"injected/{sop}.dcm", 1, 1, record, now) == "accepted"
         self.store.complete_quiet_studies(0.0, now)
