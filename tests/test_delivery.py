@@ -38,6 +38,7 @@ from helpers.delivery import (
     study_messages,
     write_config,
 )
+from helpers.old_state import as_schema
 from helpers.polling import wait_until
 
 from edge_agent.config import Settings
@@ -198,14 +199,9 @@ def test_cap_drops_oldest_routine_first_then_review_never_urgent(
 def test_state_database_of_schema_1_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     Store(path).close()
-    db = sqlite3.connect(path)  # make it what schema 1 was: outbox without triage
+    as_schema(path, 1)  # outbox without triage
+    db = sqlite3.connect(path)
     db.executescript(
-        "DROP TABLE outbox; DROP TABLE alerts;"
-        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
-        " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL DEFAULT 1,"
-        " alert_id TEXT, created_at REAL NOT NULL);"
-        "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
-        "ALTER TABLE results DROP COLUMN published_at;"
         "INSERT INTO results VALUES ('A1', '1.2', 1, 'review', x'7b7d', 1.0);"
         "INSERT INTO outbox (kind, topic, payload, alert_id, created_at)"
         " VALUES ('result', 'p/study/1.2', x'7b7d', 'A1', 1.0);"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.old_state import as_schema
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -230,13 +231,9 @@ def test_a_set_aside_row_no_longer_holds_back_its_study(tmp_path: Path) -> None:
 def test_state_database_of_schema_3_is_migrated_to_today(tmp_path: Path) -> None:
     path = tmp_path / "v3.sqlite3"
     Store(path).close()
-    db = sqlite3.connect(path)  # make it what schema 3 was: outbox without set-aside columns
+    as_schema(path, 3)  # outbox without set-aside columns
+    db = sqlite3.connect(path)
     db.executescript(
-        "DROP TABLE outbox;"
-        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
-        " topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL DEFAULT 1,"
-        " alert_id TEXT, created_at REAL NOT NULL, triage TEXT);"
-        "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
         "INSERT INTO outbox (kind, topic, payload, created_at)"
         " VALUES ('result', 'p/study/1', x'7b7d', 1.0);"
     )

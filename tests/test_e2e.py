@@ -17,15 +17,13 @@ from pathlib import Path
 
 import pytest
 from helpers.daemon import (
-    DEVICE,
     MATRIX,
-    SITE,
     Collector,
     Daemon,
     assert_no_phi,
     check_payload,
     resolve_file_id,
-    write_agent_config,
+    running_agent,
 )
 from helpers.polling import wait_until
 
@@ -37,16 +35,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def road(tmp_path: Path) -> Iterator[tuple[Path, Daemon, Collector, Mosquitto]]:
-    watch = tmp_path / "incoming"
-    broker = Mosquitto(tmp_path / "broker").start()
-    config = write_agent_config(tmp_path, broker, site=SITE, device_id=DEVICE)
-    daemon = Daemon(config, tmp_path / "agent.log")
-    collector = Collector(broker.host, broker.port)
-    daemon.start()
-    yield watch, daemon, collector, broker
-    daemon.kill()
-    collector.close()
-    broker.stop()
+    with running_agent(tmp_path) as (_, daemon, collector, broker):
+        yield tmp_path / "incoming", daemon, collector, broker
 
 
 def test_studies_flow_end_to_end_once_each(road: tuple[Path, Daemon, Collector, Mosquitto]) -> None:

@@ -74,6 +74,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     return Dataset(root / "dicom", write_labels(root / "labels.csv", HEADER, rows), rows)
 
 
+def evaluate_demo(dataset: Dataset, out: Path, *options: object) -> tuple[Run, dict[str, Any]]:
+    """``edge-export evaluate`` of the demo bundle on the fixture's studies into ``out`` with
+    ``options``: it must succeed, and its report.json validate against the schema."""
+    run = run_cli(
+        [
+            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
+            "--out", out, *options,
+        ]
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    return run, report
+
+
 @dataclass(frozen=True)
 class Evaluated:
     run: Run
@@ -275,15 +290,9 @@ def test_not_scored_studies_are_counted_with_their_reason(dataset: Dataset, tmp_
 
 
 def test_reference_against_itself_agrees_on_every_study(dataset: Dataset, tmp_path: Path) -> None:
-    run = run_cli(
-        [
-            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
-            "--out", tmp_path / "r", "--threads", "1", "--reference", DEMO, "--resamples", "200",
-        ]
+    run, report = evaluate_demo(
+        dataset, tmp_path / "r", "--threads", "1", "--reference", DEMO, "--resamples", "200"
     )  # fmt: skip
-    assert run.code == 0, run.err
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     ref = report["reference"]
     assert ref["model"]["sha256"] == load_bundle(DEMO).sha256
     assert (ref["studies"], ref["agreement"], ref["kappa"], ref["changed"]) == (40, 1.0, 1.0, [])
@@ -540,15 +549,9 @@ def test_time_to_notification_and_acknowledgement_from_the_state_database(
     dataset: Dataset, tmp_path: Path
 ) -> None:
     state = _timed_state(tmp_path)
-    run = run_cli(
-        [
-            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
-            "--out", tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200",
-        ]
+    run, report = evaluate_demo(
+        dataset, tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200"
     )  # fmt: skip
-    assert run.code == 0, run.err
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     ttn = report["time_to_notification"]
     # last instance received -> PUBACK: 12, 6 and 9 s; 1.2.6 has no PUBACK yet
     assert (ttn["studies"], ttn["p50_s"], ttn["max_s"]) == (3, 9.0, 12.0)
@@ -575,25 +578,13 @@ def test_a_state_database_of_an_older_agent_gives_what_it_can(
 ) -> None:
     """Schema 5 had no PUBACK or ack times: the stage it has is given, the rest is counted
     as not published, and the database is not changed."""
-    import sqlite3
+    from helpers.old_state import as_schema
 
-    state = _timed_state(tmp_path)
-    with sqlite3.connect(state) as db:
-        db.executescript(
-            "ALTER TABLE results DROP COLUMN published_at;"
-            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
-            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
-        )
+    state = as_schema(_timed_state(tmp_path), 5)
     before = state.read_bytes()
-    run = run_cli(
-        [
-            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
-            "--out", tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200",
-        ]
+    _, report = evaluate_demo(
+        dataset, tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200"
     )  # fmt: skip
-    assert run.code == 0, run.err
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     ttn = report["time_to_notification"]
     assert (ttn["studies"], ttn["not_published"]) == (0, 4)
     assert ttn["stages"]["received_to_result"]["studies"] == 4

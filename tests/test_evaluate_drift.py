@@ -7,7 +7,6 @@ answer, counted from its results."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
 from helpers.export_cli import run_cli, write_labels
+from helpers.old_state import as_schema
 
 from edge_agent.bundle import load_bundle
 from edge_agent.service import demo_bundle_path
@@ -137,12 +137,7 @@ def test_an_older_agents_database_gives_the_same_answer_unchanged(
     code, kept, err = run_cli(["evaluate", "--drift", state, "--baseline", baseline, "--json"])
     assert code == 0, err
     assert json.loads(kept)["studies"] == 12
-    with sqlite3.connect(state) as db:
-        db.executescript(
-            "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
-            "DELETE FROM meta WHERE key = 'tally_model';"
-            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
-        )
+    as_schema(state, 5)
     before = state.read_bytes()
     code, old, err = run_cli(["evaluate", "--drift", state, "--baseline", baseline, "--json"])
     assert code == 0, err

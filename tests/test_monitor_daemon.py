@@ -6,10 +6,7 @@ and levels the dashboard received, and carry no UID or patient data."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +14,16 @@ from typing import Any
 
 import pytest
 from helpers.daemon import (
-    DEVICE,
     MATRIX,
     PHI_MARKERS,
-    SITE,
     Collector,
     Daemon,
-    write_agent_config,
+    running_agent,
 )
+from helpers.status import cli_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.devbroker import Mosquitto, free_port
+from edge_agent.devbroker import free_port
 from edge_agent.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -35,30 +31,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[tuple[Path, Daemon, Collector, int]]:
-    broker = Mosquitto(tmp_path / "broker").start()
     port = free_port()
-    extra = f"[metrics]\nport = {port}\n"
-    config = write_agent_config(tmp_path, broker, site=SITE, device_id=DEVICE, extra=extra)
-    daemon = Daemon(config, tmp_path / "agent.log")
-    collector = Collector(broker.host, broker.port)
-    daemon.start()
-    yield config, daemon, collector, port
-    daemon.kill()
-    collector.close()
-    broker.stop()
-
-
-def status_json(config: Path) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    run = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "status", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    return dict(json.loads(run.stdout))
+    with running_agent(tmp_path, f"[metrics]\nport = {port}\n") as (config, daemon, collector, _):
+        yield config, daemon, collector, port
 
 
 def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
@@ -115,7 +90,7 @@ def test_status_and_metrics_count_each_scored_study_once_across_a_sigkill(
         ]
     assert n == stored == len(wanted) == 7
 
-    scores = status_json(config)["scores"]
+    scores = cli_status(config)["scores"]
     week = {level: sum(d[level] for d in scores["levels_by_day"]) for level in levels}
     assert week == levels
     nodule = scores["findings"]["lung_nodule"]["last_7_days"]

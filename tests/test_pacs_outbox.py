@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.delivery import BASE, make_result
+from helpers.old_state import as_schema
 from helpers.orthanc import Orthanc, needs_orthanc
 from helpers.polling import wait_until
 from prometheus_client import generate_latest
@@ -126,14 +127,9 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_schema_4_is_migrated_and_old_results_are_not_sent(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite3"
     Store(path).close()
-    with sqlite3.connect(path) as db:  # schema 4: no pacs_outbox
-        db.executescript(
-            "DROP TABLE pacs_outbox;"
-            "UPDATE meta SET value = '4' WHERE key = 'schema_version';"
-            "ALTER TABLE results DROP COLUMN published_at;"
-            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
-            "INSERT INTO results VALUES ('A1', '1.2', 1, 'urgent', x'7b7d', 1.0);"
-        )
+    as_schema(path, 4)  # no pacs_outbox
+    with sqlite3.connect(path) as db:
+        db.executescript("INSERT INTO results VALUES ('A1', '1.2', 1, 'urgent', x'7b7d', 1.0);")
     st = Store(path, pacs_levels=LEVELS)
     assert schema.Layout.of(st._conn()).has("pacs_outbox", "next_attempt_at")
     (version,) = (

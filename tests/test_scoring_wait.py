@@ -15,7 +15,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from helpers.brokers import Mosquitto, Subscriber
 from helpers.daemon import Daemon
 from helpers.polling import wait_until
+from helpers.status import cli_status
 
 from edge_agent.simulate import simulate
 
@@ -94,19 +94,6 @@ def pause_when_complete(daemon: Daemon, db: Path, uid: str, timeout: float = 60.
 def status_of(sub: Subscriber) -> dict:
     retained = [m for m in sub.messages if m.topic == f"{BASE}/status"]
     return json.loads(retained[-1].payload) if retained else {}
-
-
-def cli_status(config: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    out = subprocess.run(
-        [sys.executable, "-m", "edge_agent.cli", "status", "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(out.stdout)
 
 
 def is_result(uid: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers.delivery import SHA, Injector, make_result
+from helpers.old_state import as_schema
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,11 +136,7 @@ def test_late_instance_drops_the_old_narrative(flagged: tuple[Store, NarrativeJo
 def test_state_database_of_schema_2_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     Store(path).close()
-    with sqlite3.connect(path) as db:  # schema 2: alerts without carried_from, no narratives
-        db.executescript(
-            "DROP TABLE narratives; ALTER TABLE alerts DROP COLUMN carried_from;"
-            "UPDATE meta SET value = '2' WHERE key = 'schema_version';"
-        )
+    as_schema(path, 2)  # alerts without carried_from, no narratives
     store = Store(path)
     layout = Layout.of(store._conn())
     assert layout.has("alerts", "carried_from") and store.narrative_jobs() == []
@@ -161,14 +158,7 @@ def test_state_database_of_schema_5_is_migrated_with_its_results_counted(
     kept = tallies.read(store._conn())
     store.close()
     assert kept.levels_by_day() and kept.model == SHA
-    with sqlite3.connect(path) as db:  # schema 5: no tallies, no PUBACK or ack times
-        db.executescript(
-            "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
-            "ALTER TABLE results DROP COLUMN published_at;"
-            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
-            "DELETE FROM meta WHERE key = 'tally_model';"
-            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
-        )
+    as_schema(path, 5)  # no tallies, no PUBACK or ack times
     store = Store(path)
     try:
         assert tallies.read(store._conn()) == kept
@@ -231,19 +221,13 @@ def test_after_an_urgent_result_and_its_narrative_revision_the_three_views_agree
 def test_status_reads_a_database_an_older_agent_wrote_without_changing_it(
     tmp_path: Path,
 ) -> None:
-    """Schema 1 had no narratives, no carried_from, no set-aside columns: read as none."""
+    """Schema 1 had no alerts, narratives, set-aside columns, PACS outbox or tallies: read
+    as none."""
     path = tmp_path / "state.sqlite3"
     Store(path).close()
+    as_schema(path, 1)
     with sqlite3.connect(path) as db:
-        db.executescript(
-            "DROP TABLE narratives; ALTER TABLE alerts DROP COLUMN carried_from;"
-            "ALTER TABLE outbox DROP COLUMN set_aside_at;"
-            "ALTER TABLE outbox DROP COLUMN set_aside_reason;"
-            "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
-            "ALTER TABLE results DROP COLUMN published_at;"
-            "ALTER TABLE alerts DROP COLUMN ack_taken_at;"
-            "INSERT INTO results VALUES ('A1', '1.2', 1, 'review', x'7b7d', 1.0);"
-        )
+        db.execute("INSERT INTO results VALUES ('A1', '1.2', 1, 'review', x'7b7d', 1.0)")
     before = path.read_bytes()
     status = read_status(path)
     assert status.results_by_level == {"review": 1} and status.narratives_pending is None

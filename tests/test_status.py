@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers.delivery import SHA, Injector
+from helpers.old_state import as_schema
 from helpers.status import make_state, result_payload
 
 from edge_agent.cli import main
@@ -247,14 +248,8 @@ def test_status_of_an_agent_that_has_counted_nothing_says_so_in_two_lines(
 
 
 def test_status_of_a_database_from_before_the_tallies_has_no_scores(tmp_path: Path) -> None:
-    import sqlite3
-
     path = tmp_path / "state.sqlite3"
     Store(path).close()
-    with sqlite3.connect(path) as db:
-        db.executescript(
-            "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
-            "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
-        )
+    as_schema(path, 5)
     report = read_status(path)
     assert report.scores is None and "scores " not in format_status(report)

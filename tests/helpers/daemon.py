@@ -3,13 +3,14 @@ a dashboard that collects what it publishes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,28 @@ class Daemon:
             assert self.proc is not None
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_agent(
+    tmp_path: Path, extra: str = ""
+) -> Iterator[tuple[Path, Daemon, Collector, Mosquitto]]:
+    """A broker, the agent started as its own process (:func:`write_agent_config`, SITE and
+    DEVICE, ``extra`` TOML) and a dashboard subscribed: (config, daemon, dashboard, broker),
+    all stopped afterwards."""
+    broker = Mosquitto(tmp_path / "broker").start()
+    try:
+        config = write_agent_config(tmp_path, broker, site=SITE, device_id=DEVICE, extra=extra)
+        daemon = Daemon(config, tmp_path / "agent.log")
+        collector = Collector(broker.host, broker.port)
+        try:
+            daemon.start()
+            yield config, daemon, collector, broker
+        finally:
+            daemon.kill()
+            collector.close()
+    finally:
+        broker.stop()
 
 
 def resolve_file_id(config: Path, file_id: str) -> str:

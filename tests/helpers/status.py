@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from edge_agent.store import InstanceRecord, Message, Store
 
@@ -46,3 +50,18 @@ def make_state(folder: Path) -> Path:
     finally:
         store.close()
     return folder
+
+
+def cli_status(config: Path) -> dict[str, Any]:
+    """``edge-agent status --config CONFIG --json`` run as a user runs it (the agent's
+    ``EDGE_AGENT_*`` environment left out), parsed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "status", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    return dict(json.loads(run.stdout))
