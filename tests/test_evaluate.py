@@ -396,15 +396,10 @@ def test_a_reference_listing_the_same_findings_in_another_order_agrees(
     reordered = revise_bundle(
         DEMO, tmp_path / "reordered", version="0.1.0+reordered", findings=spec.findings[::-1]
     )
-    run = run_cli(
-        [
-            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
-            "--out", tmp_path / "r", "--threads", "1", "--reference", reordered,
-            "--resamples", "100",
-        ]
+    _, report = evaluate_demo(
+        dataset, tmp_path / "r", "--threads", "1", "--reference", reordered, "--resamples", "100"
     )  # fmt: skip
-    assert run.code == 0, run.err
-    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    ref = report["reference"]
     assert (ref["agreement"], ref["kappa"], ref["changed"]) == (1.0, 1.0, [])
     for code in FINDINGS:
         assert ref["score_differences"][code] == {
@@ -427,15 +422,10 @@ def test_a_reference_with_its_own_preprocessing_is_scored_with_it(
         version="0.1.0+mean",
         preprocessing=pre.model_copy(update={"mean": (0.4, 0.4, 0.4)}),
     )
-    run = run_cli(
-        [
-            "evaluate", "--bundle", DEMO, "--data", dataset.data, "--labels", dataset.labels,
-            "--out", tmp_path / "r", "--threads", "1", "--reference", reference,
-            "--resamples", "100",
-        ]
+    _, report = evaluate_demo(
+        dataset, tmp_path / "r", "--threads", "1", "--reference", reference, "--resamples", "100"
     )  # fmt: skip
-    assert run.code == 0, run.err
-    ref = json.loads((tmp_path / "r" / "report.json").read_text())["reference"]
+    ref = report["reference"]
     ours = score_studies(load_bundle(DEMO), dataset.labels, dataset.data, EvaluateSettings())
     theirs = score_studies(load_bundle(reference), dataset.labels, dataset.data, EvaluateSettings())
     for j, code in enumerate(ours.codes):
