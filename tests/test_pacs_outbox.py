@@ -169,6 +169,7 @@ def test_urgent_and_review_results_become_srs_in_their_studies(
     commit_study(st, watch, "routine", 3)
     worker = worker_for(st, watch, orthanc.dicom_port, threading.Event())
     assert worker.step(time.time())
+    worker.close()
     assert st.pacs_depth() == 0 and worker.last_error is None
     stored = {i["SOPInstanceUID"]: i for i in orthanc.instances() if i.get("Modality") == "SR"}
     assert set(stored) == {sop_instance_uid(urgent), sop_instance_uid(review)}
@@ -212,6 +213,7 @@ def test_a_store_before_a_crash_is_sent_again_as_the_same_instance(
     )
     assert st.pacs_depth() == 1  # the row is still there, as after the crash
     assert worker.step(time.time())
+    worker.close()
     srs = [i for i in orthanc.instances() if i.get("Modality") == "SR"]
     assert [i["SOPInstanceUID"] for i in srs] == [sop_instance_uid(result)]
     assert st.pacs_depth() == 0

@@ -8,6 +8,12 @@ failure keeps it with its reason and the next attempt after a back-off that doub
 PACS said success, and the SR's SOP Instance UID is derived from the result, so a crash
 between the C-STORE and the row's removal sends the very same instance again, which the PACS
 keeps once. MQTT delivery never waits for this worker, nor the reverse.
+
+The rows go over one association while rows are waiting (:class:`~edge_agent.pacs.scu.Session`),
+released once none has been due for :data:`LINGER_SECONDS`. A row whose C-STORE fails gets
+that failure alone; when the association is lost with it, the next row opens a new one.
+The thread runs :data:`NICE` steps below the rest of the agent: the SR is secondary, the
+urgent MQTT message and the scoring that leads to it come first.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from ..bundle import Concept
 from ..config import PacsSettings
 from ..dicom.instance_file import Rereading, read_again
 from ..errors import InputRejected, describe
-from ..pacs.scu import PacsError, Peer, store
+from ..pacs.scu import PacsError, Peer, Session
 from ..pacs.sr import SRError, build_sr
+from ..priority import lower_thread_priority
 from ..results import StudyResult
 from ..store import PacsRow, Store
 
@@ -33,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 FIRST_RETRY_SECONDS = 2.0
 BATCH = 10
+LINGER_SECONDS = 2.0
+"""An association with nothing to send is released after this long."""
+NICE = 10
+"""Nice steps added to the PACS thread's value (Linux; relative, at most 19)."""
 
 REREADING = Rereading(
     gone="a scored image is no longer in the watch folder",
@@ -63,6 +74,7 @@ class PacsWorker:
         self.store = store
         self.settings = settings
         self.peer = Peer.from_settings(settings)
+        self.session = Session(self.peer)
         self.concepts = dict(concepts)
         self.agent = agent
         self.watch_dir = watch_dir
@@ -74,6 +86,13 @@ class PacsWorker:
         self._wake.set()
 
     def run(self) -> None:
+        lower_thread_priority(NICE, "PACS worker")
+        try:
+            self._loop()
+        finally:
+            self.close()
+
+    def _loop(self) -> None:
         while not self.stop.is_set():
             try:
                 busy = self.step(time.time())
@@ -83,10 +102,16 @@ class PacsWorker:
                 busy = False
             if busy:
                 continue
+            if time.monotonic() - self.session.last_used >= LINGER_SECONDS:
+                self.close()
             due = self.store.pacs_next_due()
             wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
             self._wake.wait(wait)
             self._wake.clear()
+
+    def close(self) -> None:
+        """Release the association, if one is open."""
+        self.session.close()
 
     def step(self, now: float) -> bool:
         """Send the rows due at ``now``; True when there were any."""
@@ -102,7 +127,7 @@ class PacsWorker:
         result = StudyResult.model_validate_json(row.payload)
         try:
             sr = self.build(result, row.alert_id)
-            store(self.peer, sr)
+            self.session.store(sr)
         except (PacsError, SRError, InputRejected) as exc:
             reason = exc.reason if isinstance(exc, PacsError) else str(exc)
             delay = backoff(row.attempts + 1, self.settings.retry_max_seconds)
