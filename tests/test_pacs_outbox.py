@@ -9,10 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers.delivery import BASE, make_result
 from helpers.orthanc import Orthanc, needs_orthanc
+from helpers.pacs import commit_study
 from helpers.polling import wait_until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,11 +22,9 @@ from edge_agent.devbroker import HOST
 from edge_agent.metrics import registry_for
 from edge_agent.pacs.scu import store
 from edge_agent.pacs.sr import build_sr, sop_instance_uid
-from edge_agent.results import StudyResult
-from edge_agent.simulate.dicom_writer import chest_instance, new_study, write_instance
 from edge_agent.state import schema
 from edge_agent.status import format_status, read_status
-from edge_agent.store import InstanceRecord, Message, Store
+from edge_agent.store import Store
 from edge_agent.workers.pacs import PacsWorker, backoff
 from export.findings import default_findings_path, load_findings
 
@@ -46,32 +43,6 @@ def scrape(database: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def commit_study(
-    store: Store, watch: Path, triage: str, seed: int, images: int = 1
-) -> tuple[StudyResult, list[str]]:
-    """A study of real files in ``watch``, recorded and scored as the daemon does."""
-    rng = np.random.default_rng(seed)
-    study = new_study(rng, "CR")
-    now = time.time()
-    sops = []
-    for i in range(images):
-        ds = chest_instance(rng, findings={}, study=study, rows=64, cols=64, instance_number=i + 1)
-        path = write_instance(ds, watch)
-        record = InstanceRecord(ds.SOPInstanceUID, study.study_instance_uid, None, "CR", "frontal")
-        rel = path.relative_to(watch).as_posix()
-        assert store.add_instance(rel, 1, 1, record, now) == "accepted"
-        sops.append(ds.SOPInstanceUID)
-    store.complete_quiet_studies(0.0, now)
-    row = store.study(study.study_instance_uid)
-    assert row is not None
-    result = make_result(study.study_instance_uid, row.revision, triage)
-    msg = Message(
-        "result", f"{BASE}/study/{row.study_instance_uid}", result.to_json_bytes(), result.alert_id
-    )
-    assert store.commit_result(row, triage, msg, {s: ("scored", None) for s in sops}, [], now)
-    return result, sops
 
 
 def settings_for(port: int, retry_max: float = 1.0) -> PacsSettings:
