@@ -6,13 +6,19 @@ PACS destination on and off.
 1. **SR build**: ``build_sr`` for an urgent chest result with 1 and with 2 source headers
    (in memory), N times; median and p95 in ms.
 2. **C-STORE to Orthanc** (Debian's ``orthanc``, started here on free loopback ports, as the
-   tests start it): N distinct pre-built SRs stored one association each, as the PACS worker
-   sends them; SRs per second. Then the same N results through ``PacsWorker.step`` (headers
-   read again from disk, SR built, C-STORE, the row removed in a committed transaction).
+   tests start it): N distinct pre-built SRs stored three ways: one association each with the
+   socket as pynetdicom leaves it (Nagle's algorithm, delayed ACKs: the agent before this
+   benchmark's change, ``scu.TUNE_TCP`` off), one association each with the socket tuned
+   (``scu.store``), and all over one association (``scu.Session``, what the PACS worker does
+   while rows are waiting); SRs per second and the ratio to the first. Then the same N results
+   through ``PacsWorker.step`` (headers read again from disk, SR built, C-STORE, the row
+   removed in a committed transaction).
 3. **MQTT latency, PACS off vs on**: benchmarks/delivery.py's latency run (open-loop Poisson
    arrivals, the daemon's Store with an fsync per commit, the real Publisher and Mosquitto;
-   commit to PUBACK), once with ``pacs.enabled`` off and once with every result also queued
-   for the PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files.
+   commit to PUBACK), with ``pacs.enabled`` off, then with every result also queued for the
+   PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files: once
+   with the worker's thread at the agent's priority (``--no-nice-run`` leaves this run out)
+   and once niced as the daemon runs it; p50 and p99 with their ratio to the "off" run.
 
 Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
 """
@@ -43,14 +49,17 @@ from pydicom.dataset import Dataset  # noqa: E402
 from edge_agent.bundle import load_bundle  # noqa: E402
 from edge_agent.config import PacsSettings  # noqa: E402
 from edge_agent.devbroker import HOST, Mosquitto  # noqa: E402
-from edge_agent.pacs.scu import Peer, store  # noqa: E402
+from edge_agent.pacs import scu  # noqa: E402
+from edge_agent.pacs.scu import Peer, Session, store  # noqa: E402
 from edge_agent.pacs.sr import build_sr  # noqa: E402
 from edge_agent.service import demo_bundle_path  # noqa: E402
 from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
 from edge_agent.store import Store  # noqa: E402
+from edge_agent.workers import pacs as pacs_worker  # noqa: E402
 from edge_agent.workers.pacs import PacsWorker  # noqa: E402
 
 ALL_LEVELS = ("urgent", "review", "routine", "not_scored")
+NICE = pacs_worker.NICE
 
 
 def ms(values: list[float]) -> tuple[float, float]:
@@ -109,18 +118,35 @@ def _row(uid: str) -> Any:
     return StudyRow(uid, "CR", None, "scored", 1, now, now, now, None)
 
 
-def cstore(orthanc: Orthanc, results: Results, n: int) -> float:
+def cstore(orthanc: Orthanc, results: Results, n: int) -> dict[str, float]:
+    """SRs per second: one association each untuned, one each tuned, all over one."""
     concepts = {f.code: f.concept for f in results.findings}
     peer = Peer.from_settings(settings(orthanc))
     srs = []
-    for i in range(n):
+    for i in range(3 * n):
         sources = headers(1, 100 + i)
         study = Study(_row(sources[0].StudyInstanceUID), {}, results.scores(), 100.0)
         srs.append(build_sr(results.build(study), sources, concepts=concepts, agent="bench/box"))
-    t = time.perf_counter()
-    for sr in srs:
-        store(peer, sr)
-    return n / (time.perf_counter() - t)
+    out = {}
+    for what, batch in (
+        ("one association each, socket untuned", srs[:n]),
+        ("one association each, socket tuned", srs[n : 2 * n]),
+        ("one association for all (Session)", srs[2 * n :]),
+    ):
+        scu.TUNE_TCP = "untuned" not in what
+        try:
+            t = time.perf_counter()
+            if "Session" in what:
+                with Session(peer) as session:
+                    for sr in batch:
+                        session.store(sr)
+            else:
+                for sr in batch:
+                    store(peer, sr)
+            out[what] = n / (time.perf_counter() - t)
+        finally:
+            scu.TUNE_TCP = True
+    return out
 
 
 def settings(orthanc: Orthanc) -> PacsSettings:
@@ -143,8 +169,11 @@ def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int)
             results.commit(st, study, results.build(study))
         worker = _worker(st, orthanc, results, watch, threading.Event())
         t = time.perf_counter()
-        while worker.step(time.time()):
-            pass
+        try:
+            while worker.step(time.time()):
+                pass
+        finally:
+            worker.close()
         elapsed = time.perf_counter() - t
         assert st.pacs_depth() == 0, worker.last_error
     finally:
@@ -173,8 +202,9 @@ def mqtt_latency(
     rate: float,
     duration: float,
     seed: int,
+    niced: bool = True,
 ) -> dict[str, Any]:
-    label = "pacs-on" if orthanc is not None else "pacs-off"
+    label = "pacs-off" if orthanc is None else "pacs-on" if niced else "pacs-on-not-niced"
     rng = np.random.default_rng(seed)
     offsets = arrivals(rate, duration, rng)
     st = Store(workdir / f"{label}.sqlite3", pacs_levels=ALL_LEVELS if orthanc else ())
@@ -186,6 +216,7 @@ def mqtt_latency(
         studies = results.prepare(st, len(offsets))
         write_sources(results, warm + studies, watch, seed)  # the same work either way
         if orthanc is not None:
+            pacs_worker.NICE = pacs_worker.NICE if niced else 0
             worker = _worker(st, orthanc, results, watch, stop)
             thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
             thread.start()
@@ -203,6 +234,7 @@ def mqtt_latency(
         stop.set()
         if thread is not None:
             thread.join(10)
+        pacs_worker.NICE = NICE
         st.close()
     return {"label": label, **summarise(run["traces"]), "sr_left": depth, "sr_drain": sr_drain}
 
@@ -215,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stores", type=int, default=100, help="C-STOREs (100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
+    parser.add_argument(
+        "--no-nice-run",
+        action="store_true",
+        help="leave out the MQTT run with the PACS thread at the agent's priority",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.builds, args.stores = 1.5, 10, 5
@@ -230,23 +267,34 @@ def main(argv: list[str] | None = None) -> int:
         orthanc.start()
         broker = Mosquitto(workdir / "broker").start()
         try:
-            rate = cstore(orthanc, results, args.stores)
-            print(f"C-STORE to Orthanc, one association each: {rate:.1f} SR/s ({args.stores} SRs)")
+            print(f"C-STORE to Orthanc ({args.stores} SRs each)         SR/s   x first")
+            rates = cstore(orthanc, results, args.stores)
+            first = next(iter(rates.values()))
+            for what, rate in rates.items():
+                print(f"  {what:<40}{rate:7.1f}{rate / first:8.2f}")
             rate = worker_throughput(orthanc, results, workdir, args.stores)
             print(f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s")
             print(
                 f"MQTT commit -> PUBACK at {args.rate:g} studies/s for {args.duration:g} s"
-                "      p50     p95     p99     max ms   SRs left  SR drain s"
+                "      p50     p95     p99     max ms   SRs left  SR drain s  p50 x off"
+                "  p99 x off"
             )
-            for peer in (None, orthanc):
+            runs: list[tuple[Orthanc | None, bool]] = [(None, True)]
+            if not args.no_nice_run:
+                runs.append((orthanc, False))
+            runs.append((orthanc, True))
+            off: dict[str, Any] = {}
+            for peer, niced in runs:
                 r = mqtt_latency(
-                    broker, peer, results, workdir, args.rate, args.duration, args.seed
+                    broker, peer, results, workdir, args.rate, args.duration, args.seed, niced
                 )
+                off = off or r
                 lost |= r["lost"] > 0 or r["sr_left"] > 0
                 print(
-                    f"  {r['label']:<12}{'':<40}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
+                    f"  {r['label']:<18}{'':<34}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
                     f"{r['puback_p99']:8.1f}{r['puback_max']:8.1f}{r['sr_left']:9d}"
-                    f"{r['sr_drain']:10.1f}"
+                    f"{r['sr_drain']:10.1f}{r['puback_p50'] / off['puback_p50']:11.2f}"
+                    f"{r['puback_p99'] / off['puback_p99']:11.2f}"
                 )
         finally:
             broker.stop()

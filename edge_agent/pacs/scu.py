@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 _WARNINGS = {0xB000, 0xB006, 0xB007}
 
+TUNE_TCP = True
+"""``TCP_NODELAY`` and quick ACKs on every association (see above); benchmarks/pacs.py turns
+it off for its baseline, nothing else should."""
+
 
 class PacsError(Exception):
     """The PACS did not take it; ``reason`` says why, ``retry`` whether a retry may help."""
@@ -129,20 +133,22 @@ def _associate(peer: Peer, contexts: list[tuple[str, list[str] | None]]) -> Asso
             ae.add_requested_context(sop_class, syntaxes)
     received: list[Any] = []
     opened: list[bool] = []
+    handlers: list[Any] = [
+        (evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive)),
+        (evt.EVT_CONN_OPEN, lambda event: opened.append(True)),
+    ]
+    if TUNE_TCP:
+        handlers.append((evt.EVT_PDU_SENT, lambda event: _quick_ack(_socket_of(event.assoc))))
     assoc = ae.associate(
         peer.host,
         peer.port,
         ae_title=peer.called_ae,
         tls_args=(peer.tls, peer.host) if peer.tls is not None else None,
-        evt_handlers=[
-            (evt.EVT_ACSE_RECV, lambda event: received.append(event.primitive)),
-            (evt.EVT_CONN_OPEN, lambda event: opened.append(True)),
-            (evt.EVT_PDU_SENT, lambda event: _quick_ack(_socket_of(event.assoc))),
-        ],
+        evt_handlers=handlers,
     )
     if assoc.is_established:
         sock = _socket_of(assoc)
-        if sock is not None:
+        if sock is not None and TUNE_TCP:
             with contextlib.suppress(OSError):  # closed meanwhile: the next call says so
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return assoc
