@@ -17,8 +17,8 @@ PACS destination on and off.
    arrivals, the daemon's Store with an fsync per commit, the real Publisher and Mosquitto;
    commit to PUBACK), with ``pacs.enabled`` off, then with every result also queued for the
    PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files: once
-   with the worker's thread at the agent's priority (``--no-nice-run`` leaves this run out)
-   and once niced as the daemon runs it; p50 and p99 with their ratio to the "off" run.
+   with the PACS sender process at the agent's priority (``--no-nice-run`` leaves this run
+   out) and once niced as the daemon runs it; p50 and p99 with their ratio to the "off" run.
 
 Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
 """
@@ -51,15 +51,14 @@ from edge_agent.config import PacsSettings  # noqa: E402
 from edge_agent.devbroker import HOST, Mosquitto  # noqa: E402
 from edge_agent.pacs import scu  # noqa: E402
 from edge_agent.pacs.scu import Peer, Session, store  # noqa: E402
+from edge_agent.pacs.sender import NICE  # noqa: E402
 from edge_agent.pacs.sr import build_sr  # noqa: E402
 from edge_agent.service import demo_bundle_path  # noqa: E402
 from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
 from edge_agent.store import Store  # noqa: E402
-from edge_agent.workers import pacs as pacs_worker  # noqa: E402
 from edge_agent.workers.pacs import PacsWorker  # noqa: E402
 
 ALL_LEVELS = ("urgent", "review", "routine", "not_scored")
-NICE = pacs_worker.NICE
 
 
 def ms(values: list[float]) -> tuple[float, float]:
@@ -182,7 +181,12 @@ def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int)
 
 
 def _worker(
-    st: Store, orthanc: Orthanc, results: Results, watch: Path, stop: threading.Event
+    st: Store,
+    orthanc: Orthanc,
+    results: Results,
+    watch: Path,
+    stop: threading.Event,
+    niced: bool = True,
 ) -> PacsWorker:
     return PacsWorker(
         st,
@@ -191,6 +195,7 @@ def _worker(
         agent="bench/box",
         watch_dir=watch,
         stop=stop,
+        nice=NICE if niced else 0,
     )
 
 
@@ -216,8 +221,7 @@ def mqtt_latency(
         studies = results.prepare(st, len(offsets))
         write_sources(results, warm + studies, watch, seed)  # the same work either way
         if orthanc is not None:
-            pacs_worker.NICE = pacs_worker.NICE if niced else 0
-            worker = _worker(st, orthanc, results, watch, stop)
+            worker = _worker(st, orthanc, results, watch, stop, niced=niced)
             thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
             thread.start()
         with publishing(broker, st, results, label) as (publisher, outbox):
@@ -234,7 +238,6 @@ def mqtt_latency(
         stop.set()
         if thread is not None:
             thread.join(10)
-        pacs_worker.NICE = NICE
         st.close()
     return {"label": label, **summarise(run["traces"]), "sr_left": depth, "sr_drain": sr_drain}
 

@@ -16,16 +16,28 @@ import threading
 logger = logging.getLogger(__name__)
 
 
-def lower_thread_priority(steps: int, what: str) -> int | None:
-    """Add ``steps`` to the calling thread's nice value (at most 19); the new value, or None
-    when the platform does not allow it (logged as a warning naming ``what``)."""
+def lower_thread_priority(steps: int, what: str, tid: int | None = None) -> int | None:
+    """Add ``steps`` to the nice value of thread ``tid`` of this process (default: the
+    calling thread), at most 19; the new value, or None when the platform does not allow it
+    (logged as a warning naming ``what``)."""
     if steps <= 0:
         return None
     try:
-        me = threading.get_native_id()
+        me = threading.get_native_id() if tid is None else tid
         value = min(19, os.getpriority(os.PRIO_PROCESS, me) + steps)
         os.setpriority(os.PRIO_PROCESS, me, value)
     except (OSError, AttributeError) as exc:  # not Linux, or not allowed
         logger.warning("%s: could not lower the CPU priority: %s", what, exc)
         return None
     return value
+
+
+def lower_process_priority(steps: int, what: str) -> None:
+    """:func:`lower_thread_priority` for every thread this process has now (libraries start
+    some at import: OpenBLAS's pool); threads started later inherit the caller's value."""
+    try:
+        threads = [int(name) for name in os.listdir("/proc/self/task")]
+    except (OSError, ValueError):  # no procfs: the calling thread alone
+        threads = [threading.get_native_id()]
+    for tid in threads:
+        lower_thread_priority(steps, what, tid)

@@ -7,6 +7,7 @@ thread runs niced."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -108,8 +109,8 @@ def test_an_association_aborted_mid_batch_fails_that_row_alone(
         assert left.alert_id == results[2].alert_id and left.attempts == 1
         reason = "no answer to C-STORE (association closed or timed out)"
         assert read_status(st.path).pacs_last_error == reason
-        assert st.pacs_due(before + 1.0) == []  # its own back-off (2 s); the rest went on
-        assert worker.step(before + 3.0)
+        assert st.pacs_due(time.time()) == []  # its own back-off (2 s); the rest went on
+        assert worker.step(time.time() + 3.0)
     finally:
         worker.close()
     assert st.pacs_depth() == 0
@@ -185,27 +186,71 @@ def test_the_association_socket_sends_without_nagle(scp: CountingScp) -> None:
     assert not session.is_open
 
 
-def nice_of(tid: int) -> int:
-    """The nice value of thread ``tid`` of this process, as the kernel reports it."""
-    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+def nice_of(pid: int, tid: int) -> int:
+    """The nice value of thread ``tid`` of process ``pid``, as the kernel reports it."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of stat(5)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux procfs")
-def test_the_pacs_thread_runs_niced(tmp_path: Path, watch: Path, scp: CountingScp) -> None:
+def test_the_sr_work_runs_in_a_niced_process(tmp_path: Path, watch: Path, scp: CountingScp) -> None:
+    """The SR is built and sent in the sender process, every thread of which (pynetdicom's
+    included) runs NICE steps below the agent; the agent's own threads are left alone."""
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
-    stop = threading.Event()
-    worker = worker_for(st, watch, scp.port, stop)
+    queue(st, watch, 1)
+    worker = worker_for(st, watch, scp.port, threading.Event())
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
-    thread.start()
     try:
-        assert thread.native_id is not None
-        tid = thread.native_id
-        wait_until(lambda: nice_of(tid) != mine, 5, "the PACS thread niced")
-        assert nice_of(tid) == min(19, mine + NICE)
-        assert nice_of(threading.get_native_id()) == mine  # the rest of the agent is not
+        assert worker.step(time.time())
+        child = worker.sender.release()
+        assert child is not None and child != os.getpid()
+        threads = [int(t.name) for t in Path(f"/proc/{child}/task").iterdir()]
+        assert threads and all(nice_of(child, t) == min(19, mine + NICE) for t in threads)
+        mine_now = [nice_of(os.getpid(), t.native_id or 0) for t in threading.enumerate()]
+        assert set(mine_now) == {mine}
     finally:
-        stop.set()
-        thread.join(10)
+        worker.close()
+    assert len(scp.stored) == 1
+    st.close()
+
+
+def test_a_sender_process_killed_mid_c_store_fails_that_row_alone(
+    tmp_path: Path, watch: Path, scp: CountingScp
+) -> None:
+    """SIGKILL of the sender process while its second C-STORE waits for the PACS: that row
+    keeps a failure, the rows after it go through a new sender process; a sender killed
+    while idle costs no row anything."""
+    st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
+    results = queue(st, watch, 4)
+    uids = [sop_instance_uid(r) for r in results]
+    worker = worker_for(st, watch, scp.port, threading.Event())
+    child: list[int] = []
+
+    def kill_sender(number: int) -> None:
+        if number == 2:
+            os.kill(child[0], signal.SIGKILL)
+            time.sleep(0.5)  # no answer while it dies
+
+    try:
+        child.append(worker.sender.start())
+        scp.before_answer = kill_sender
+        assert worker.step(time.time())
+        (left,) = st.pacs_due(time.time() + 60.0)
+        assert left.alert_id == results[1].alert_id and left.attempts == 1
+        assert read_status(st.path).pacs_last_error == "the PACS sender process ended unexpectedly"
+        # The PACS had stored the second SR when the sender died: its retry is the same
+        # instance, which a PACS keeps once (this SCP lists it twice).
+        assert worker.step(time.time() + 3.0)
+        assert scp.stored == [uids[0], uids[1], uids[2], uids[3], uids[1]]
+        # Killed while idle: the next row goes through a new sender, no attempt lost.
+        os.kill(worker.sender.start(), signal.SIGKILL)
+        time.sleep(0.5)
+        (fifth,) = queue(st, watch, 1, first=4)
+        assert worker.step(time.time())
+    finally:
+        worker.close()
+    assert st.pacs_depth() == 0
+    assert scp.stored[-1] == sop_instance_uid(fifth)
+    counters = read_status(st.path).counters
+    assert counters.get("pacs_stored") == 5 and counters.get("pacs_failed_attempts") == 1
     st.close()

@@ -1,19 +1,21 @@
 """The PACS worker: the outbox's second destination (``pacs.enabled``).
 
-It takes the rows of ``pacs_outbox`` whose next attempt has come, builds each result's SR
-from the stored result and the headers of its study's scored instances (read again from the
-watch or receive folder, pixels left out), and C-STOREs it. Success removes the row; any
+It takes the rows of ``pacs_outbox`` whose next attempt has come and hands each to the PACS
+sender (:mod:`edge_agent.pacs.sender`, a child process), which builds the result's SR from
+the stored result and the headers of its study's scored instances (read again from the
+watch or receive folder, pixels left out) and C-STOREs it. Success removes the row; any
 failure keeps it with its reason and the next attempt after a back-off that doubles from
 :data:`FIRST_RETRY_SECONDS` up to ``pacs.retry_max_seconds``. The row leaves only after the
 PACS said success, and the SR's SOP Instance UID is derived from the result, so a crash
 between the C-STORE and the row's removal sends the very same instance again, which the PACS
 keeps once. MQTT delivery never waits for this worker, nor the reverse.
 
-The rows go over one association while rows are waiting (:class:`~edge_agent.pacs.scu.Session`),
-released once none has been due for :data:`LINGER_SECONDS`. A row whose C-STORE fails gets
-that failure alone; when the association is lost with it, the next row opens a new one.
-The thread runs :data:`NICE` steps below the rest of the agent: the SR is secondary, the
-urgent MQTT message and the scoring that leads to it come first.
+The rows go over one association while rows are waiting, released once none has been sent
+for :data:`LINGER_SECONDS`. A row whose C-STORE fails gets that failure alone; when the
+association is lost with it, the next row opens a new one. The SR's work runs in the sender
+process, niced, so that it neither takes the interpreter lock from the agent's threads nor
+the cores from scoring: the SR is secondary, the urgent MQTT message comes first. This
+thread only reads and writes the store.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from pydicom.dataset import Dataset
 
 from ..bundle import Concept
 from ..config import PacsSettings
-from ..dicom.instance_file import Rereading, read_again
-from ..errors import InputRejected, describe
-from ..pacs.scu import PacsError, Peer, Session
-from ..pacs.sr import SRError, build_sr
-from ..priority import lower_thread_priority
+from ..errors import describe
+from ..pacs.scu import Peer
+from ..pacs.sender import NICE, Job, Outcome, Sender, build, read_sources
+from ..pacs.sr import SRError
 from ..results import StudyResult
 from ..store import PacsRow, Store
 
@@ -42,15 +43,6 @@ FIRST_RETRY_SECONDS = 2.0
 BATCH = 10
 LINGER_SECONDS = 2.0
 """An association with nothing to send is released after this long."""
-NICE = 10
-"""Nice steps added to the PACS thread's value (Linux; relative, at most 19)."""
-
-REREADING = Rereading(
-    gone="a scored image is no longer in the watch folder",
-    replaced="a scored image was replaced by another instance",
-    unreadable="a scored image is no longer readable ({error})",
-)
-"""What a scored image read again for the SR can have become (``pacs_last_error``)."""
 
 
 def backoff(attempts: int, ceiling: float) -> float:
@@ -70,23 +62,26 @@ class PacsWorker:
         agent: str,
         watch_dir: Path,
         stop: threading.Event,
+        nice: int = NICE,
     ) -> None:
         self.store = store
         self.settings = settings
         self.peer = Peer.from_settings(settings)
-        self.session = Session(self.peer)
         self.concepts = dict(concepts)
         self.agent = agent
         self.watch_dir = watch_dir
         self.stop = stop
+        self.sender = Sender(
+            settings, concepts=self.concepts, agent=agent, watch_dir=watch_dir, nice=nice
+        )
         self._wake = threading.Event()
+        self._last_sent: float | None = None
         self.last_error: str | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
     def run(self) -> None:
-        lower_thread_priority(NICE, "PACS worker")
         try:
             self._loop()
         finally:
@@ -102,16 +97,18 @@ class PacsWorker:
                 busy = False
             if busy:
                 continue
-            if time.monotonic() - self.session.last_used >= LINGER_SECONDS:
-                self.close()
+            if self._last_sent is not None and time.monotonic() - self._last_sent >= LINGER_SECONDS:
+                self._last_sent = None
+                self.sender.release()
             due = self.store.pacs_next_due()
             wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
             self._wake.wait(wait)
             self._wake.clear()
 
     def close(self) -> None:
-        """Release the association, if one is open."""
-        self.session.close()
+        """Release the association and end the sender process."""
+        self._last_sent = None
+        self.sender.close()
 
     def step(self, now: float) -> bool:
         """Send the rows due at ``now``; True when there were any."""
@@ -126,10 +123,14 @@ class PacsWorker:
         """One attempt for ``row``: True when the PACS stored its SR."""
         result = StudyResult.model_validate_json(row.payload)
         try:
-            sr = self.build(result, row.alert_id)
-            self.session.store(sr)
-        except (PacsError, SRError, InputRejected) as exc:
-            reason = exc.reason if isinstance(exc, PacsError) else str(exc)
+            job = Job(row.alert_id, row.payload, self.source_files(result))
+        except SRError as exc:
+            outcome = Outcome(False, str(exc))
+        else:
+            outcome = self.sender.send(job)
+            self._last_sent = time.monotonic()
+        if not outcome.stored:
+            reason = outcome.reason or "not stored"
             delay = backoff(row.attempts + 1, self.settings.retry_max_seconds)
             self.store.pacs_failed(row.alert_id, reason, time.time() + delay)
             self.last_error = reason
@@ -153,19 +154,9 @@ class PacsWorker:
         )
         return True
 
-    def build(self, result: StudyResult, alert_id: str) -> Dataset:
-        """The SR of ``result``; anything that keeps it from being built is an SRError (the
-        row is kept and retried, never lost to a header highdicom refuses)."""
-        try:
-            return build_sr(result, self.sources(result), concepts=self.concepts, agent=self.agent)
-        except (SRError, InputRejected):
-            raise
-        except Exception as exc:
-            logger.exception("PACS: the SR of result %s cannot be built", alert_id)
-            raise SRError(f"SR not built: {describe(exc)}") from exc
-
-    def sources(self, result: StudyResult) -> list[Dataset]:
-        """Headers of the study's scored instances (the SR's evidence and patient/study)."""
+    def source_files(self, result: StudyResult) -> tuple[tuple[str, str], ...]:
+        """Path and SOP Instance UID of the study's scored instances (the SR's evidence
+        and patient/study)."""
         every = self.store.instances(result.study_instance_uid)
         # A not_scored result (pacs.levels may ask for them) has no scored image: its SR
         # refers to the instances that were received and not rejected.
@@ -174,7 +165,12 @@ class PacsWorker:
         ]
         if not rows:
             raise SRError("no image of the study is recorded")
-        return [
-            read_again(self.watch_dir, r.path, r.sop_instance_uid, REREADING, pixels=False)
-            for r in rows
-        ]
+        return tuple((r.path, r.sop_instance_uid) for r in rows)
+
+    def sources(self, result: StudyResult) -> list[Dataset]:
+        """The headers the sender reads for ``result``, read here (for the tests)."""
+        return read_sources(self.watch_dir, self.source_files(result))
+
+    def build(self, result: StudyResult) -> Dataset:
+        """The SR the sender builds for ``result``, built here (for the tests)."""
+        return build(result, self.sources(result), self.concepts, self.agent)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ class CountingScp:
 
     ``statuses`` maps a SOP Instance UID to the status its C-STOREs get (else success);
     ``abort_at`` holds the 1-based numbers of the C-STORE requests (counted over the SCP's
-    life) whose association is aborted before any answer. ``stored`` lists the SOP Instance
+    life) whose association is aborted before any answer; ``before_answer`` is called with
+    each request's number before it is answered. ``stored`` lists the SOP Instance
     UIDs answered with success, in order; ``associations`` and ``released`` count the
     associations opened and released by the peer."""
 
@@ -66,6 +68,7 @@ class CountingScp:
     associations: int = 0
     released: int = 0
     requests: int = 0
+    before_answer: Callable[[int], None] | None = None
     port: int = field(default_factory=free_port)
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class CountingScp:
         with self._lock:
             self.requests += 1
             number = self.requests
+        if self.before_answer is not None:
+            self.before_answer(number)
         if number in self.abort_at:
             # From another thread, as a PACS that goes away would: no answer is ever sent.
             threading.Thread(target=event.assoc.abort, daemon=True).start()

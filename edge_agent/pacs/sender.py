@@ -1,0 +1,232 @@
+"""The PACS sender: a child process that reads a result's source headers, builds its SR and
+C-STOREs it, so that none of that holds the agent's interpreter lock.
+
+Building an SR is pure Python (highdicom's checks, ~40 ms) and so is encoding it (pydicom,
+~13 ms). In a thread of the agent it holds the interpreter lock, and every other Python
+thread (the MQTT publisher's, paho's, scoring's) waits up to Python's switch interval (5 ms)
+each time it wants the lock back; a niced thread is worse, not better: preempted while it
+holds the lock, it keeps the agent's threads waiting for as long as the kernel keeps it off
+the CPU (priority inversion). Measured with a thread that sleeps 2 ms in a loop while SRs are
+built back to back: 10 ms late at the median beside a building thread (p99 18 ms; niced:
+p99 34 ms, max 466 ms), 0.1 ms beside a building process (docs/benchmarks.md).
+
+So the PACS worker's thread only reads the outbox and commits outcomes; :class:`Sender`
+hands each row to one child process (``spawn``: nothing of the agent's threads is copied),
+which runs :data:`NICE` steps below the agent and keeps one association open while rows
+are waiting (:class:`~edge_agent.pacs.scu.Session`). Only PHI-free values cross: the stored
+result, the source files' paths (relative to the watch folder) and UIDs, and an
+:class:`Outcome` back. The child's log records go to the agent's log handler (journal or
+stderr) with pydicom's filtered out, as in the agent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+from collections.abc import Mapping
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from ..bundle import Concept
+from ..config import PacsSettings
+from ..dicom.instance_file import Rereading, read_again
+from ..errors import InputRejected, describe
+from ..priority import lower_process_priority
+from ..results import StudyResult
+from .scu import PacsError, Peer, Session
+from .sr import SRError, build_sr
+
+logger = logging.getLogger(__name__)
+
+NICE = 10
+"""Nice steps added to the sender process's value (Linux; relative, at most 19)."""
+
+REREADING = Rereading(
+    gone="a scored image is no longer in the watch folder",
+    replaced="a scored image was replaced by another instance",
+    unreadable="a scored image is no longer readable ({error})",
+)
+"""What a scored image read again for the SR can have become (``pacs_last_error``)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row's attempt: the stored result and its sources (path relative to the watch
+    folder, SOP Instance UID)."""
+
+    alert_id: str
+    payload: bytes
+    sources: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Stored, or why not (``reason``, for the log and the status: PHI-free)."""
+
+    stored: bool
+    reason: str | None = None
+
+
+def read_sources(watch_dir: Path, sources: tuple[tuple[str, str], ...]) -> list[Dataset]:
+    """The headers of ``sources`` read again (pixels left out), checked to be the instances
+    recorded; a file gone or replaced is an :class:`~edge_agent.errors.InputRejected`."""
+    return [read_again(watch_dir, p, uid, REREADING, pixels=False) for p, uid in sources]
+
+
+def build(
+    result: StudyResult,
+    sources: list[Dataset],
+    concepts: Mapping[str, Concept | None],
+    agent: str,
+) -> Dataset:
+    """The SR of ``result``; anything that keeps it from being built is an SRError (the
+    row is kept and retried, never lost to a header highdicom refuses)."""
+    try:
+        return build_sr(result, sources, concepts=concepts, agent=agent)
+    except (SRError, InputRejected):
+        raise
+    except Exception as exc:
+        logger.exception("PACS: the SR cannot be built")
+        raise SRError(f"SR not built: {describe(exc)}") from exc
+
+
+# -- the child process ----------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    session: Session
+    concepts: dict[str, Concept | None]
+    agent: str
+    watch_dir: Path
+
+
+_child: _Child | None = None
+
+
+def _start(
+    settings: PacsSettings,
+    concepts: dict[str, Concept | None],
+    agent: str,
+    watch_dir: Path,
+    nice: int,
+) -> None:
+    """The child's initializer: its log handler, its priority (pynetdicom's threads, started
+    later, inherit it), its session."""
+    from ..logs import make_handler
+
+    global _child
+    root = logging.getLogger()
+    root.handlers = [make_handler()]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    lower_process_priority(nice, "PACS sender")
+    _child = _Child(Session(Peer.from_settings(settings)), concepts, agent, watch_dir)
+
+
+def _send(job: Job) -> Outcome:
+    assert _child is not None, "the initializer runs first"
+    child = _child
+    try:
+        result = StudyResult.model_validate_json(job.payload)
+        sr = build(result, read_sources(child.watch_dir, job.sources), child.concepts, child.agent)
+        child.session.store(sr)
+    except PacsError as exc:
+        return Outcome(False, exc.reason)
+    except (SRError, InputRejected) as exc:
+        return Outcome(False, str(exc))
+    except Exception as exc:  # the row is kept and retried after its back-off, not lost
+        logger.exception("PACS: result %s not sent", job.alert_id)
+        return Outcome(False, f"PACS sender: {describe(exc)}")
+    return Outcome(True)
+
+
+def _release() -> int:
+    """Release the association, if open; the child's pid (for the tests)."""
+    import os
+
+    assert _child is not None, "the initializer runs first"
+    _child.session.close()
+    return os.getpid()
+
+
+def _associations() -> int:
+    assert _child is not None, "the initializer runs first"
+    return _child.session.associations
+
+
+# -- the agent's side -----------------------------------------------------------------------
+
+
+class Sender:
+    """The agent's handle on the child process: started at the first :meth:`send`, started
+    again after it died. Not thread-safe: one owner (the PACS worker)."""
+
+    def __init__(
+        self,
+        settings: PacsSettings,
+        *,
+        concepts: Mapping[str, Concept | None],
+        agent: str,
+        watch_dir: Path,
+        nice: int = NICE,
+    ) -> None:
+        self._args = (settings, dict(concepts), agent, watch_dir, nice)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start,
+                initargs=self._args,
+            )
+        return self._pool
+
+    def send(self, job: Job) -> Outcome:
+        """One attempt for ``job``: the child's outcome, or a failure when it died with it."""
+        try:
+            future = self._executor().submit(_send, job)
+        except BrokenProcessPool:  # it died while idle: a new one, and the job goes on
+            self._drop()
+            future = self._executor().submit(_send, job)
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self._drop()
+            return Outcome(False, "the PACS sender process ended unexpectedly")
+
+    def start(self) -> int:
+        """Start the child now (it is otherwise started by the first :meth:`send`); its pid."""
+        return int(self._executor().submit(_release).result())
+
+    def release(self) -> int | None:
+        """Release the child's association, if open; the child's pid (None: not running)."""
+        if self._pool is None:
+            return None
+        try:
+            return self._pool.submit(_release).result()
+        except BrokenProcessPool:
+            self._drop()
+            return None
+
+    def associations(self) -> int:
+        """How many associations the running child opened (0: not running)."""
+        if self._pool is None:
+            return 0
+        return self._pool.submit(_associations).result()
+
+    def close(self) -> None:
+        """Release the association and end the child."""
+        self.release()
+        self._drop()
+
+    def _drop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
