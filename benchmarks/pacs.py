@@ -19,6 +19,10 @@ PACS destination on and off.
    PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files: once
    with the PACS sender process at the agent's priority (``--no-nice-run`` leaves this run
    out) and once niced as the daemon runs it; p50 and p99 with their ratio to the "off" run.
+4. **The interpreter lock**: how late a Python thread that sleeps 2 ms in a loop wakes up
+   (p50, p99, max) with nothing else running, beside a thread that builds SRs back to back
+   (at the agent's priority, and niced as the PACS worker's thread once was), and beside a
+   process that does (as the PACS sender does now).
 
 Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -53,6 +58,7 @@ from edge_agent.pacs import scu  # noqa: E402
 from edge_agent.pacs.scu import Peer, Session, store  # noqa: E402
 from edge_agent.pacs.sender import NICE  # noqa: E402
 from edge_agent.pacs.sr import build_sr  # noqa: E402
+from edge_agent.priority import lower_thread_priority  # noqa: E402
 from edge_agent.service import demo_bundle_path  # noqa: E402
 from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
 from edge_agent.store import Store  # noqa: E402
@@ -148,6 +154,52 @@ def cstore(orthanc: Orthanc, results: Results, n: int) -> dict[str, float]:
     return out
 
 
+def _build_loop(results: Results, stop: Any, nice: int) -> None:
+    """Build SRs back to back until ``stop`` (a thread's or a child process's target)."""
+    lower_thread_priority(nice, "benchmark")
+    concepts = {f.code: f.concept for f in results.findings}
+    sources = headers(1, 5)
+    while not stop.is_set():
+        study = Study(_row(sources[0].StudyInstanceUID), {}, results.scores(), 100.0)
+        build_sr(results.build(study), sources, concepts=concepts, agent="bench/box")
+
+
+def wake_lateness(results: Results, seconds: float) -> dict[str, tuple[float, float, float]]:
+    """Lateness of a 2 ms sleep (ms: p50, p99, max) beside no builder, a builder thread
+    (nice 0 and NICE) and a builder process (NICE)."""
+    out = {}
+    for what, kind, nice in (
+        ("nothing else", None, 0),
+        ("an SR-building thread", "thread", 0),
+        (f"an SR-building thread, nice +{NICE}", "thread", NICE),
+        (f"an SR-building process, nice +{NICE}", "process", NICE),
+    ):
+        stop: Any
+        runner: Any = None
+        if kind == "thread":
+            stop = threading.Event()
+            runner = threading.Thread(target=_build_loop, args=(results, stop, nice))
+        elif kind == "process":
+            ctx = multiprocessing.get_context("spawn")
+            stop = ctx.Event()
+            runner = ctx.Process(target=_build_loop, args=(results, stop, nice))
+        if runner is not None:
+            runner.start()
+            time.sleep(3.0 if kind == "process" else 0.5)  # a spawned child imports first
+        late = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            time.sleep(0.002)
+            late.append(time.perf_counter() - t - 0.002)
+        if runner is not None:
+            stop.set()
+            runner.join()
+        a = np.array(late) * 1000.0
+        out[what] = (float(np.median(a)), float(np.percentile(a, 99)), float(a.max()))
+    return out
+
+
 def settings(orthanc: Orthanc) -> PacsSettings:
     return PacsSettings(
         enabled=True,
@@ -158,7 +210,11 @@ def settings(orthanc: Orthanc) -> PacsSettings:
     )
 
 
-def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int) -> float:
+def worker_throughput(
+    orthanc: Orthanc, results: Results, workdir: Path, n: int
+) -> tuple[float, float]:
+    """SRs per second through ``PacsWorker.step``, and the seconds its sender process took
+    to start (before the timing)."""
     st = Store(workdir / "worker.sqlite3", pacs_levels=ALL_LEVELS)
     watch = workdir / "watch-worker"
     try:
@@ -169,6 +225,9 @@ def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int)
         worker = _worker(st, orthanc, results, watch, threading.Event())
         t = time.perf_counter()
         try:
+            worker.sender.start()
+            startup = time.perf_counter() - t
+            t = time.perf_counter()
             while worker.step(time.time()):
                 pass
         finally:
@@ -177,7 +236,7 @@ def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int)
         assert st.pacs_depth() == 0, worker.last_error
     finally:
         st.close()
-    return n / elapsed
+    return n / elapsed, startup
 
 
 def _worker(
@@ -249,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builds", type=int, default=200, help="SR builds (200)")
     parser.add_argument("--stores", type=int, default=100, help="C-STOREs (100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lateness", type=float, default=8.0, help="seconds per wake-up lateness run (8)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
     parser.add_argument(
         "--no-nice-run",
@@ -257,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.builds, args.stores = 1.5, 10, 5
+        args.duration, args.builds, args.stores, args.lateness = 1.5, 10, 5, 0.5
     bundle = load_bundle(demo_bundle_path())
     results = Results(bundle, "bench", args.seed)
     lost = False
@@ -275,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
             first = next(iter(rates.values()))
             for what, rate in rates.items():
                 print(f"  {what:<40}{rate:7.1f}{rate / first:8.2f}")
-            rate = worker_throughput(orthanc, results, workdir, args.stores)
-            print(f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s")
+            rate, startup = worker_throughput(orthanc, results, workdir, args.stores)
+            print(
+                f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s"
+                f" (its sender process started in {startup:.1f} s)"
+            )
             print(
                 f"MQTT commit -> PUBACK at {args.rate:g} studies/s for {args.duration:g} s"
                 "      p50     p95     p99     max ms   SRs left  SR drain s  p50 x off"
@@ -302,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             broker.stop()
             orthanc.stop()
+        print("A 2 ms sleep in a Python thread wakes late by (ms)     p50     p99     max")
+        for what, (p50, p99, top) in wake_lateness(results, args.lateness).items():
+            print(f"  beside {what:<46}{p50:8.2f}{p99:8.2f}{top:8.1f}")
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     return 1 if lost else 0
 

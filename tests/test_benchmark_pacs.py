@@ -44,3 +44,6 @@ def test_pacs_benchmark_quick() -> None:
         re.M,
     )
     assert rows == ["pacs-off", "pacs-on-not-niced", "pacs-on"], out
+    assert re.search(r"^PacsWorker.step .*: [\d.]+ SR/s \(its sender process started in", out, re.M)
+    lateness = re.findall(r"^  beside (.+?)\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)
+    assert len(lateness) == 4 and "SR-building process" in lateness[-1], out
