@@ -38,7 +38,9 @@ from ..errors import InputRejected, describe
 from ..priority import lower_process_priority
 from ..results import StudyResult
 from .scu import PacsError, Peer, Session
-from .sr import SRError, build_sr
+
+# highdicom (edge_agent.pacs.sr) is imported where an SR is built, in the sender process: the
+# agent's process does not load it (~50 MB with the code tables it reads on first use).
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ def build(
 ) -> Dataset:
     """The SR of ``result``; anything that keeps it from being built is an SRError (the
     row is kept and retried, never lost to a header highdicom refuses)."""
+    from .sr import SRError, build_sr
+
     try:
         return build_sr(result, sources, concepts=concepts, agent=agent)
     except (SRError, InputRejected):
@@ -129,6 +133,8 @@ def _start(
 
 
 def _send(job: Job) -> Outcome:
+    from .sr import SRError
+
     assert _child is not None, "the initializer runs first"
     child = _child
     try:

@@ -33,7 +33,6 @@ from ..config import PacsSettings
 from ..errors import describe
 from ..pacs.scu import Peer
 from ..pacs.sender import NICE, Job, Outcome, Sender, build, read_sources
-from ..pacs.sr import SRError
 from ..results import StudyResult
 from ..store import PacsRow, Store
 
@@ -122,12 +121,11 @@ class PacsWorker:
     def send(self, row: PacsRow) -> bool:
         """One attempt for ``row``: True when the PACS stored its SR."""
         result = StudyResult.model_validate_json(row.payload)
-        try:
-            job = Job(row.alert_id, row.payload, self.source_files(result))
-        except SRError as exc:
-            outcome = Outcome(False, str(exc))
+        sources = self.source_files(result)
+        if not sources:
+            outcome = Outcome(False, "no image of the study is recorded")
         else:
-            outcome = self.sender.send(job)
+            outcome = self.sender.send(Job(row.alert_id, row.payload, sources))
             self._last_sent = time.monotonic()
         if not outcome.stored:
             reason = outcome.reason or "not stored"
@@ -156,15 +154,13 @@ class PacsWorker:
 
     def source_files(self, result: StudyResult) -> tuple[tuple[str, str], ...]:
         """Path and SOP Instance UID of the study's scored instances (the SR's evidence
-        and patient/study)."""
+        and patient/study); empty when none is recorded."""
         every = self.store.instances(result.study_instance_uid)
         # A not_scored result (pacs.levels may ask for them) has no scored image: its SR
         # refers to the instances that were received and not rejected.
         rows = [r for r in every if r.state == "scored"] or [
             r for r in every if r.state != "rejected"
         ]
-        if not rows:
-            raise SRError("no image of the study is recorded")
         return tuple((r.path, r.sop_instance_uid) for r in rows)
 
     def sources(self, result: StudyResult) -> list[Dataset]:
