@@ -254,3 +254,28 @@ def test_a_sender_process_killed_mid_c_store_fails_that_row_alone(
     counters = read_status(st.path).counters
     assert counters.get("pacs_stored") == 5 and counters.get("pacs_failed_attempts") == 1
     st.close()
+
+
+def test_stop_does_not_wait_for_a_slow_pacs(tmp_path: Path, watch: Path, scp: CountingScp) -> None:
+    """The agent stops while the PACS takes its time over a C-STORE: the worker's thread
+    ends within a second (the sender is killed), and the row is left as it was, to be sent
+    at the next start."""
+    st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
+    (result,) = queue(st, watch, 1)
+    scp.before_answer = lambda number: time.sleep(4)
+    stop = threading.Event()
+    worker = worker_for(st, watch, scp.port, stop)
+    thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: scp.requests == 1, 20, "the C-STORE under way")
+        t = time.monotonic()
+        stop.set()
+        thread.join(5)
+        assert not thread.is_alive() and time.monotonic() - t < 2.0
+    finally:
+        stop.set()
+        thread.join(10)
+    (left,) = st.pacs_due(time.time())
+    assert left.alert_id == result.alert_id and left.attempts == 0
+    st.close()

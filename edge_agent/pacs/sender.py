@@ -22,8 +22,12 @@ stderr) with pydicom's filtered out, as in the agent.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
+import os
+import signal
+import threading
 from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -152,17 +156,10 @@ def _send(job: Job) -> Outcome:
 
 
 def _release() -> int:
-    """Release the association, if open; the child's pid (for the tests)."""
-    import os
-
+    """Release the association, if open; the child's pid."""
     assert _child is not None, "the initializer runs first"
     _child.session.close()
     return os.getpid()
-
-
-def _associations() -> int:
-    assert _child is not None, "the initializer runs first"
-    return _child.session.associations
 
 
 # -- the agent's side -----------------------------------------------------------------------
@@ -183,6 +180,7 @@ class Sender:
     ) -> None:
         self._args = (settings, dict(concepts), agent, watch_dir, nice)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pid: int | None = None
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
@@ -192,24 +190,41 @@ class Sender:
                 initializer=_start,
                 initargs=self._args,
             )
+            self._pid = int(self._pool.submit(_release).result())
         return self._pool
 
-    def send(self, job: Job) -> Outcome:
-        """One attempt for ``job``: the child's outcome, or a failure when it died with it."""
+    def send(self, job: Job, stop: threading.Event | None = None) -> Outcome | None:
+        """One attempt for ``job``: the child's outcome, a failure when it died with it, or
+        None when ``stop`` was set meanwhile (the child is killed: the agent's shutdown does
+        not wait for a slow PACS; the row was not attempted as far as its state goes)."""
         try:
             future = self._executor().submit(_send, job)
         except BrokenProcessPool:  # it died while idle: a new one, and the job goes on
             self._drop()
             future = self._executor().submit(_send, job)
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self._drop()
-            return Outcome(False, "the PACS sender process ended unexpectedly")
+        while True:
+            try:
+                return future.result(timeout=0.25)
+            except concurrent.futures.TimeoutError:
+                if stop is not None and stop.is_set():
+                    self.kill()
+                    return None
+            except BrokenProcessPool:
+                self._drop()
+                return Outcome(False, "the PACS sender process ended unexpectedly")
 
     def start(self) -> int:
         """Start the child now (it is otherwise started by the first :meth:`send`); its pid."""
-        return int(self._executor().submit(_release).result())
+        self._executor()
+        assert self._pid is not None
+        return self._pid
+
+    def kill(self) -> None:
+        """End the child at once (SIGKILL): what it was sending is sent again later."""
+        if self._pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+        self._drop()
 
     def release(self) -> int | None:
         """Release the child's association, if open; the child's pid (None: not running)."""
@@ -221,18 +236,12 @@ class Sender:
             self._drop()
             return None
 
-    def associations(self) -> int:
-        """How many associations the running child opened (0: not running)."""
-        if self._pool is None:
-            return 0
-        return self._pool.submit(_associations).result()
-
     def close(self) -> None:
         """Release the association and end the child."""
         self.release()
         self._drop()
 
     def _drop(self) -> None:
-        pool, self._pool = self._pool, None
+        pool, self._pool, self._pid = self._pool, None, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

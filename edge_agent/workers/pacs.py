@@ -125,7 +125,11 @@ class PacsWorker:
         if not sources:
             outcome = Outcome(False, "no image of the study is recorded")
         else:
-            outcome = self.sender.send(Job(row.alert_id, row.payload, sources))
+            sent = self.sender.send(Job(row.alert_id, row.payload, sources), self.stop)
+            if sent is None:  # stopping: the row is sent again at the next start
+                logger.info("PACS: stopped while sending result %s", row.alert_id)
+                return False
+            outcome = sent
             self._last_sent = time.monotonic()
         if not outcome.stored:
             reason = outcome.reason or "not stored"
