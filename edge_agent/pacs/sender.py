@@ -15,8 +15,8 @@ hands each row to one child process (``spawn``: nothing of the agent's threads i
 which runs :data:`NICE` steps below the agent and keeps one association open while rows
 are waiting (:class:`~edge_agent.pacs.scu.Session`). Only PHI-free values cross: the stored
 result, the source files' paths (relative to the watch folder) and UIDs, and an
-:class:`Outcome` back. The child's log records go to the agent's log handler (journal or
-stderr) with pydicom's filtered out, as in the agent.
+:class:`Outcome` back. The child logs as the agent does (``edge_agent.cli.setup_logging``:
+the journal or stderr, pydicom's records dropped) at the agent's level.
 """
 
 from __future__ import annotations
@@ -122,16 +122,14 @@ def _start(
     agent: str,
     watch_dir: Path,
     nice: int,
+    log_level: int,
 ) -> None:
-    """The child's initializer: its log handler, its priority (pynetdicom's threads, started
-    later, inherit it), its session."""
-    from ..logs import make_handler
+    """The child's initializer: the agent's logging at the agent's level, its priority
+    (pynetdicom's threads, started later, inherit it), its session."""
+    from ..cli import setup_logging
 
     global _child
-    root = logging.getLogger()
-    root.handlers = [make_handler()]
-    root.setLevel(logging.WARNING)
-    logging.captureWarnings(True)
+    setup_logging(logging.getLevelName(log_level))
     lower_process_priority(nice, "PACS sender")
     _child = _Child(Session(Peer.from_settings(settings)), concepts, agent, watch_dir)
 
@@ -178,7 +176,8 @@ class Sender:
         watch_dir: Path,
         nice: int = NICE,
     ) -> None:
-        self._args = (settings, dict(concepts), agent, watch_dir, nice)
+        level = logging.getLogger().getEffectiveLevel()
+        self._args = (settings, dict(concepts), agent, watch_dir, nice, level)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._pid: int | None = None
 
