@@ -279,13 +279,20 @@ def mqtt_latency(
         warm = results.prepare(st, 5)
         studies = results.prepare(st, len(offsets))
         write_sources(results, warm + studies, watch, seed)  # the same work either way
+        cpu: dict[str, float] = {}
+        pids: dict[str, int] = {"agent": os.getpid()}
         if orthanc is not None:
             worker = _worker(st, orthanc, results, watch, stop, niced=niced)
+            pids["sender"] = worker.sender.start()
+            assert orthanc.proc is not None
+            pids["orthanc"] = orthanc.proc.pid
             thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
             thread.start()
+        before = {what: cpu_seconds(pid) for what, pid in pids.items()}
         with publishing(broker, st, results, label) as (publisher, outbox):
             drive(results, st, publisher, outbox, warm, [0.02 * i for i in range(5)], 10.0)
             run = drive(results, st, publisher, outbox, studies, offsets, 60.0)
+            cpu = {what: cpu_seconds(pid) - before[what] for what, pid in pids.items()}
         sr_drain = math.nan
         if orthanc is not None:
             t = time.monotonic()
@@ -298,7 +305,19 @@ def mqtt_latency(
         if thread is not None:
             thread.join(10)
         st.close()
-    return {"label": label, **summarise(run["traces"]), "sr_left": depth, "sr_drain": sr_drain}
+    return {
+        "label": label,
+        **summarise(run["traces"]),
+        "sr_left": depth,
+        "sr_drain": sr_drain,
+        "cpu": cpu,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process ``pid`` has used so far (Linux procfs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['puback_p99']:8.1f}{r['puback_max']:8.1f}{r['sr_left']:9d}"
                     f"{r['sr_drain']:10.1f}{r['puback_p50'] / off['puback_p50']:11.2f}"
                     f"{r['puback_p99'] / off['puback_p99']:11.2f}"
+                )
+                print(
+                    "    CPU seconds during the run: "
+                    + ", ".join(f"{what} {sec:.1f}" for what, sec in r["cpu"].items())
                 )
         finally:
             broker.stop()
