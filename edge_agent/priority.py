@@ -32,12 +32,24 @@ def lower_thread_priority(steps: int, what: str, tid: int | None = None) -> int 
     return value
 
 
-def lower_process_priority(steps: int, what: str) -> None:
+def lower_process_priority(steps: int, what: str, *, idle: bool = False) -> None:
     """:func:`lower_thread_priority` for every thread this process has now (libraries start
-    some at import: OpenBLAS's pool); threads started later inherit the caller's value."""
+    some at import: OpenBLAS's pool); threads started later inherit the caller's value.
+
+    ``idle``: also put them under ``SCHED_IDLE`` (Linux), which runs only when no other
+    thread of the box wants the core, and is preempted at once when one wakes up; nice
+    alone leaves the woken thread waiting for the kernel's wake-up granularity. No
+    privilege is needed to enter it (leaving it needs one); a platform that refuses keeps
+    the nice value."""
     try:
         threads = [int(name) for name in os.listdir("/proc/self/task")]
     except (OSError, ValueError):  # no procfs: the calling thread alone
         threads = [threading.get_native_id()]
     for tid in threads:
         lower_thread_priority(steps, what, tid)
+        if idle:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except (OSError, AttributeError) as exc:  # not Linux, or not allowed
+                logger.warning("%s: could not set the idle CPU scheduling: %s", what, exc)
+                idle = False

@@ -186,16 +186,28 @@ def test_the_association_socket_sends_without_nagle(scp: CountingScp) -> None:
     assert not session.is_open
 
 
+def stat_of(pid: int, tid: int) -> list[str]:
+    """Fields 3 onwards of thread ``tid`` of process ``pid`` (stat(5))."""
+    return Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def nice_of(pid: int, tid: int) -> int:
     """The nice value of thread ``tid`` of process ``pid``, as the kernel reports it."""
-    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of stat(5)
+    return int(stat_of(pid, tid)[19 - 3])
+
+
+def policy_of(pid: int, tid: int) -> int:
+    """The scheduling policy of thread ``tid`` of process ``pid`` (os.SCHED_*)."""
+    return int(stat_of(pid, tid)[41 - 3])
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux procfs")
-def test_the_sr_work_runs_in_a_niced_process(tmp_path: Path, watch: Path, scp: CountingScp) -> None:
+def test_the_sr_work_runs_in_a_niced_idle_scheduled_process(
+    tmp_path: Path, watch: Path, scp: CountingScp
+) -> None:
     """The SR is built and sent in the sender process, every thread of which (pynetdicom's
-    included) runs NICE steps below the agent; the agent's own threads are left alone."""
+    included) runs NICE steps below the agent and under SCHED_IDLE; the agent's own
+    threads are left alone."""
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     queue(st, watch, 1)
     worker = worker_for(st, watch, scp.port, threading.Event())
@@ -206,8 +218,10 @@ def test_the_sr_work_runs_in_a_niced_process(tmp_path: Path, watch: Path, scp: C
         assert child is not None and child != os.getpid()
         threads = [int(t.name) for t in Path(f"/proc/{child}/task").iterdir()]
         assert threads and all(nice_of(child, t) == min(19, mine + NICE) for t in threads)
-        mine_now = [nice_of(os.getpid(), t.native_id or 0) for t in threading.enumerate()]
-        assert set(mine_now) == {mine}
+        assert all(policy_of(child, t) == os.SCHED_IDLE for t in threads)
+        agent = [t.native_id or 0 for t in threading.enumerate()]
+        assert {nice_of(os.getpid(), t) for t in agent} == {mine}
+        assert {policy_of(os.getpid(), t) for t in agent} == {os.SCHED_OTHER}
     finally:
         worker.close()
     assert len(scp.stored) == 1

@@ -49,7 +49,9 @@ from .scu import PacsError, Peer, Session
 logger = logging.getLogger(__name__)
 
 NICE = 10
-"""Nice steps added to the sender process's value (Linux; relative, at most 19)."""
+"""Nice steps added to the sender process's value (Linux; relative, at most 19); with a
+positive value its threads also run under ``SCHED_IDLE`` (0: the agent's priority, for the
+benchmark's comparison)."""
 
 REREADING = Rereading(
     gone="a scored image is no longer in the watch folder",
@@ -130,7 +132,7 @@ def _start(
 
     global _child
     setup_logging(logging.getLevelName(log_level))
-    lower_process_priority(nice, "PACS sender")
+    lower_process_priority(nice, "PACS sender", idle=nice > 0)
     _child = _Child(Session(Peer.from_settings(settings)), concepts, agent, watch_dir)
 
 
