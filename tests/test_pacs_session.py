@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -293,3 +295,37 @@ def test_stop_does_not_wait_for_a_slow_pacs(tmp_path: Path, watch: Path, scp: Co
     (left,) = st.pacs_due(time.time())
     assert left.alert_id == result.alert_id and left.attempts == 0
     st.close()
+
+
+AGENT = """
+import sys, time
+from pathlib import Path
+from edge_agent.config import PacsSettings
+from edge_agent.pacs.sender import Sender
+settings = PacsSettings(enabled=True, host="127.0.0.1", port=int(sys.argv[1]), called_ae="FUSSY")
+sender = Sender(settings, concepts={}, agent="box-1", watch_dir=Path(sys.argv[2]))
+print(sender.start(), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux procfs")
+def test_the_sender_ends_when_the_agent_is_killed(tmp_path: Path, scp: CountingScp) -> None:
+    agent = subprocess.Popen(
+        [sys.executable, "-c", AGENT, str(scp.port), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        child = int(agent.stdout.readline())
+        assert Path(f"/proc/{child}").exists()
+        agent.kill()
+        agent.wait(5)
+        wait_until(lambda: not Path(f"/proc/{child}").exists(), 5, "the orphaned sender gone")
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+        if agent.stdout is not None:
+            agent.stdout.close()

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -133,7 +134,16 @@ def _start(
     global _child
     setup_logging(logging.getLevelName(log_level))
     lower_process_priority(nice, "PACS sender", idle=nice > 0)
+    threading.Thread(target=_follow_parent, args=(os.getppid(),), daemon=True).start()
     _child = _Child(Session(Peer.from_settings(settings)), concepts, agent, watch_dir)
+
+
+def _follow_parent(parent: int) -> None:
+    """End this process when the agent is gone (SIGKILL, a crash): nothing else would, and
+    a sender left behind would hold its memory and perhaps an association."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _send(job: Job) -> Outcome:
