@@ -6,13 +6,23 @@ PACS destination on and off.
 1. **SR build**: ``build_sr`` for an urgent chest result with 1 and with 2 source headers
    (in memory), N times; median and p95 in ms.
 2. **C-STORE to Orthanc** (Debian's ``orthanc``, started here on free loopback ports, as the
-   tests start it): N distinct pre-built SRs stored one association each, as the PACS worker
-   sends them; SRs per second. Then the same N results through ``PacsWorker.step`` (headers
-   read again from disk, SR built, C-STORE, the row removed in a committed transaction).
+   tests start it): N distinct pre-built SRs stored three ways: one association each with the
+   socket as pynetdicom leaves it (Nagle's algorithm, delayed ACKs: the agent before this
+   benchmark's change, ``scu.TUNE_TCP`` off), one association each with the socket tuned
+   (``scu.store``), and all over one association (``scu.Session``, what the PACS worker does
+   while rows are waiting); SRs per second and the ratio to the first. Then the same N results
+   through ``PacsWorker.step`` (headers read again from disk, SR built, C-STORE, the row
+   removed in a committed transaction).
 3. **MQTT latency, PACS off vs on**: benchmarks/delivery.py's latency run (open-loop Poisson
    arrivals, the daemon's Store with an fsync per commit, the real Publisher and Mosquitto;
-   commit to PUBACK), once with ``pacs.enabled`` off and once with every result also queued
-   for the PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files.
+   commit to PUBACK), with ``pacs.enabled`` off, then with every result also queued for the
+   PACS and the PACS worker storing SRs into Orthanc meanwhile, from real DICOM files: once
+   with the PACS sender process at the agent's priority (``--no-nice-run`` leaves this run
+   out) and once niced as the daemon runs it; p50 and p99 with their ratio to the "off" run.
+4. **The interpreter lock**: how late a Python thread that sleeps 2 ms in a loop wakes up
+   (p50, p99, max) with nothing else running, beside a thread that builds SRs back to back
+   (at the agent's priority, and niced as the PACS worker's thread once was), and beside a
+   process that does (as the PACS sender does now).
 
 Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -43,8 +54,11 @@ from pydicom.dataset import Dataset  # noqa: E402
 from edge_agent.bundle import load_bundle  # noqa: E402
 from edge_agent.config import PacsSettings  # noqa: E402
 from edge_agent.devbroker import HOST, Mosquitto  # noqa: E402
-from edge_agent.pacs.scu import Peer, store  # noqa: E402
+from edge_agent.pacs import scu  # noqa: E402
+from edge_agent.pacs.scu import Peer, Session, store  # noqa: E402
+from edge_agent.pacs.sender import NICE  # noqa: E402
 from edge_agent.pacs.sr import build_sr  # noqa: E402
+from edge_agent.priority import lower_thread_priority  # noqa: E402
 from edge_agent.service import demo_bundle_path  # noqa: E402
 from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
 from edge_agent.store import Store  # noqa: E402
@@ -109,18 +123,81 @@ def _row(uid: str) -> Any:
     return StudyRow(uid, "CR", None, "scored", 1, now, now, now, None)
 
 
-def cstore(orthanc: Orthanc, results: Results, n: int) -> float:
+def cstore(orthanc: Orthanc, results: Results, n: int) -> dict[str, float]:
+    """SRs per second: one association each untuned, one each tuned, all over one."""
     concepts = {f.code: f.concept for f in results.findings}
     peer = Peer.from_settings(settings(orthanc))
     srs = []
-    for i in range(n):
+    for i in range(3 * n):
         sources = headers(1, 100 + i)
         study = Study(_row(sources[0].StudyInstanceUID), {}, results.scores(), 100.0)
         srs.append(build_sr(results.build(study), sources, concepts=concepts, agent="bench/box"))
-    t = time.perf_counter()
-    for sr in srs:
-        store(peer, sr)
-    return n / (time.perf_counter() - t)
+    out = {}
+    for what, batch in (
+        ("one association each, socket untuned", srs[:n]),
+        ("one association each, socket tuned", srs[n : 2 * n]),
+        ("one association for all (Session)", srs[2 * n :]),
+    ):
+        scu.TUNE_TCP = "untuned" not in what
+        try:
+            t = time.perf_counter()
+            if "Session" in what:
+                with Session(peer) as session:
+                    for sr in batch:
+                        session.store(sr)
+            else:
+                for sr in batch:
+                    store(peer, sr)
+            out[what] = n / (time.perf_counter() - t)
+        finally:
+            scu.TUNE_TCP = True
+    return out
+
+
+def _build_loop(results: Results, stop: Any, nice: int) -> None:
+    """Build SRs back to back until ``stop`` (a thread's or a child process's target)."""
+    lower_thread_priority(nice, "benchmark")
+    concepts = {f.code: f.concept for f in results.findings}
+    sources = headers(1, 5)
+    while not stop.is_set():
+        study = Study(_row(sources[0].StudyInstanceUID), {}, results.scores(), 100.0)
+        build_sr(results.build(study), sources, concepts=concepts, agent="bench/box")
+
+
+def wake_lateness(results: Results, seconds: float) -> dict[str, tuple[float, float, float]]:
+    """Lateness of a 2 ms sleep (ms: p50, p99, max) beside no builder, a builder thread
+    (nice 0 and NICE) and a builder process (NICE)."""
+    out = {}
+    for what, kind, nice in (
+        ("nothing else", None, 0),
+        ("an SR-building thread", "thread", 0),
+        (f"an SR-building thread, nice +{NICE}", "thread", NICE),
+        (f"an SR-building process, nice +{NICE}", "process", NICE),
+    ):
+        stop: Any
+        runner: Any = None
+        if kind == "thread":
+            stop = threading.Event()
+            runner = threading.Thread(target=_build_loop, args=(results, stop, nice))
+        elif kind == "process":
+            ctx = multiprocessing.get_context("spawn")
+            stop = ctx.Event()
+            runner = ctx.Process(target=_build_loop, args=(results, stop, nice))
+        if runner is not None:
+            runner.start()
+            time.sleep(3.0 if kind == "process" else 0.5)  # a spawned child imports first
+        late = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            time.sleep(0.002)
+            late.append(time.perf_counter() - t - 0.002)
+        if runner is not None:
+            stop.set()
+            runner.join()
+        a = np.array(late) * 1000.0
+        out[what] = (float(np.median(a)), float(np.percentile(a, 99)), float(a.max()))
+    return out
 
 
 def settings(orthanc: Orthanc) -> PacsSettings:
@@ -133,7 +210,11 @@ def settings(orthanc: Orthanc) -> PacsSettings:
     )
 
 
-def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int) -> float:
+def worker_throughput(
+    orthanc: Orthanc, results: Results, workdir: Path, n: int
+) -> tuple[float, float]:
+    """SRs per second through ``PacsWorker.step``, and the seconds its sender process took
+    to start (before the timing)."""
     st = Store(workdir / "worker.sqlite3", pacs_levels=ALL_LEVELS)
     watch = workdir / "watch-worker"
     try:
@@ -143,17 +224,28 @@ def worker_throughput(orthanc: Orthanc, results: Results, workdir: Path, n: int)
             results.commit(st, study, results.build(study))
         worker = _worker(st, orthanc, results, watch, threading.Event())
         t = time.perf_counter()
-        while worker.step(time.time()):
-            pass
+        try:
+            worker.sender.start()
+            startup = time.perf_counter() - t
+            t = time.perf_counter()
+            while worker.step(time.time()):
+                pass
+        finally:
+            worker.close()
         elapsed = time.perf_counter() - t
         assert st.pacs_depth() == 0, worker.last_error
     finally:
         st.close()
-    return n / elapsed
+    return n / elapsed, startup
 
 
 def _worker(
-    st: Store, orthanc: Orthanc, results: Results, watch: Path, stop: threading.Event
+    st: Store,
+    orthanc: Orthanc,
+    results: Results,
+    watch: Path,
+    stop: threading.Event,
+    niced: bool = True,
 ) -> PacsWorker:
     return PacsWorker(
         st,
@@ -162,6 +254,7 @@ def _worker(
         agent="bench/box",
         watch_dir=watch,
         stop=stop,
+        nice=NICE if niced else 0,
     )
 
 
@@ -173,8 +266,9 @@ def mqtt_latency(
     rate: float,
     duration: float,
     seed: int,
+    niced: bool = True,
 ) -> dict[str, Any]:
-    label = "pacs-on" if orthanc is not None else "pacs-off"
+    label = "pacs-off" if orthanc is None else "pacs-on" if niced else "pacs-on-not-niced"
     rng = np.random.default_rng(seed)
     offsets = arrivals(rate, duration, rng)
     st = Store(workdir / f"{label}.sqlite3", pacs_levels=ALL_LEVELS if orthanc else ())
@@ -185,13 +279,20 @@ def mqtt_latency(
         warm = results.prepare(st, 5)
         studies = results.prepare(st, len(offsets))
         write_sources(results, warm + studies, watch, seed)  # the same work either way
+        cpu: dict[str, float] = {}
+        pids: dict[str, int] = {"agent": os.getpid()}
         if orthanc is not None:
-            worker = _worker(st, orthanc, results, watch, stop)
+            worker = _worker(st, orthanc, results, watch, stop, niced=niced)
+            pids["sender"] = worker.sender.start()
+            assert orthanc.proc is not None
+            pids["orthanc"] = orthanc.proc.pid
             thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
             thread.start()
+        before = {what: cpu_seconds(pid) for what, pid in pids.items()}
         with publishing(broker, st, results, label) as (publisher, outbox):
             drive(results, st, publisher, outbox, warm, [0.02 * i for i in range(5)], 10.0)
             run = drive(results, st, publisher, outbox, studies, offsets, 60.0)
+            cpu = {what: cpu_seconds(pid) - before[what] for what, pid in pids.items()}
         sr_drain = math.nan
         if orthanc is not None:
             t = time.monotonic()
@@ -204,7 +305,19 @@ def mqtt_latency(
         if thread is not None:
             thread.join(10)
         st.close()
-    return {"label": label, **summarise(run["traces"]), "sr_left": depth, "sr_drain": sr_drain}
+    return {
+        "label": label,
+        **summarise(run["traces"]),
+        "sr_left": depth,
+        "sr_drain": sr_drain,
+        "cpu": cpu,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process ``pid`` has used so far (Linux procfs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,10 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builds", type=int, default=200, help="SR builds (200)")
     parser.add_argument("--stores", type=int, default=100, help="C-STOREs (100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lateness", type=float, default=8.0, help="seconds per wake-up lateness run (8)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
+    parser.add_argument(
+        "--no-nice-run",
+        action="store_true",
+        help="leave out the MQTT run with the PACS thread at the agent's priority",
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.builds, args.stores = 1.5, 10, 5
+        args.duration, args.builds, args.stores, args.lateness = 1.5, 10, 5, 0.5
     bundle = load_bundle(demo_bundle_path())
     results = Results(bundle, "bench", args.seed)
     lost = False
@@ -230,27 +351,48 @@ def main(argv: list[str] | None = None) -> int:
         orthanc.start()
         broker = Mosquitto(workdir / "broker").start()
         try:
-            rate = cstore(orthanc, results, args.stores)
-            print(f"C-STORE to Orthanc, one association each: {rate:.1f} SR/s ({args.stores} SRs)")
-            rate = worker_throughput(orthanc, results, workdir, args.stores)
-            print(f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s")
+            print(f"C-STORE to Orthanc ({args.stores} SRs each)         SR/s   x first")
+            rates = cstore(orthanc, results, args.stores)
+            first = next(iter(rates.values()))
+            for what, rate in rates.items():
+                print(f"  {what:<40}{rate:7.1f}{rate / first:8.2f}")
+            rate, startup = worker_throughput(orthanc, results, workdir, args.stores)
+            print(
+                f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s"
+                f" (its sender process started in {startup:.1f} s)"
+            )
             print(
                 f"MQTT commit -> PUBACK at {args.rate:g} studies/s for {args.duration:g} s"
-                "      p50     p95     p99     max ms   SRs left  SR drain s"
+                "      p50     p95     p99     max ms   SRs left  SR drain s  p50 x off"
+                "  p99 x off"
             )
-            for peer in (None, orthanc):
+            runs: list[tuple[Orthanc | None, bool]] = [(None, True)]
+            if not args.no_nice_run:
+                runs.append((orthanc, False))
+            runs.append((orthanc, True))
+            off: dict[str, Any] = {}
+            for peer, niced in runs:
                 r = mqtt_latency(
-                    broker, peer, results, workdir, args.rate, args.duration, args.seed
+                    broker, peer, results, workdir, args.rate, args.duration, args.seed, niced
                 )
+                off = off or r
                 lost |= r["lost"] > 0 or r["sr_left"] > 0
                 print(
-                    f"  {r['label']:<12}{'':<40}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
+                    f"  {r['label']:<18}{'':<34}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
                     f"{r['puback_p99']:8.1f}{r['puback_max']:8.1f}{r['sr_left']:9d}"
-                    f"{r['sr_drain']:10.1f}"
+                    f"{r['sr_drain']:10.1f}{r['puback_p50'] / off['puback_p50']:11.2f}"
+                    f"{r['puback_p99'] / off['puback_p99']:11.2f}"
+                )
+                print(
+                    "    CPU seconds during the run: "
+                    + ", ".join(f"{what} {sec:.1f}" for what, sec in r["cpu"].items())
                 )
         finally:
             broker.stop()
             orthanc.stop()
+        print("A 2 ms sleep in a Python thread wakes late by (ms)     p50     p99     max")
+        for what, (p50, p99, top) in wake_lateness(results, args.lateness).items():
+            print(f"  beside {what:<46}{p50:8.2f}{p99:8.2f}{top:8.1f}")
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     return 1 if lost else 0
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from .dicom.instance_file import Rereading, read_again
 from .errors import EdgeTriageError, InputRejected, describe
 from .gemma import ChatPrompt, GenerationStopped, GenerationTimeout, OnnxGemma3, TextConfig
 from .logs import fields
+from .priority import lower_thread_priority
 from .results import Narrative, NarrativeStatus, StudyResult, iso
 from .store import NarrativeJob, Store
 
@@ -236,15 +236,7 @@ class NarrativeWorker:
         CPU) the encoder's threads get the larger share of the cores. ``nice`` is added to
         the thread's own value: a service started with ``Nice=5`` keeps the narrative
         ``nice`` steps below its scorer (an absolute value could even raise its priority)."""
-        if not self.nice:
-            return
-        try:
-            me = threading.get_native_id()
-            os.setpriority(
-                os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + self.nice)
-            )
-        except (OSError, AttributeError) as exc:  # not Linux, or not allowed
-            logger.warning("narratives: could not lower their CPU priority: %s", exc)
+        lower_thread_priority(self.nice, "narratives")
 
     def _load(self) -> None:
         report = self.bundle.manifest.report

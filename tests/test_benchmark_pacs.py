@@ -36,6 +36,14 @@ def test_pacs_benchmark_quick() -> None:
     out = proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr
     assert re.search(r"^  1 image\(s\)\s+[\d.]+\s+[\d.]+$", out, re.M), out
-    assert re.search(r"C-STORE to Orthanc, one association each: [\d.]+ SR/s", out), out
-    rows = re.findall(r"^  (pacs-off|pacs-on)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+0\s", out, re.M)
-    assert rows == ["pacs-off", "pacs-on"], out
+    for what in ("socket untuned", "socket tuned", "one association for all"):
+        assert re.search(rf"^  [^\n]*{what}[^\n]*\s[\d.]+\s+[\d.]+$", out, re.M), out
+    rows = re.findall(
+        r"^  (pacs-off|pacs-on-not-niced|pacs-on)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+0\s",
+        out,
+        re.M,
+    )
+    assert rows == ["pacs-off", "pacs-on-not-niced", "pacs-on"], out
+    assert re.search(r"^PacsWorker.step .*: [\d.]+ SR/s \(its sender process started in", out, re.M)
+    lateness = re.findall(r"^  beside (.+?)\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)
+    assert len(lateness) == 4 and "SR-building process" in lateness[-1], out

@@ -10,11 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers.delivery import BASE, make_result
 from helpers.old_state import as_schema
 from helpers.orthanc import Orthanc, needs_orthanc
+from helpers.pacs import commit_study
 from helpers.polling import wait_until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,11 +24,9 @@ from edge_agent.devbroker import HOST, Pki
 from edge_agent.metrics import registry_for
 from edge_agent.pacs.scu import store
 from edge_agent.pacs.sr import build_sr, sop_instance_uid
-from edge_agent.results import StudyResult
-from edge_agent.simulate.dicom_writer import chest_instance, new_study, write_instance
 from edge_agent.state import schema
 from edge_agent.status import format_status, read_status
-from edge_agent.store import InstanceRecord, Message, Store
+from edge_agent.store import Store
 from edge_agent.workers.pacs import PacsWorker, backoff
 from export.findings import default_findings_path, load_findings
 
@@ -48,32 +45,6 @@ def scrape(database: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def commit_study(
-    store: Store, watch: Path, triage: str, seed: int, images: int = 1
-) -> tuple[StudyResult, list[str]]:
-    """A study of real files in ``watch``, recorded and scored as the daemon does."""
-    rng = np.random.default_rng(seed)
-    study = new_study(rng, "CR")
-    now = time.time()
-    sops = []
-    for i in range(images):
-        ds = chest_instance(rng, findings={}, study=study, rows=64, cols=64, instance_number=i + 1)
-        path = write_instance(ds, watch)
-        record = InstanceRecord(ds.SOPInstanceUID, study.study_instance_uid, None, "CR", "frontal")
-        rel = path.relative_to(watch).as_posix()
-        assert store.add_instance(rel, 1, 1, record, now) == "accepted"
-        sops.append(ds.SOPInstanceUID)
-    store.complete_quiet_studies(0.0, now)
-    row = store.study(study.study_instance_uid)
-    assert row is not None
-    result = make_result(study.study_instance_uid, row.revision, triage)
-    msg = Message(
-        "result", f"{BASE}/study/{row.study_instance_uid}", result.to_json_bytes(), result.alert_id
-    )
-    assert store.commit_result(row, triage, msg, {s: ("scored", None) for s in sops}, [], now)
-    return result, sops
 
 
 def settings_for(port: int, retry_max: float = 1.0) -> PacsSettings:
@@ -174,6 +145,7 @@ def test_urgent_and_review_results_become_srs_in_their_studies(
     commit_study(st, watch, "routine", 3)
     worker = worker_for(st, watch, orthanc.dicom_port, threading.Event())
     assert worker.step(time.time())
+    worker.close()
     assert st.pacs_depth() == 0 and worker.last_error is None
     stored = {i["SOPInstanceUID"]: i for i in orthanc.instances() if i.get("Modality") == "SR"}
     assert set(stored) == {sop_instance_uid(urgent), sop_instance_uid(review)}
@@ -217,6 +189,7 @@ def test_a_store_before_a_crash_is_sent_again_as_the_same_instance(
     )
     assert st.pacs_depth() == 1  # the row is still there, as after the crash
     assert worker.step(time.time())
+    worker.close()
     srs = [i for i in orthanc.instances() if i.get("Modality") == "SR"]
     assert [i["SOPInstanceUID"] for i in srs] == [sop_instance_uid(result)]
     assert st.pacs_depth() == 0

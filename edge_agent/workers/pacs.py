@@ -1,13 +1,21 @@
 """The PACS worker: the outbox's second destination (``pacs.enabled``).
 
-It takes the rows of ``pacs_outbox`` whose next attempt has come, builds each result's SR
-from the stored result and the headers of its study's scored instances (read again from the
-watch or receive folder, pixels left out), and C-STOREs it. Success removes the row; any
+It takes the rows of ``pacs_outbox`` whose next attempt has come and hands each to the PACS
+sender (:mod:`edge_agent.pacs.sender`, a child process), which builds the result's SR from
+the stored result and the headers of its study's scored instances (read again from the
+watch or receive folder, pixels left out) and C-STOREs it. Success removes the row; any
 failure keeps it with its reason and the next attempt after a back-off that doubles from
 :data:`FIRST_RETRY_SECONDS` up to ``pacs.retry_max_seconds``. The row leaves only after the
 PACS said success, and the SR's SOP Instance UID is derived from the result, so a crash
 between the C-STORE and the row's removal sends the very same instance again, which the PACS
 keeps once. MQTT delivery never waits for this worker, nor the reverse.
+
+The rows go over one association while rows are waiting, released once none has been sent
+for :data:`LINGER_SECONDS`. A row whose C-STORE fails gets that failure alone; when the
+association is lost with it, the next row opens a new one. The SR's work runs in the sender
+process, niced, so that it neither takes the interpreter lock from the agent's threads nor
+the cores from scoring: the SR is secondary, the urgent MQTT message comes first. This
+thread only reads and writes the store.
 """
 
 from __future__ import annotations
@@ -22,10 +30,9 @@ from pydicom.dataset import Dataset
 
 from ..bundle import Concept
 from ..config import PacsSettings
-from ..dicom.instance_file import Rereading, read_again
-from ..errors import InputRejected, describe
-from ..pacs.scu import PacsError, Peer, store
-from ..pacs.sr import SRError, build_sr
+from ..errors import describe
+from ..pacs.scu import Peer
+from ..pacs.sender import NICE, Job, Outcome, Sender, build, read_sources
 from ..results import StudyResult
 from ..store import PacsRow, Store
 
@@ -33,13 +40,8 @@ logger = logging.getLogger(__name__)
 
 FIRST_RETRY_SECONDS = 2.0
 BATCH = 10
-
-REREADING = Rereading(
-    gone="a scored image is no longer in the watch folder",
-    replaced="a scored image was replaced by another instance",
-    unreadable="a scored image is no longer readable ({error})",
-)
-"""What a scored image read again for the SR can have become (``pacs_last_error``)."""
+LINGER_SECONDS = 2.0
+"""An association with nothing to send is released after this long."""
 
 
 def backoff(attempts: int, ceiling: float) -> float:
@@ -59,6 +61,7 @@ class PacsWorker:
         agent: str,
         watch_dir: Path,
         stop: threading.Event,
+        nice: int = NICE,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -67,13 +70,23 @@ class PacsWorker:
         self.agent = agent
         self.watch_dir = watch_dir
         self.stop = stop
+        self.sender = Sender(
+            settings, concepts=self.concepts, agent=agent, watch_dir=watch_dir, nice=nice
+        )
         self._wake = threading.Event()
+        self._last_sent: float | None = None
         self.last_error: str | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
     def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.close()
+
+    def _loop(self) -> None:
         while not self.stop.is_set():
             try:
                 busy = self.step(time.time())
@@ -83,10 +96,18 @@ class PacsWorker:
                 busy = False
             if busy:
                 continue
+            if self._last_sent is not None and time.monotonic() - self._last_sent >= LINGER_SECONDS:
+                self._last_sent = None
+                self.sender.release()
             due = self.store.pacs_next_due()
             wait = 1.0 if due is None else min(1.0, max(0.05, due - time.time()))
             self._wake.wait(wait)
             self._wake.clear()
+
+    def close(self) -> None:
+        """Release the association and end the sender process."""
+        self._last_sent = None
+        self.sender.close()
 
     def step(self, now: float) -> bool:
         """Send the rows due at ``now``; True when there were any."""
@@ -100,11 +121,18 @@ class PacsWorker:
     def send(self, row: PacsRow) -> bool:
         """One attempt for ``row``: True when the PACS stored its SR."""
         result = StudyResult.model_validate_json(row.payload)
-        try:
-            sr = self.build(result, row.alert_id)
-            store(self.peer, sr)
-        except (PacsError, SRError, InputRejected) as exc:
-            reason = exc.reason if isinstance(exc, PacsError) else str(exc)
+        sources = self.source_files(result)
+        if not sources:
+            outcome = Outcome(False, "no image of the study is recorded")
+        else:
+            sent = self.sender.send(Job(row.alert_id, row.payload, sources), self.stop)
+            if sent is None:  # stopping: the row is sent again at the next start
+                logger.info("PACS: stopped while sending result %s", row.alert_id)
+                return False
+            outcome = sent
+            self._last_sent = time.monotonic()
+        if not outcome.stored:
+            reason = outcome.reason or "not stored"
             delay = backoff(row.attempts + 1, self.settings.retry_max_seconds)
             self.store.pacs_failed(row.alert_id, reason, time.time() + delay)
             self.last_error = reason
@@ -128,28 +156,21 @@ class PacsWorker:
         )
         return True
 
-    def build(self, result: StudyResult, alert_id: str) -> Dataset:
-        """The SR of ``result``; anything that keeps it from being built is an SRError (the
-        row is kept and retried, never lost to a header highdicom refuses)."""
-        try:
-            return build_sr(result, self.sources(result), concepts=self.concepts, agent=self.agent)
-        except (SRError, InputRejected):
-            raise
-        except Exception as exc:
-            logger.exception("PACS: the SR of result %s cannot be built", alert_id)
-            raise SRError(f"SR not built: {describe(exc)}") from exc
-
-    def sources(self, result: StudyResult) -> list[Dataset]:
-        """Headers of the study's scored instances (the SR's evidence and patient/study)."""
+    def source_files(self, result: StudyResult) -> tuple[tuple[str, str], ...]:
+        """Path and SOP Instance UID of the study's scored instances (the SR's evidence
+        and patient/study); empty when none is recorded."""
         every = self.store.instances(result.study_instance_uid)
         # A not_scored result (pacs.levels may ask for them) has no scored image: its SR
         # refers to the instances that were received and not rejected.
         rows = [r for r in every if r.state == "scored"] or [
             r for r in every if r.state != "rejected"
         ]
-        if not rows:
-            raise SRError("no image of the study is recorded")
-        return [
-            read_again(self.watch_dir, r.path, r.sop_instance_uid, REREADING, pixels=False)
-            for r in rows
-        ]
+        return tuple((r.path, r.sop_instance_uid) for r in rows)
+
+    def sources(self, result: StudyResult) -> list[Dataset]:
+        """The headers the sender reads for ``result``, read here (for the tests)."""
+        return read_sources(self.watch_dir, self.source_files(result))
+
+    def build(self, result: StudyResult) -> Dataset:
+        """The SR the sender builds for ``result``, built here (for the tests)."""
+        return build(result, self.sources(result), self.concepts, self.agent)
