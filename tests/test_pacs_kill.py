@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from helpers.brokers import Mosquitto
 from helpers.daemon import DEVICE, MATRIX, SITE, Collector, Daemon, write_agent_config
-from helpers.pacs_scp import Received, StorageScp
+from helpers.pacs import Received, StorageScp
 from helpers.polling import wait_until
 
 from edge_agent.devbroker import HOST

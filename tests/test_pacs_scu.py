@@ -7,14 +7,13 @@ import gc
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from helpers.delivery import make_result
 from helpers.orthanc import Orthanc, needs_orthanc
+from helpers.pacs import StorageScp
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedSRStorage,
@@ -23,7 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from edge_agent.check import run_check
 from edge_agent.config import PacsSettings, load_settings
-from edge_agent.devbroker import HOST, Mosquitto, Pki, free_port
+from edge_agent.devbroker import HOST, Mosquitto, Pki
 from edge_agent.pacs.scu import PacsError, Peer, echo, store
 from edge_agent.pacs.sr import build_sr
 from edge_agent.service import prepare
@@ -104,32 +103,8 @@ def test_a_stopped_pacs_is_retried(orthanc: Orthanc) -> None:
     assert len(orthanc.instances()) == 1
 
 
-class Scp:
-    """A pynetdicom Storage SCP in this process: accepts ``classes``, answers C-STORE with
-    ``status``."""
-
-    def __init__(self, classes: list[str], status: int = 0x0000) -> None:
-        self.port = free_port()
-        ae = AE(ae_title="FUSSY")
-        for sop_class in classes:
-            ae.add_supported_context(sop_class)
-
-        def handle(event: Any) -> Dataset:
-            rsp = Dataset()
-            rsp.Status = status
-            rsp.ErrorComment = "disk full"
-            return rsp
-
-        self.server = ae.start_server(
-            (HOST, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
-        )
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 def test_a_pacs_without_the_sr_sop_class_says_so() -> None:
-    scp = Scp([CTImageStorage])
+    scp = StorageScp([CTImageStorage], ae_title="FUSSY")
     try:
         with pytest.raises(PacsError) as err:
             store(peer(scp.port, "FUSSY"), an_sr())
@@ -148,7 +123,9 @@ def test_a_pacs_without_the_sr_sop_class_says_so() -> None:
     ],
 )
 def test_failure_statuses_are_named(status: int, words: str, retry: bool) -> None:
-    scp = Scp([EnhancedSRStorage], status=status)
+    scp = StorageScp(
+        [EnhancedSRStorage], ae_title="FUSSY", status=status, error_comment="disk full"
+    )
     try:
         with pytest.raises(PacsError) as err:
             store(peer(scp.port, "FUSSY"), an_sr())
@@ -160,7 +137,9 @@ def test_failure_statuses_are_named(status: int, words: str, retry: bool) -> Non
 
 
 def test_warning_status_counts_as_stored() -> None:
-    scp = Scp([EnhancedSRStorage], status=0xB000)
+    scp = StorageScp(
+        [EnhancedSRStorage], ae_title="FUSSY", status=0xB000, error_comment="disk full"
+    )
     try:
         store(peer(scp.port, "FUSSY"), an_sr())
     finally:
@@ -204,7 +183,7 @@ def test_check_echoes_the_pacs_and_names_the_key_at_fault(
 def test_check_says_when_the_pacs_refuses_the_sr_class(
     tmp_path: Path, mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    scp = Scp([CTImageStorage, Verification])
+    scp = StorageScp([CTImageStorage, Verification], ae_title="FUSSY")
     try:
         config = check_config(
             tmp_path,

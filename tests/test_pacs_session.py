@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.delivery import make_result
-from helpers.pacs import CountingScp, commit_study
+from helpers.pacs import StorageScp, commit_study
 from helpers.polling import wait_until
 from pynetdicom.sop_class import EnhancedSRStorage  # type: ignore[attr-defined]
 
@@ -39,8 +39,8 @@ LEVELS = ("urgent", "review")
 
 
 @pytest.fixture
-def scp() -> Iterator[CountingScp]:
-    server = CountingScp([EnhancedSRStorage])
+def scp() -> Iterator[StorageScp]:
+    server = StorageScp([EnhancedSRStorage], ae_title="FUSSY")
     try:
         yield server
     finally:
@@ -74,9 +74,7 @@ def queue(st: Store, watch: Path, n: int, first: int = 0) -> list[StudyResult]:
     return results
 
 
-def test_waiting_rows_go_over_one_association(
-    tmp_path: Path, watch: Path, scp: CountingScp
-) -> None:
+def test_waiting_rows_go_over_one_association(tmp_path: Path, watch: Path, scp: StorageScp) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     results = queue(st, watch, 6)
     worker = worker_for(st, watch, scp.port, threading.Event())
@@ -92,7 +90,7 @@ def test_waiting_rows_go_over_one_association(
 
 
 def test_an_association_aborted_mid_batch_fails_that_row_alone(
-    tmp_path: Path, watch: Path, scp: CountingScp
+    tmp_path: Path, watch: Path, scp: StorageScp
 ) -> None:
     """The PACS aborts during the third C-STORE: that row keeps its failure and back-off,
     the three after it go over a new association at once, and the third arrives on its
@@ -123,7 +121,7 @@ def test_an_association_aborted_mid_batch_fails_that_row_alone(
 
 
 def test_a_refusal_by_status_is_its_rows_and_keeps_the_association(
-    tmp_path: Path, watch: Path, scp: CountingScp
+    tmp_path: Path, watch: Path, scp: StorageScp
 ) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     results = queue(st, watch, 4)
@@ -145,7 +143,7 @@ def test_a_refusal_by_status_is_its_rows_and_keeps_the_association(
 
 
 def test_the_worker_releases_the_association_when_idle_and_reopens_it(
-    tmp_path: Path, watch: Path, scp: CountingScp
+    tmp_path: Path, watch: Path, scp: StorageScp
 ) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     stop = threading.Event()
@@ -170,7 +168,7 @@ def test_the_worker_releases_the_association_when_idle_and_reopens_it(
     st.close()
 
 
-def test_the_association_socket_sends_without_nagle(scp: CountingScp) -> None:
+def test_the_association_socket_sends_without_nagle(scp: StorageScp) -> None:
     """pynetdicom writes a C-STORE request's command and data set as two PDUs; with Nagle's
     algorithm on, the second waits for the PACS's delayed ACK of the first (~40 ms on
     Linux, each C-STORE)."""
@@ -205,7 +203,7 @@ def policy_of(pid: int, tid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux procfs")
 def test_the_sr_work_runs_in_a_niced_idle_scheduled_process(
-    tmp_path: Path, watch: Path, scp: CountingScp
+    tmp_path: Path, watch: Path, scp: StorageScp
 ) -> None:
     """The SR is built and sent in the sender process, every thread of which (pynetdicom's
     included) runs NICE steps below the agent and under SCHED_IDLE; the agent's own
@@ -231,7 +229,7 @@ def test_the_sr_work_runs_in_a_niced_idle_scheduled_process(
 
 
 def test_a_sender_process_killed_mid_c_store_fails_that_row_alone(
-    tmp_path: Path, watch: Path, scp: CountingScp
+    tmp_path: Path, watch: Path, scp: StorageScp
 ) -> None:
     """SIGKILL of the sender process while its second C-STORE waits for the PACS: that row
     keeps a failure, the rows after it go through a new sender process; a sender killed
@@ -272,7 +270,7 @@ def test_a_sender_process_killed_mid_c_store_fails_that_row_alone(
     st.close()
 
 
-def test_stop_does_not_wait_for_a_slow_pacs(tmp_path: Path, watch: Path, scp: CountingScp) -> None:
+def test_stop_does_not_wait_for_a_slow_pacs(tmp_path: Path, watch: Path, scp: StorageScp) -> None:
     """The agent stops while the PACS takes its time over a C-STORE: the worker's thread
     ends within a second (the sender is killed), and the row is left as it was, to be sent
     at the next start."""
@@ -310,7 +308,7 @@ time.sleep(60)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux procfs")
-def test_the_sender_ends_when_the_agent_is_killed(tmp_path: Path, scp: CountingScp) -> None:
+def test_the_sender_ends_when_the_agent_is_killed(tmp_path: Path, scp: StorageScp) -> None:
     agent = subprocess.Popen(
         [sys.executable, "-c", AGENT, str(scp.port), str(tmp_path)],
         stdout=subprocess.PIPE,
