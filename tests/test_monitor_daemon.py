@@ -20,6 +20,7 @@ from helpers.daemon import (
     Daemon,
     running_agent,
 )
+from helpers.polling import wait_until
 from helpers.status import cli_status
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,6 +48,14 @@ def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]]
     return text, samples
 
 
+def serving(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:  # not listening yet (URLError is an OSError)
+        return False
+    return True
+
+
 def first_results(collector: Collector) -> dict[str, dict[str, Any]]:
     """Each study's first result as the dashboard received it."""
     first: dict[str, dict[str, Any]] = {}
@@ -70,6 +79,7 @@ def test_status_and_metrics_count_each_scored_study_once_across_a_sigkill(
     collector.wait(lambda: bool(set(first_results(collector)) & second), 90, "a second result")
     daemon.kill()  # while the rest of the second batch is being scored or published
     daemon.start()
+    wait_until(lambda: serving(port), 60, "the restarted agent's /metrics", poll=0.2)
     wanted = first | second
     collector.wait(lambda: set(first_results(collector)) >= wanted, 120, "all 7 results")
 
