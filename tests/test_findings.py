@@ -107,17 +107,13 @@ concept = { scheme = "RADLEX", value = "RID43255", meaning = "Consolidation" }
     assert (finding.concept.scheme, finding.concept.value) == ("RADLEX", "RID43255")
 
 
-def test_shipped_findings_are_coded_except_pneumoperitoneum(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Only pneumoperitoneum lacks a verified SNOMED CT / RadLex code (docs/pacs.md).
+def test_every_shipped_finding_is_coded(caplog: pytest.LogCaptureFixture) -> None:
+    # each with a verified SNOMED CT / RadLex code (docs/pacs.md says where it was checked)
     with caplog.at_level("WARNING", logger="export.findings"):
         cxr = load_findings(default_findings_path())
         ct = load_findings(default_findings_path("ct-chest"))
-    assert [f.code for f in cxr + ct if f.concept is None] == ["pneumoperitoneum"]
-    assert "pneumoperitoneum: no concept" in caplog.text
-    assert "lung_nodule: no concept" not in caplog.text
-    assert "consolidation: no concept" not in caplog.text
+    assert [f.code for f in cxr + ct if f.concept is None] == []
+    assert "no concept" not in caplog.text
 
 
 @pytest.mark.parametrize(
