@@ -136,3 +136,15 @@ concept = {concept}
     with pytest.raises(ConfigError) as err:
         load_findings(write(tmp_path, text))
     assert "findings(f.toml).pneumothorax.concept" in str(err.value)
+
+
+def test_the_demo_bundle_names_its_findings_as_the_shipped_findings_do() -> None:
+    """Its SRs carry the same codes (``edge-export demo`` takes label and code from
+    cxr.toml; the shipped bundle was given them without a change to its model sha256)."""
+    from edge_agent.bundle import load_bundle
+    from edge_agent.service import demo_bundle_path
+
+    shipped = {f.code: f for f in load_findings(default_findings_path())}
+    for f in load_bundle(demo_bundle_path()).manifest.findings:
+        assert f.concept is not None, f.code
+        assert (f.label, f.concept) == (shipped[f.code].label, shipped[f.code].concept)
