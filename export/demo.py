@@ -30,12 +30,13 @@ from edge_agent import __version__
 from edge_agent.bundle import Finding, LinearProbeHead, ModelInfo, Preprocessing
 from edge_agent.errors import EdgeTriageError, ExtraMissing
 
+from .findings import default_findings_path, load_findings
+
 logger = logging.getLogger(__name__)
 
 MIN_AUROC = 0.95
 """Held-out AUROC every finding, and normal vs abnormal studies, must reach."""
 MODEL_NAME = "edge-triage-demo-siglip"
-LABELS = {"pneumothorax": "Pneumothorax", "lung_nodule": "Lung nodule or mass"}
 URGENT = {"pneumothorax": True, "lung_nodule": False}
 # A patch counts as showing a finding where that finding alone changes the model input by
 # more than this (mean = std = 0.5: 5% of the display range).
@@ -653,6 +654,8 @@ def build_demo_bundle(
         )  # fmt: skip
 
         val_scores = apply_head(head, codes, onnx_val)
+        # Labels and codes as the shipped radiograph findings give them (the SR names them)
+        shipped = {f.code: f for f in load_findings(default_findings_path())}
         findings = []
         for j, code in enumerate(codes):
             review, urgent = choose_thresholds(
@@ -661,7 +664,8 @@ def build_demo_bundle(
             findings.append(
                 Finding(
                     code=code,
-                    label=LABELS.get(code, code.replace("_", " ").capitalize()),
+                    label=shipped[code].label,
+                    concept=shipped[code].concept,
                     review_threshold=review,
                     urgent_threshold=urgent,
                 )

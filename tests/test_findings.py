@@ -107,17 +107,13 @@ concept = { scheme = "RADLEX", value = "RID43255", meaning = "Consolidation" }
     assert (finding.concept.scheme, finding.concept.value) == ("RADLEX", "RID43255")
 
 
-def test_shipped_findings_are_coded_except_pneumoperitoneum(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Only pneumoperitoneum lacks a verified SNOMED CT / RadLex code (docs/pacs.md).
+def test_every_shipped_finding_is_coded(caplog: pytest.LogCaptureFixture) -> None:
+    # each with a verified SNOMED CT / RadLex code (docs/pacs.md says where it was checked)
     with caplog.at_level("WARNING", logger="export.findings"):
         cxr = load_findings(default_findings_path())
         ct = load_findings(default_findings_path("ct-chest"))
-    assert [f.code for f in cxr + ct if f.concept is None] == ["pneumoperitoneum"]
-    assert "pneumoperitoneum: no concept" in caplog.text
-    assert "lung_nodule: no concept" not in caplog.text
-    assert "consolidation: no concept" not in caplog.text
+    assert [f.code for f in cxr + ct if f.concept is None] == []
+    assert "no concept" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -140,3 +136,15 @@ concept = {concept}
     with pytest.raises(ConfigError) as err:
         load_findings(write(tmp_path, text))
     assert "findings(f.toml).pneumothorax.concept" in str(err.value)
+
+
+def test_the_demo_bundle_names_its_findings_as_the_shipped_findings_do() -> None:
+    """Its SRs carry the same codes (``edge-export demo`` takes label and code from
+    cxr.toml; the shipped bundle was given them without a change to its model sha256)."""
+    from edge_agent.bundle import load_bundle
+    from edge_agent.service import demo_bundle_path
+
+    shipped = {f.code: f for f in load_findings(default_findings_path())}
+    for f in load_bundle(demo_bundle_path()).manifest.findings:
+        assert f.concept is not None, f.code
+        assert (f.label, f.concept) == (shipped[f.code].label, shipped[f.code].concept)

@@ -33,11 +33,11 @@ CXR_FINDINGS = load_findings(default_findings_path())
 CONCEPTS = {f.code: f.concept for f in CXR_FINDINGS}
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 # The codes the shipped findings carry, each verified with its name in a terminology source
-# (docs/pacs.md says which); pneumoperitoneum has none verified yet and keeps a private code.
+# (docs/pacs.md says which).
 SHIPPED_CODES = {
     "pneumothorax": ("36118008", "SCT", "Pneumothorax"),
     "pleural_effusion": ("60046008", "SCT", "Pleural effusion"),
-    "pneumoperitoneum": ("pneumoperitoneum", "99EDGETRIAGE", "Pneumoperitoneum (free air)"),
+    "pneumoperitoneum": ("RID4803", "RADLEX", "Pneumoperitoneum"),
     "lung_nodule": ("309529002", "SCT", "Lung mass"),
     "consolidation": ("RID43255", "RADLEX", "Consolidation"),
 }
@@ -261,10 +261,7 @@ def test_shipped_findings_carry_verified_codes() -> None:
     assert set(CONCEPTS) == set(SHIPPED_CODES)
     for f in CXR_FINDINGS:
         value, scheme, meaning = SHIPPED_CODES[f.code]
-        if scheme == srmod.PRIVATE_SCHEME:
-            assert f.concept is None, f.code
-        else:
-            assert f.concept == Concept(scheme=scheme, value=value, meaning=meaning), f.code
+        assert f.concept == Concept(scheme=scheme, value=value, meaning=meaning), f.code
     # A finding shipped for CT and for radiographs is the same finding: the same code.
     for f in load_findings(default_findings_path("ct-chest")):
         assert f.concept == CONCEPTS[f.code], f.code
@@ -301,6 +298,7 @@ def test_every_shipped_finding_is_named_by_its_code_in_the_sr(tmp_path: Path) ->
     dump = dsrdump(path)
     assert '(RID43255,RADLEX,"Consolidation")' in dump
     assert '(309529002,SCT,"Lung mass")' in dump
+    assert '(RID4803,RADLEX,"Pneumoperitoneum")' in dump
 
     values = [(k, n, v) for _, k, n, v in walk(dcmread(path).ContentSequence)]
     for f in findings:
