@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers.old_state import as_schema
 from helpers.orthanc import Orthanc, needs_orthanc
-from helpers.pacs import commit_study
+from helpers.pacs import CONCEPTS, commit_study, worker_for
 from helpers.polling import wait_until
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,14 +27,12 @@ from edge_agent.pacs.sr import build_sr, sop_instance_uid
 from edge_agent.state import schema
 from edge_agent.status import format_status, read_status
 from edge_agent.store import Store
-from edge_agent.workers.pacs import PacsWorker, backoff
-from export.findings import default_findings_path, load_findings
+from edge_agent.workers.pacs import backoff
 
 # pynetdicom 3.0.4 drops the socket of a refused connection without closing it; CPython
 # closes it by reference count, with a ResourceWarning pytest reports (see test_pacs_scu).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-CONCEPTS = {f.code: f.concept for f in load_findings(default_findings_path())}
 LEVELS = ("urgent", "review")
 
 
@@ -55,23 +53,6 @@ def settings_for(port: int, retry_max: float = 1.0) -> PacsSettings:
         called_ae="ORTHANC",
         timeout_seconds=3,
         retry_max_seconds=retry_max,
-    )
-
-
-def worker_for(
-    store: Store,
-    watch: Path,
-    port: int,
-    stop: threading.Event,
-    settings: PacsSettings | None = None,
-) -> PacsWorker:
-    return PacsWorker(
-        store,
-        settings or settings_for(port),
-        concepts=CONCEPTS,
-        agent="site/box",
-        watch_dir=watch,
-        stop=stop,
     )
 
 
@@ -143,7 +124,7 @@ def test_urgent_and_review_results_become_srs_in_their_studies(
     urgent, urgent_sops = commit_study(st, watch, "urgent", 1, images=2)
     review, review_sops = commit_study(st, watch, "review", 2)
     commit_study(st, watch, "routine", 3)
-    worker = worker_for(st, watch, orthanc.dicom_port, threading.Event())
+    worker = worker_for(st, watch, settings_for(orthanc.dicom_port), threading.Event())
     assert worker.step(time.time())
     worker.close()
     assert st.pacs_depth() == 0 and worker.last_error is None
@@ -183,7 +164,7 @@ def test_a_store_before_a_crash_is_sent_again_as_the_same_instance(
     (Simulated in-process by storing the SR the worker would build; not a SIGKILL.)"""
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     result, _ = commit_study(st, watch, "urgent", 1)
-    worker = worker_for(st, watch, orthanc.dicom_port, threading.Event())
+    worker = worker_for(st, watch, settings_for(orthanc.dicom_port), threading.Event())
     store(
         worker.peer, build_sr(result, worker.sources(result), concepts=CONCEPTS, agent="site/box")
     )
@@ -203,7 +184,7 @@ def test_orthanc_down_20_s_mid_burst_every_sr_arrives_once(
 ) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     stop = threading.Event()
-    worker = worker_for(st, watch, orthanc.dicom_port, stop)
+    worker = worker_for(st, watch, settings_for(orthanc.dicom_port), stop)
     thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
     thread.start()
     results = []
@@ -240,7 +221,9 @@ def test_a_source_image_gone_keeps_the_row_with_its_reason(tmp_path: Path, watch
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     result, sops = commit_study(st, watch, "urgent", 1)
     (watch / f"{sops[0]}.dcm").unlink()
-    worker = worker_for(st, watch, 9, threading.Event())  # never dialled: the build fails first
+    worker = worker_for(
+        st, watch, settings_for(9), threading.Event()
+    )  # never dialled: the build fails first
     before = time.time()
     assert worker.step(before)
     assert st.pacs_depth() == 1
@@ -268,7 +251,7 @@ def test_a_pacs_requiring_a_client_certificate_gets_it_or_says_why(
     try:
         result, _ = commit_study(st, watch, "urgent", 1)
         no_pair = settings_for(server.dicom_port).model_copy(update={"tls_ca": fleet.ca_cert})
-        worker = worker_for(st, watch, server.dicom_port, threading.Event(), no_pair)
+        worker = worker_for(st, watch, no_pair, threading.Event())
         with caplog.at_level(logging.WARNING, logger="edge_agent.workers.pacs"):
             assert worker.step(time.time())
         assert st.pacs_depth() == 1
@@ -279,7 +262,7 @@ def test_a_pacs_requiring_a_client_certificate_gets_it_or_says_why(
         assert any(words in r.getMessage() for r in caplog.records)
 
         with_pair = no_pair.model_copy(update={"tls_cert": client_cert, "tls_key": client_key})
-        worker = worker_for(st, watch, server.dicom_port, threading.Event(), with_pair)
+        worker = worker_for(st, watch, with_pair, threading.Event())
         assert worker.step(time.time() + 3.0)  # after the back-off
         assert st.pacs_depth() == 0
         srs = [i["SOPInstanceUID"] for i in server.instances()]

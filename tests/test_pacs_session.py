@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.delivery import make_result
-from helpers.pacs import StorageScp, commit_study
+from helpers.pacs import CONCEPTS, StorageScp, commit_study, worker_for
 from helpers.polling import wait_until
 from pynetdicom.sop_class import EnhancedSRStorage  # type: ignore[attr-defined]
 
@@ -31,10 +31,8 @@ from edge_agent.results import StudyResult
 from edge_agent.simulate.dicom_writer import chest_instance, new_study
 from edge_agent.status import read_status
 from edge_agent.store import Store
-from edge_agent.workers.pacs import LINGER_SECONDS, NICE, PacsWorker
-from export.findings import default_findings_path, load_findings
+from edge_agent.workers.pacs import LINGER_SECONDS, NICE
 
-CONCEPTS = {f.code: f.concept for f in load_findings(default_findings_path())}
 LEVELS = ("urgent", "review")
 
 
@@ -54,15 +52,9 @@ def watch(tmp_path: Path) -> Path:
     return folder
 
 
-def worker_for(st: Store, watch: Path, port: int, stop: threading.Event) -> PacsWorker:
-    return PacsWorker(
-        st,
-        PacsSettings(enabled=True, host=HOST, port=port, called_ae="FUSSY", timeout_seconds=3),
-        concepts=CONCEPTS,
-        agent="site/box",
-        watch_dir=watch,
-        stop=stop,
-    )
+def fussy(port: int) -> PacsSettings:
+    """The PACS of AE title FUSSY on loopback ``port``."""
+    return PacsSettings(enabled=True, host=HOST, port=port, called_ae="FUSSY", timeout_seconds=3)
 
 
 def queue(st: Store, watch: Path, n: int, first: int = 0) -> list[StudyResult]:
@@ -77,7 +69,7 @@ def queue(st: Store, watch: Path, n: int, first: int = 0) -> list[StudyResult]:
 def test_waiting_rows_go_over_one_association(tmp_path: Path, watch: Path, scp: StorageScp) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     results = queue(st, watch, 6)
-    worker = worker_for(st, watch, scp.port, threading.Event())
+    worker = worker_for(st, watch, fussy(scp.port), threading.Event())
     try:
         assert worker.step(time.time())
     finally:
@@ -99,7 +91,7 @@ def test_an_association_aborted_mid_batch_fails_that_row_alone(
     results = queue(st, watch, 6)
     uids = [sop_instance_uid(r) for r in results]
     scp.abort_at = {3}
-    worker = worker_for(st, watch, scp.port, threading.Event())
+    worker = worker_for(st, watch, fussy(scp.port), threading.Event())
     try:
         before = time.time()
         assert worker.step(before)
@@ -127,7 +119,7 @@ def test_a_refusal_by_status_is_its_rows_and_keeps_the_association(
     results = queue(st, watch, 4)
     refused = sop_instance_uid(results[1])
     scp.statuses = {refused: 0xA700}
-    worker = worker_for(st, watch, scp.port, threading.Event())
+    worker = worker_for(st, watch, fussy(scp.port), threading.Event())
     try:
         assert worker.step(time.time())
     finally:
@@ -147,7 +139,7 @@ def test_the_worker_releases_the_association_when_idle_and_reopens_it(
 ) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     stop = threading.Event()
-    worker = worker_for(st, watch, scp.port, stop)
+    worker = worker_for(st, watch, fussy(scp.port), stop)
     thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
     thread.start()
     try:
@@ -210,7 +202,7 @@ def test_the_sr_work_runs_in_a_niced_idle_scheduled_process(
     threads are left alone."""
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     queue(st, watch, 1)
-    worker = worker_for(st, watch, scp.port, threading.Event())
+    worker = worker_for(st, watch, fussy(scp.port), threading.Event())
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     try:
         assert worker.step(time.time())
@@ -237,7 +229,7 @@ def test_a_sender_process_killed_mid_c_store_fails_that_row_alone(
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     results = queue(st, watch, 4)
     uids = [sop_instance_uid(r) for r in results]
-    worker = worker_for(st, watch, scp.port, threading.Event())
+    worker = worker_for(st, watch, fussy(scp.port), threading.Event())
     child: list[int] = []
 
     def kill_sender(number: int) -> None:
@@ -278,7 +270,7 @@ def test_stop_does_not_wait_for_a_slow_pacs(tmp_path: Path, watch: Path, scp: St
     (result,) = queue(st, watch, 1)
     scp.before_answer = lambda number: time.sleep(4)
     stop = threading.Event()
-    worker = worker_for(st, watch, scp.port, stop)
+    worker = worker_for(st, watch, fussy(scp.port), stop)
     thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
     thread.start()
     try:

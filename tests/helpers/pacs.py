@@ -16,12 +16,27 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import EnhancedSRStorage, Verification  # type: ignore[attr-defined]
 
+from edge_agent.config import PacsSettings
 from edge_agent.devbroker import HOST, free_port
 from edge_agent.results import StudyResult
 from edge_agent.simulate.dicom_writer import chest_instance, new_study, write_instance
 from edge_agent.store import InstanceRecord, Message, Store
+from edge_agent.workers.pacs import PacsWorker
+from export.findings import default_findings_path, load_findings
 
 from .delivery import BASE, make_result
+
+CONCEPTS = {f.code: f.concept for f in load_findings(default_findings_path())}
+"""The shipped radiograph findings' codes, as the daemon hands them to its PACS worker."""
+
+
+def worker_for(
+    store: Store, watch: Path, settings: PacsSettings, stop: threading.Event
+) -> PacsWorker:
+    """The daemon's PACS worker for ``store`` (the images in ``watch``) with ``settings``."""
+    return PacsWorker(
+        store, settings, concepts=CONCEPTS, agent="site/box", watch_dir=watch, stop=stop
+    )
 
 
 def commit_study(
