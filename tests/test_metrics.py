@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers.metrics import samples, served
 from helpers.status import make_state
-from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.devbroker import free_port
 from edge_agent.metrics import start_metrics_server
@@ -19,22 +18,12 @@ def state(tmp_path: Path) -> Path:
     return make_state(tmp_path / "state")
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_metrics_endpoint_serves_the_state_database(state: Path) -> None:
     port = free_port()
     info = {"model": "demo", "version": "1", "precision": "fp32", "provider": "CPU"}
     server = start_metrics_server(state / "state.sqlite3", port, "127.0.0.1", info)
     try:
-        got = scrape(port)
+        got = samples(served(port))
     finally:
         server.shutdown()
         server.server_close()
@@ -55,7 +44,7 @@ def test_an_unreadable_database_is_a_metric_not_an_error(tmp_path: Path) -> None
     port = free_port()
     server = start_metrics_server(tmp_path / "missing.sqlite3", port, "127.0.0.1")
     try:
-        got = scrape(port)
+        got = samples(served(port))
     finally:
         server.shutdown()
         server.server_close()
@@ -84,7 +73,7 @@ def test_the_daemon_serves_metrics_when_a_port_is_configured(tmp_path: Path) -> 
             deadline = time.monotonic() + 60
             while True:
                 try:
-                    got = scrape(port)
+                    got = samples(served(port))
                     break
                 except OSError:
                     assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
@@ -125,7 +114,7 @@ def test_metrics_show_the_daily_tallies_as_status_does(tmp_path: Path) -> None:
     port = free_port()
     server = start_metrics_server(database, port, "127.0.0.1")
     try:
-        got = scrape(port)
+        got = samples(served(port))
     finally:
         server.shutdown()
         server.server_close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from helpers.daemon import (
     Daemon,
     running_agent,
 )
+from helpers.metrics import samples, served
 from helpers.polling import wait_until
 from helpers.status import cli_status
-from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.devbroker import free_port
 from edge_agent.simulate import simulate
@@ -37,20 +36,9 @@ def agent(tmp_path: Path) -> Iterator[tuple[Path, Daemon, Collector, int]]:
         yield config, daemon, collector, port
 
 
-def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-    return text, samples
-
-
 def serving(port: int) -> bool:
     try:
-        scrape(port)
+        served(port)
     except OSError:  # not listening yet (URLError is an OSError)
         return False
     return True
@@ -109,7 +97,8 @@ def test_status_and_metrics_count_each_scored_study_once_across_a_sigkill(
     mean = sum(f["score"] for r in scored for f in r["findings"] if f["code"] == "lung_nodule")
     assert nodule["mean_score"] == pytest.approx(mean / len(scored), abs=1e-4)
 
-    text, got = scrape(port)
+    text = served(port)
+    got = samples(text)
     by_level = {
         dict(k[1])["triage"]: v for k, v in got.items() if k[0] == "edge_triage_studies_last_7_days"
     }

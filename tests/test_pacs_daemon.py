@@ -9,7 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.daemon import BASE, DEVICE, MATRIX, SITE, Collector, Daemon, assert_no_phi
+from helpers.daemon import (
+    BASE,
+    DEVICE,
+    MATRIX,
+    SITE,
+    Collector,
+    Daemon,
+    assert_no_phi,
+    write_agent_config,
+)
 from helpers.orthanc import Orthanc, needs_orthanc
 from helpers.polling import wait_until
 
@@ -25,17 +34,15 @@ assert BASE  # the collector subscribes to it
 
 
 def config_for(tmp_path: Path, broker: Mosquitto, pacs: str) -> Path:
-    watch = tmp_path / "incoming"
-    watch.mkdir(exist_ok=True)
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'watch_dir = "{watch}"\nstate_dir = "{tmp_path / "state"}"\nprofile = "x86-cpu"\n'
-        f'site = "{SITE}"\ndevice_id = "{DEVICE}"\nstudy_quiet_seconds = 1.5\n'
-        f"[intake]\npoll_interval_seconds = 0.2\nfile_stable_seconds = 0.3\n"
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nstatus_interval_seconds = 2\n'
-        f"[pacs]\nenabled = true\nretry_max_seconds = 2\ntimeout_seconds = 5\n{pacs}"
+    """The daemon tests' agent config with the PACS destination on: ``pacs`` (TOML) adds to
+    its ``[pacs]`` section."""
+    return write_agent_config(
+        tmp_path,
+        broker,
+        site=SITE,
+        device_id=DEVICE,
+        extra=f"[pacs]\nenabled = true\nretry_max_seconds = 2\ntimeout_seconds = 5\n{pacs}",
     )
-    return config
 
 
 @pytest.fixture

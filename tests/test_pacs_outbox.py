@@ -8,20 +8,19 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.metrics import of_state
 from helpers.old_state import as_schema
 from helpers.orthanc import Orthanc, needs_orthanc
 from helpers.pacs import CONCEPTS, commit_study, worker_for
 from helpers.polling import wait_until
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from edge_agent.config import PacsSettings
 from edge_agent.devbroker import HOST, Pki
-from edge_agent.metrics import registry_for
 from edge_agent.pacs.scu import store
 from edge_agent.pacs.sr import build_sr, sop_instance_uid
 from edge_agent.state import schema
@@ -34,15 +33,6 @@ from edge_agent.workers.pacs import backoff
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 LEVELS = ("urgent", "review")
-
-
-def scrape(database: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(registry_for(database)).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def settings_for(port: int, retry_max: float = 1.0) -> PacsSettings:
@@ -64,13 +54,9 @@ def watch(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    try:
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path / "orthanc") as server:
         yield server
-    finally:
-        server.stop()
 
 
 # -- schema and queueing --------------------------------------------------------------------
@@ -202,7 +188,7 @@ def test_orthanc_down_20_s_mid_burst_every_sr_arrives_once(
         assert status.pacs_outbox == 8 and status.pacs_failing == 8
         assert status.pacs_last_error and "cannot connect" in status.pacs_last_error
         assert "pacs       last problem: cannot connect" in format_status(status)
-        metrics = scrape(st.path)
+        metrics = of_state(st.path)
         assert metrics[("edge_triage_pacs_outbox_messages", ())] == 8.0
         assert any(name == "edge_triage_pacs_last_error_info" for name, _ in metrics)
         orthanc.start()

@@ -60,12 +60,8 @@ def an_sr(seed: int = 1) -> Dataset:
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    try:
+    with Orthanc(tmp_path / "orthanc") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @needs_orthanc

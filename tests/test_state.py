@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 from helpers.delivery import SHA, Injector, make_result
+from helpers.metrics import of_state
 from helpers.old_state import as_schema
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.metrics import registry_for
 from edge_agent.results import StudyResult, alert_id, iso
 from edge_agent.state import schema, tallies
 from edge_agent.state.schema import Layout
@@ -188,15 +186,6 @@ def test_a_fresh_database_has_exactly_what_the_migrations_lead_to(tmp_path: Path
 # -- one report: P/status, edge-agent status and /metrics agree ----------------------------
 
 
-def scrape(database: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = generate_latest(registry_for(database)).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_after_an_urgent_result_and_its_narrative_revision_the_three_views_agree(
     flagged: tuple[Store, NarrativeJob],
 ) -> None:
@@ -206,7 +195,7 @@ def test_after_an_urgent_result_and_its_narrative_revision_the_three_views_agree
     assert narrate(store, job) == 2
     counters = store.counters()
     status = read_status(store.path)
-    metrics = scrape(store.path)
+    metrics = of_state(store.path)
     assert counters["results"] == 1
     assert status.results_by_level == {"urgent": 1}
     assert metrics[("edge_triage_results_total", (("triage", "urgent"),))] == 1.0
@@ -232,7 +221,7 @@ def test_status_reads_a_database_an_older_agent_wrote_without_changing_it(
     status = read_status(path)
     assert status.results_by_level == {"review": 1} and status.narratives_pending is None
     assert status.outbox_set_aside == 0 and status.set_aside == []
-    assert scrape(path)[("edge_triage_results_total", (("triage", "review"),))] == 1.0
+    assert of_state(path)[("edge_triage_results_total", (("triage", "review"),))] == 1.0
     assert path.read_bytes() == before
 
 

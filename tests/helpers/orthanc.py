@@ -94,6 +94,14 @@ class Orthanc:
             poll=0.1,
         )
 
+    def __enter__(self) -> Orthanc:
+        """Started; stopped again when the ``with`` block ends, however it ends."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _alive(self) -> bool:
         try:
             self.get("/system")
