@@ -22,7 +22,13 @@ from .errors import ConfigError, EdgeTriageError
 logger = logging.getLogger("edge_agent")
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", *, dicom_client_only: bool = False) -> None:
+    """The process's logging: one handler (journald or stderr) at ``level``.
+
+    ``dicom_client_only``: the process only opens associations (the PACS sender), and our
+    own line says how each ended and why, so pynetdicom's ERROR records of the same failure
+    (with a traceback each: three records per refused attempt) are left out unless
+    ``level`` is DEBUG."""
     from .logs import make_handler
 
     handler = make_handler()  # journald's native protocol under systemd, else stderr lines
@@ -32,7 +38,8 @@ def setup_logging(level: str = "INFO") -> None:
     # pydicom's warnings quote element values (patient data): the handler's filter drops
     # them (edge_agent/logs.py), since importing pydicom resets its logger's level.
     # pynetdicom narrates every association at INFO (no PHI, but three lines per C-STORE).
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet = dicom_client_only and level != "DEBUG"
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL if quiet else logging.WARNING)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
 

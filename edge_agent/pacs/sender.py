@@ -16,7 +16,8 @@ which runs :data:`NICE` steps below the agent and keeps one association open whi
 are waiting (:class:`~edge_agent.pacs.scu.Session`). Only PHI-free values cross: the stored
 result, the source files' paths (relative to the watch folder) and UIDs, and an
 :class:`Outcome` back. The child logs as the agent does (``edge_agent.cli.setup_logging``:
-the journal or stderr, pydicom's records dropped) at the agent's level.
+the journal or stderr, pydicom's records dropped) at the agent's level; pynetdicom's own
+records of a failure only at DEBUG, since the worker's line says how each attempt ended.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _start(
     from ..cli import setup_logging
 
     global _child
-    setup_logging(logging.getLevelName(log_level))
+    setup_logging(logging.getLevelName(log_level), dicom_client_only=True)
     lower_process_priority(nice, "PACS sender", idle=nice > 0)
     threading.Thread(target=_follow_parent, args=(os.getppid(),), daemon=True).start()
     _child = _Child(Session(Peer.from_settings(settings)), concepts, agent, watch_dir)
