@@ -154,7 +154,7 @@ def test_outbox_offers_one_message_per_study_in_order(tmp_path: Path) -> None:
 def test_cap_drops_oldest_routine_first_then_review_never_urgent(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="edge_agent.store")
+    caplog.set_level(logging.INFO, logger="edge_agent.state.outbox")
     store = Store(tmp_path / "s.sqlite3", outbox_max_messages=10)
     inject = Injector(store)
     plan = ["urgent", "routine", "review", "not_scored", "urgent", "review", "routine", "urgent"]
