@@ -395,9 +395,9 @@ class Store:
     def pacs_next_due(self) -> float | None:
         return pacs.next_due(self._conn())
 
-    def pacs_stored(self, alert_id: str) -> None:
+    def pacs_stored(self, alert_id: str, now: float) -> None:
         with self._tx() as c:
-            pacs.stored(c, alert_id)
+            pacs.stored(c, alert_id, now)
 
     def pacs_failed(self, alert_id: str, reason: str, next_at: float) -> None:
         with self._tx() as c:

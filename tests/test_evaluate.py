@@ -490,25 +490,29 @@ def test_a_reference_scoring_a_finding_on_other_images_is_refused(
 
 
 def _timed_state(folder: Path) -> Path:
-    """A state database of four studies with known times (the agent's clock):
-    1.2.3 urgent: instances at 100 and 103, result 110, PUBACK 115, acknowledged 145;
-    1.2.4 routine: instance 200, result 205, PUBACK 206;
-    1.2.5 urgent: instance 300, result 301, PUBACK 309, not acknowledged;
-    1.2.6 review: instance 400, result 404, no PUBACK yet."""
+    """A state database of four studies with known times (the agent's clock), all of whose
+    results go to the PACS:
+    1.2.3 urgent: instances at 100 and 103, result 110, PUBACK 115, acknowledged 145, SR
+    stored 112;
+    1.2.4 routine: instance 200, result 205, PUBACK 206, SR stored 207;
+    1.2.5 urgent: instance 300, result 301, PUBACK 309, not acknowledged, SR stored 311;
+    1.2.6 review: instance 400, result 404, no PUBACK yet, SR waiting."""
     from helpers.status import result_payload
 
     from edge_agent.store import InstanceRecord, Message, Store
 
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "state.sqlite3"
-    store = Store(path)
+    levels = ("urgent", "review", "routine", "not_scored")
+    store = Store(path, pacs_levels=levels)
     plan = {
-        "1.2.3": ("urgent", [100.0, 103.0], 110.0, 115.0, 145.0),
-        "1.2.4": ("routine", [200.0], 205.0, 206.0, None),
-        "1.2.5": ("urgent", [300.0], 301.0, 309.0, None),
-        "1.2.6": ("review", [400.0], 404.0, None, None),
+        "1.2.3": ("urgent", [100.0, 103.0], 110.0, 115.0, 145.0, 112.0),
+        "1.2.4": ("routine", [200.0], 205.0, 206.0, None, 207.0),
+        "1.2.5": ("urgent", [300.0], 301.0, 309.0, None, 311.0),
+        "1.2.6": ("review", [400.0], 404.0, None, None, None),
     }
     try:
-        for uid, (level, received, stored, puback, ack) in plan.items():
+        for uid, (level, received, stored, puback, ack, in_pacs) in plan.items():
             for n, t in enumerate(received):
                 record = InstanceRecord(f"{uid}.{n}", uid, f"{uid}.9", "CR", "frontal")  # type: ignore[arg-type]
                 store.add_instance(f"{uid}.{n}.dcm", 10, 1, record, now=t)
@@ -524,6 +528,8 @@ def _timed_state(folder: Path) -> Path:
                 store.outbox_delete(queued.id)
             if ack is not None:
                 assert store.acknowledge(uid, alert, "dr", "t") == "acknowledged"
+            if in_pacs is not None:
+                store.pacs_stored(alert, in_pacs)
             conn = store._conn()
             with conn:  # the clock of this test, not the wall clock
                 conn.execute(
@@ -559,18 +565,35 @@ def test_time_to_notification_and_acknowledgement_from_the_state_database(
     assert "time to notification over 3 studies: p50 9.0 s" in run.out
     assert "(1 not published yet)" in run.out
     assert "time to acknowledgement over 1 urgent studies: p50 30.0 s" in run.out
+    ttp = report["time_to_pacs"]  # last instance received -> SR stored: 9, 7 and 11 s
+    assert (ttp["studies"], ttp["p50_s"], ttp["max_s"], ttp["waiting"]) == (3, 9.0, 11.0, 1)
+    in_pacs = ttp["stages"]["result_to_pacs"]  # 2, 2, 10 s
+    assert (in_pacs["studies"], in_pacs["p50_s"], in_pacs["max_s"]) == (3, 2.0, 10.0)
+    assert "time to PACS over 3 studies: p50 9.0 s, p95" in run.out
+    assert "(1 SRs waiting)" in run.out
     page = (tmp_path / "r" / "index.html").read_text()
     assert "urgent: PUBACK → acknowledged" in page and "received → result stored" in page
+    assert "result stored → SR stored in PACS" in page
+    assert "1 studies&#x27; SR still waiting for the PACS" in page
 
 
 def test_a_state_database_of_an_older_agent_gives_what_it_can(
     dataset: Dataset, tmp_path: Path
 ) -> None:
-    """Schema 5 had no PUBACK or ack times: the stage it has is given, the rest is counted
-    as not published, and the database is not changed."""
+    """Schema 6 had no PACS times: the SRs stored are not timed, the one waiting is counted.
+    Schema 5 had no PUBACK or ack times either: the stage it has is given, the rest is
+    counted as not published. Neither database is changed."""
     from helpers.old_state import as_schema
 
-    state = as_schema(_timed_state(tmp_path), 5)
+    state = as_schema(_timed_state(tmp_path / "six"), 6)
+    _, report = evaluate_demo(
+        dataset, tmp_path / "r6", "--threads", "1", "--state", state, "--resamples", "200"
+    )  # fmt: skip
+    ttp = report["time_to_pacs"]
+    assert (ttp["studies"], ttp["waiting"], ttp["p50_s"]) == (0, 1, None)
+    assert report["time_to_notification"]["studies"] == 3
+
+    state = as_schema(_timed_state(tmp_path / "five"), 5)
     before = state.read_bytes()
     _, report = evaluate_demo(
         dataset, tmp_path / "r", "--threads", "1", "--state", state, "--resamples", "200"
@@ -579,6 +602,7 @@ def test_a_state_database_of_an_older_agent_gives_what_it_can(
     assert (ttn["studies"], ttn["not_published"]) == (0, 4)
     assert ttn["stages"]["received_to_result"]["studies"] == 4
     assert report["time_to_acknowledgement"]["studies"] == 0
+    assert report["time_to_pacs"]["studies"] == 0
     assert state.read_bytes() == before
 
 

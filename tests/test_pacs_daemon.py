@@ -27,6 +27,7 @@ from edge_agent.pacs.sr import sop_instance_uid
 from edge_agent.results import StudyResult
 from edge_agent.simulate import simulate
 from edge_agent.status import format_status, read_status
+from export.evaluation.command import time_to_notification
 
 pytestmark = [pytest.mark.slow, needs_orthanc]
 
@@ -85,6 +86,12 @@ def test_results_of_the_chosen_levels_arrive_as_srs_in_their_studies(
         assert set(want.values()) == {s.study_instance_uid for s in studies}
         status = read_status(tmp_path / "state" / "state.sqlite3")
         assert status.pacs_outbox == 0 and status.counters.get("pacs_stored") == 3
+        # Each result keeps when the PACS stored its SR: time to PACS, from the same state.
+        _, _, to_pacs = time_to_notification(tmp_path / "state" / "state.sqlite3")
+        in_pacs = to_pacs["stages"]["result_to_pacs"]
+        assert (to_pacs["studies"], to_pacs["waiting"], in_pacs["studies"]) == (3, 0, 3)
+        assert 0 < in_pacs["p50_s"] <= in_pacs["max_s"] < 60
+        assert to_pacs["p50_s"] > in_pacs["p50_s"]  # the whole road includes the scoring
         # What the PACS holds is valid for dicom3tools and readable by dcmtk.
         for n, item in enumerate(i for i in orthanc.instances() if i.get("Modality") == "SR"):
             path = tmp_path / f"sr{n}.dcm"

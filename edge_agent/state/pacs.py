@@ -47,10 +47,15 @@ def next_due(conn: sqlite3.Connection) -> float | None:
     return None if when is None else float(when)
 
 
-def stored(conn: sqlite3.Connection, alert_id: str) -> None:
-    """The PACS stored it: the row leaves, the counter counts it."""
+def stored(conn: sqlite3.Connection, alert_id: str, now: float) -> None:
+    """The PACS stored it at ``now``: the row leaves, the counter counts it, the result
+    keeps the time (``results.pacs_stored_at``, time to PACS)."""
     if conn.execute("DELETE FROM pacs_outbox WHERE alert_id = ?", (alert_id,)).rowcount:
         meta.count(conn, "pacs_stored")
+        conn.execute(
+            "UPDATE results SET pacs_stored_at = ? WHERE alert_id = ? AND pacs_stored_at IS NULL",
+            (now, alert_id),
+        )
 
 
 def failed(conn: sqlite3.Connection, alert_id: str, reason: str, next_at: float) -> None:

@@ -21,7 +21,7 @@ from . import tallies
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS results (
     triage TEXT NOT NULL,
     payload BLOB NOT NULL,
     created_at REAL NOT NULL,
-    published_at REAL
+    published_at REAL,
+    pacs_stored_at REAL
 );
 CREATE INDEX IF NOT EXISTS results_study ON results (study_instance_uid, revision);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -180,6 +181,10 @@ MIGRATIONS: dict[int, tuple[Migration, ...]] = {
         "ALTER TABLE alerts ADD COLUMN ack_taken_at REAL",
         tallies.backfill,
     ),
+    # 6 -> 7: when the PACS first answered Success to the result's SR (time to PACS,
+    # `edge-export evaluate --state`), by the agent's clock; NULL for a result not sent to
+    # the PACS, not stored yet, or stored before.
+    6: ("ALTER TABLE results ADD COLUMN pacs_stored_at REAL",),
 }
 """Version n -> n + 1: the statements that make a database of version n one of n + 1."""
 

@@ -145,7 +145,7 @@ class PacsWorker:
                 delay,
             )
             return False
-        self.store.pacs_stored(row.alert_id)
+        self.store.pacs_stored(row.alert_id, time.time())
         self.last_error = None
         logger.info(
             "PACS: SR of result %s (%s, revision %d) stored at %s",

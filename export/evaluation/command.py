@@ -315,16 +315,23 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def time_to_notification(state_db: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+Timing = dict[str, Any]
+"""studies, p50_s, p95_s, max_s (:func:`_summary`) and what else a timing says."""
+
+
+def time_to_notification(state_db: Path) -> tuple[Timing, Timing, Timing]:
     """Read only from the agent's state database, by the agent's clock, over each study's
     first result: time to notification (its last instance received -> the result stored ->
     the broker's first PUBACK of it; p50/p95/max of the whole and of each stage, and of the
-    whole by triage level) and time to acknowledgement (an urgent study's first
-    notification acknowledged by the broker -> the first acknowledgement the agent took).
+    whole by triage level), time to acknowledgement (an urgent study's first
+    notification acknowledged by the broker -> the first acknowledgement the agent took),
+    and time to PACS (over each study's first result whose SR the PACS stored: its last
+    instance received -> the result stored -> the PACS's Success to the SR's C-STORE).
 
     A result with no PUBACK recorded (still queued, or stored by an agent older than state
     schema 6) counts in ``not_published``; an urgent study not acknowledged, in
-    ``unacknowledged``."""
+    ``unacknowledged``; a study whose SR still waits for the PACS and none of whose results
+    the PACS stored, in ``waiting``. An agent older than schema 7 recorded no PACS time."""
     import sqlite3
 
     from edge_agent.state.report import open_read_only
@@ -337,15 +344,45 @@ def time_to_notification(state_db: Path) -> tuple[dict[str, Any], dict[str, Any]
             # an older agent's database lacks the columns: NULL in their place
             published = "r.published_at" if layout.has("results", "published_at") else "NULL"
             taken = "b.ack_taken_at" if layout.has("alerts", "ack_taken_at") else "NULL"
-            firsts = conn.execute(
-                "SELECT r.triage, COALESCE((SELECT MAX(i.received_at) FROM instances i "
+            has_pacs = layout.has("results", "pacs_stored_at")
+            # the study's last instance received before this result was stored
+            received = (
+                "COALESCE((SELECT MAX(i.received_at) FROM instances i "
                 "WHERE i.study_instance_uid = r.study_instance_uid "
-                "AND i.received_at <= r.created_at), s.last_instance_at), "
-                f"r.created_at, {published} FROM results r JOIN studies s "
-                "ON s.study_instance_uid = r.study_instance_uid "
+                "AND i.received_at <= r.created_at), s.last_instance_at)"
+            )
+            firsts = conn.execute(
+                f"SELECT r.triage, {received}, r.created_at, {published} FROM results r "
+                "JOIN studies s ON s.study_instance_uid = r.study_instance_uid "
                 "WHERE r.revision = (SELECT MIN(revision) FROM results "
                 "WHERE study_instance_uid = r.study_instance_uid)"
             ).fetchall()
+            in_pacs = (
+                conn.execute(
+                    f"SELECT {received}, r.created_at, r.pacs_stored_at FROM results r "
+                    "JOIN studies s ON s.study_instance_uid = r.study_instance_uid "
+                    "WHERE r.revision = (SELECT MIN(revision) FROM results "
+                    "WHERE study_instance_uid = r.study_instance_uid "
+                    "AND pacs_stored_at IS NOT NULL)"
+                ).fetchall()
+                if has_pacs
+                else []
+            )
+            # studies with an SR waiting and none stored yet (before schema 5: no PACS)
+            stored_one = (
+                " WHERE NOT EXISTS (SELECT 1 FROM results d WHERE d.study_instance_uid "
+                "= r.study_instance_uid AND d.pacs_stored_at IS NOT NULL)"
+                if has_pacs
+                else ""
+            )
+            (waiting,) = (
+                conn.execute(
+                    "SELECT COUNT(DISTINCT r.study_instance_uid) FROM pacs_outbox p "
+                    f"JOIN results r ON r.alert_id = p.alert_id{stored_one}"
+                ).fetchone()
+                if layout.has("pacs_outbox")
+                else (0,)
+            )
             acks = conn.execute(
                 f"SELECT {published}, (SELECT MIN({taken}) FROM alerts b "
                 "WHERE b.study_instance_uid = a.study_instance_uid) "
@@ -379,7 +416,14 @@ def time_to_notification(state_db: Path) -> tuple[dict[str, Any], dict[str, Any]
         "an urgent study's first notification acknowledged by the broker (PUBACK) -> the "
         "first acknowledgement the agent took, by the agent's clock"
     )
-    return notification, acknowledgement
+    pacs = _summary([float(p - r) for r, _, p in in_pacs])
+    pacs["stages"] = {"result_to_pacs": _summary([float(p - c) for _, c, p in in_pacs])}
+    pacs["waiting"] = int(waiting)
+    pacs["measured"] = (
+        "last instance received -> result stored -> the PACS's Success to its SR's C-STORE, "
+        "each study's first result the PACS stored, by the agent's clock"
+    )
+    return notification, acknowledgement, pacs
 
 
 # --------------------------------------------------------------------------- statistics
@@ -683,7 +727,11 @@ def evaluate(
     if reference is not None:
         report["reference"] = compare_reference(reference, labels, scan, scored, settings)
     if timings is not None:
-        report["time_to_notification"], report["time_to_acknowledgement"] = timings
+        (
+            report["time_to_notification"],
+            report["time_to_acknowledgement"],
+            report["time_to_pacs"],
+        ) = timings
     if revision is not None:
         report["revision"] = write_revision(
             bundle, report, revision[1], revision[0], overwrite=overwrite
@@ -728,6 +776,13 @@ def format_summary(report: dict[str, Any]) -> str:
             f"time to notification over {ttn['studies']} studies: p50 {ttn['p50_s']} s, "
             f"p95 {ttn['p95_s']} s, max {ttn['max_s']} s"
             + (f" ({ttn['not_published']} not published yet)" if ttn["not_published"] else "")
+        )
+    ttp = report.get("time_to_pacs")
+    if ttp is not None and (ttp["studies"] or ttp["waiting"]):
+        lines.append(
+            f"time to PACS over {ttp['studies']} studies: p50 {ttp['p50_s']} s, "
+            f"p95 {ttp['p95_s']} s, max {ttp['max_s']} s"
+            + (f" ({ttp['waiting']} SRs waiting)" if ttp["waiting"] else "")
         )
     tta = report.get("time_to_acknowledgement")
     if tta is not None and (tta["studies"] or tta["unacknowledged"]):

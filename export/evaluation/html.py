@@ -182,7 +182,9 @@ def write_html(out: Path, report: dict[str, Any], scored: Scored) -> None:
     )
     demo = "<p class=demo>Demo bundle: not for clinical use.</p>" if model.get("demo") else ""
     timing = _notification_html(
-        report.get("time_to_notification"), report.get("time_to_acknowledgement")
+        report.get("time_to_notification"),
+        report.get("time_to_acknowledgement"),
+        report.get("time_to_pacs"),
     )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -270,7 +272,9 @@ def _signed(x: float | None) -> str:
     return "—" if x is None else f"{x:+.3f}"
 
 
-def _notification_html(ttn: dict[str, Any] | None, tta: dict[str, Any] | None) -> str:
+def _notification_html(
+    ttn: dict[str, Any] | None, tta: dict[str, Any] | None, ttp: dict[str, Any] | None
+) -> str:
     if ttn is None:
         return ""
     e = html.escape
@@ -292,9 +296,14 @@ def _notification_html(ttn: dict[str, Any] | None, tta: dict[str, Any] | None) -
     )
     if tta is not None:
         rows += row("urgent: PUBACK → acknowledged", tta)
+    if ttp is not None and (ttp["studies"] or ttp["waiting"]):
+        rows += row("last instance received → SR stored in PACS", ttp)
+        rows += row("  result stored → SR stored in PACS", ttp["stages"]["result_to_pacs"])
     notes = [f"{ttn['not_published']} studies' first result has no PUBACK recorded yet"]
     if tta is not None:
         notes.append(f"{tta['unacknowledged']} urgent studies not acknowledged")
+    if ttp is not None and (ttp["studies"] or ttp["waiting"]):
+        notes.append(f"{ttp['waiting']} studies' SR still waiting for the PACS")
     return (
         "<h2>Time to notification and acknowledgement (state database)</h2>"
         f"<p>{e(ttn['measured'])}; seconds. " + "; ".join(e(n) for n in notes) + ".</p>"

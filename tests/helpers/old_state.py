@@ -13,6 +13,7 @@ from edge_agent.state.schema import SCHEMA_VERSION
 
 UNDO: dict[int, str] = {
     # version n's database: what the migration n -> n + 1 added, removed
+    6: "ALTER TABLE results DROP COLUMN pacs_stored_at;",
     5: (
         "DROP TABLE tally_levels; DROP TABLE tally_findings; DROP TABLE tally_bins;"
         "DELETE FROM meta WHERE key = 'tally_model';"
