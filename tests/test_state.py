@@ -162,7 +162,10 @@ def test_state_database_of_schema_5_is_migrated_with_its_results_counted(
         assert tallies.read(store._conn()) == kept
         layout = Layout.of(store._conn())
         assert layout.has("results", "published_at") and layout.has("alerts", "ack_taken_at")
-        unknown = "SELECT count(*) FROM results WHERE published_at IS NULL"
+        assert layout.has("results", "pacs_stored_at")  # and on through 6 -> 7
+        unknown = (
+            "SELECT count(*) FROM results WHERE published_at IS NULL AND pacs_stored_at IS NULL"
+        )
         assert store._conn().execute(unknown).fetchone() == (3,)
         version = store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'")
         assert version.fetchone() == (str(schema.SCHEMA_VERSION),)
