@@ -23,6 +23,14 @@ PACS destination on and off.
    (p50, p99, max) with nothing else running, beside a thread that builds SRs back to back
    (at the agent's priority, and niced as the PACS worker's thread once was), and beside a
    process that does (as the PACS sender does now).
+5. **A study's road, and the SR's share of it**: the daemon itself (``edge-agent run`` as
+   its own process, the demo bundle, the intake's defaults and the default
+   ``study_quiet_seconds``) with Mosquitto and the PACS destination on for every level;
+   ``--e2e-studies`` CR studies written ``--e2e-spacing`` s apart into its watch folder, as
+   a modality writes them. From its state database, as ``edge-export evaluate --state``
+   reads it: last instance received -> result stored -> PUBACK, and result stored -> SR
+   stored in Orthanc (p50, p95, max); the SR's share of the road at the median, with and
+   without the quiet wait that tells the agent a study is complete.
 
 Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
 """
@@ -48,11 +56,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # the Orthanc runner the tests use
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from delivery import Results, Study, arrivals, drive, publishing, summarise  # noqa: E402
+from helpers.daemon import Daemon  # noqa: E402
 from helpers.orthanc import Orthanc  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
 from edge_agent.bundle import load_bundle  # noqa: E402
-from edge_agent.config import PacsSettings  # noqa: E402
+from edge_agent.config import PacsSettings, Settings  # noqa: E402
 from edge_agent.devbroker import HOST, Mosquitto  # noqa: E402
 from edge_agent.pacs import scu  # noqa: E402
 from edge_agent.pacs.scu import Peer, Session, store  # noqa: E402
@@ -60,9 +69,12 @@ from edge_agent.pacs.sender import NICE  # noqa: E402
 from edge_agent.pacs.sr import build_sr  # noqa: E402
 from edge_agent.priority import lower_thread_priority  # noqa: E402
 from edge_agent.service import demo_bundle_path  # noqa: E402
+from edge_agent.simulate import simulate  # noqa: E402
 from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
+from edge_agent.status import read_status  # noqa: E402
 from edge_agent.store import Store  # noqa: E402
 from edge_agent.workers.pacs import PacsWorker  # noqa: E402
+from export.evaluation.command import time_to_notification  # noqa: E402
 
 ALL_LEVELS = ("urgent", "review", "routine", "not_scored")
 
@@ -314,6 +326,66 @@ def mqtt_latency(
     }
 
 
+def end_to_end(
+    broker: Mosquitto, orthanc: Orthanc, workdir: Path, studies: int, spacing: float, quiet: float
+) -> dict[str, Any]:
+    """The daemon as its own process with every level sent to ``orthanc``: ``studies`` CR
+    studies written ``spacing`` s apart; the stages of each study's road from its state
+    database once every SR is stored (``lost``: studies without a result or an SR then)."""
+    watch, state = workdir / "e2e-incoming", workdir / "e2e-state"
+    watch.mkdir()
+    config = workdir / "e2e-agent.toml"
+    levels = ", ".join(f'"{level}"' for level in ALL_LEVELS)
+    config.write_text(
+        f'watch_dir = "{watch}"\nstate_dir = "{state}"\nprofile = "x86-cpu"\n'
+        f'site = "bench"\ndevice_id = "e2e"\nstudy_quiet_seconds = {quiet}\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f'[pacs]\nenabled = true\nhost = "{HOST}"\nport = {orthanc.dicom_port}\n'
+        f'called_ae = "ORTHANC"\nlevels = [{levels}]\n'
+    )
+    daemon = Daemon(config, workdir / "e2e-agent.log")
+    database = state / "state.sqlite3"
+    daemon.start()
+    try:
+        for _ in simulate(watch, studies=studies, abnormal=0.3, interval_seconds=spacing):
+            pass
+        deadline = time.monotonic() + quiet + 30.0 * studies + 60.0
+        done, waiting = 0, 0
+        while time.monotonic() < deadline and daemon.alive():
+            if database.exists():
+                status = read_status(database)
+                done = sum(status.results_by_level.values())
+                waiting = status.pacs_outbox or 0
+                if done >= studies and not waiting:
+                    break
+            time.sleep(0.25)
+        notification, _, pacs = time_to_notification(database)
+    finally:
+        daemon.kill()
+    return {
+        "notification": notification,
+        "pacs": pacs,
+        "lost": studies - pacs["studies"],
+    }
+
+
+def print_end_to_end(road: dict[str, Any], quiet: float) -> None:
+    notification, pacs = road["notification"], road["pacs"]
+    rows = {
+        "last instance received -> result stored": notification["stages"]["received_to_result"],
+        "result stored -> PUBACK": notification["stages"]["result_to_puback"],
+        "result stored -> SR stored in Orthanc": pacs["stages"]["result_to_pacs"],
+        "last instance received -> SR stored": pacs,
+    }
+    for what, t in rows.items():
+        print(f"  {what:<44}{t['studies']:5d}{t['p50_s']:9.3f}{t['p95_s']:9.3f}{t['max_s']:9.3f}")
+    sr, road_s = pacs["stages"]["result_to_pacs"]["p50_s"], pacs["p50_s"]
+    print(
+        f"  the SR's share of the road at the median: {sr / road_s:.1%};"
+        f" of the road less the {quiet:g} s quiet wait: {sr / (road_s - quiet):.1%}"
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds process ``pid`` has used so far (Linux procfs)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -330,6 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lateness", type=float, default=8.0, help="seconds per wake-up lateness run (8)"
     )
+    quiet = Settings.model_fields["study_quiet_seconds"].default
+    parser.add_argument(
+        "--e2e-studies", type=int, default=20, help="studies through the daemon (20)"
+    )
+    parser.add_argument("--e2e-spacing", type=float, default=3.0, help="seconds between them (3)")
+    parser.add_argument(
+        "--e2e-quiet",
+        type=float,
+        default=quiet,
+        help=f"the daemon's study_quiet_seconds (its default, {quiet:g})",
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
     parser.add_argument(
         "--no-nice-run",
@@ -339,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.builds, args.stores, args.lateness = 1.5, 10, 5, 0.5
+        args.e2e_studies, args.e2e_spacing, args.e2e_quiet = 2, 0.5, 1.5
     bundle = load_bundle(demo_bundle_path())
     results = Results(bundle, "bench", args.seed)
     lost = False
@@ -387,6 +471,17 @@ def main(argv: list[str] | None = None) -> int:
                     "    CPU seconds during the run: "
                     + ", ".join(f"{what} {sec:.1f}" for what, sec in r["cpu"].items())
                 )
+            print(
+                f"A study's road through the daemon ({args.e2e_studies} CR studies"
+                f" {args.e2e_spacing:g} s apart, study_quiet_seconds {args.e2e_quiet:g},"
+                " every level to the PACS)"
+            )
+            print(f"  {'by the agent clock, seconds':<44}{'n':>5}{'p50':>9}{'p95':>9}{'max':>9}")
+            road = end_to_end(
+                broker, orthanc, workdir, args.e2e_studies, args.e2e_spacing, args.e2e_quiet
+            )
+            print_end_to_end(road, args.e2e_quiet)
+            lost |= road["lost"] > 0
         finally:
             broker.stop()
             orthanc.stop()
