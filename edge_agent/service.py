@@ -175,7 +175,7 @@ class Agent:
             self.naming,
             self.shared,
             narratives=self.narrator,
-            published=self.publisher.wake,
+            published=self._result_stored,
         )
         self._summary = "starting"
         self._metrics: Any = None
@@ -208,8 +208,15 @@ class Agent:
             scoring_idle=self.shared.scoring_idle,
             stop=self.shared.stop,
             topic=lambda uid: self.naming.topic("study", uid),
-            published=self.publisher.wake,
+            published=self._result_stored,
         )
+
+    def _result_stored(self) -> None:
+        """A result (or revision) was committed: both destinations look at once (the PACS
+        worker would otherwise find its row at its next poll, up to a second later)."""
+        self.publisher.wake()
+        if self.pacs is not None:
+            self.pacs.wake()
 
     def _pacs_worker(self) -> PacsWorker | None:
         """The PACS thread (``pacs.enabled``): the outbox's second destination."""
