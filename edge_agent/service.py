@@ -43,6 +43,7 @@ from .profiles import Profile
 from .runners import Runner, open_runner
 from .runners.onnxruntime import available_providers
 from .scoring import Scorer
+from .status import scores_section
 from .store import AckOutcome, open_state
 from .waiting import ScoringWaits
 from .workers import IntakeWorker, Naming, ScoringWorker, Shared
@@ -272,6 +273,8 @@ class Agent:
             mqtt_last_error=self.publisher.last_error,
             **self.waits.status_fields(),
             read_retries=self.watcher.retrying,
+            # the daily tallies, as `edge-agent status --json` gives them: no UID, days only
+            scores=scores_section(self.store.recent_tallies(time.time())),
         )
         if self.narrator is not None:
             fields["narrative_last_error"] = self.narrator.last_error or self.narrator.load_error

@@ -408,6 +408,11 @@ class Store:
 
     # -- reporting --------------------------------------------------------------------------
 
+    def recent_tallies(self, now: float) -> tallies.Recent:
+        """Today's and the last 7 UTC days' tallies at ``now`` (what ``edge-agent status``
+        and ``/metrics`` show, for ``P/status``)."""
+        return tallies.recent(self._conn(), now)
+
     def counters(self) -> dict[str, int]:
         """The counters of ``P/status`` (:func:`edge_agent.state.report.status_counters`:
         the same figures as ``edge-agent status`` and ``/metrics``)."""

@@ -110,8 +110,25 @@ def test_status_and_metrics_count_each_scored_study_once_across_a_sigkill(
         pytest.approx(flagged / len(scored))
     )
 
+    # The retained P/status carries the same tallies (refreshed every 2 s here).
+    def status_scores() -> dict[str, Any] | None:
+        statuses = collector.on("status")
+        return statuses[-1].get("scores") if statuses else None
+
+    def status_week() -> dict[str, int] | None:
+        s = status_scores()
+        if s is None:
+            return None
+        return {level: sum(d[level] for d in s["levels_by_day"]) for level in levels}
+
+    wait_until(lambda: status_week() == levels, 30, "P/status counting all 7 studies", poll=0.2)
+    on_mqtt = status_scores()
+    assert on_mqtt is not None
+    assert on_mqtt["findings"] == scores["findings"]
+    assert on_mqtt["model_sha256"] == scores["model_sha256"]
+
     # No UID, no patient data in the tallies, the status's scores or the metrics.
-    published = json.dumps(scores) + text + "".join(tables)
+    published = json.dumps(scores) + json.dumps(on_mqtt) + text + "".join(tables)
     for uid in wanted:
         assert uid not in published
     for marker in PHI_MARKERS:
