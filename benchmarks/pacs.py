@@ -30,7 +30,10 @@ PACS destination on and off.
    a modality writes them. From its state database, as ``edge-export evaluate --state``
    reads it: last instance received -> result stored -> PUBACK, and result stored -> SR
    stored in Orthanc (p50, p95, max); the SR's share of the road at the median, with and
-   without the quiet wait that tells the agent a study is complete.
+   without the quiet wait that tells the agent a study is complete. ``--e2e-bundle B`` runs
+   it with another bundle, such as the full-size MedSigLIP-448 architecture with random
+   weights (``benchmarks/medsiglip_checkpoint.py``, then ``edge-export siglip --precision
+   int8``); ``--e2e-only`` leaves out sections 1-4.
 
 Prints tables and the load average; exits 0 whatever the figures, 1 when a result was lost.
 """
@@ -327,17 +330,25 @@ def mqtt_latency(
 
 
 def end_to_end(
-    broker: Mosquitto, orthanc: Orthanc, workdir: Path, studies: int, spacing: float, quiet: float
+    broker: Mosquitto,
+    orthanc: Orthanc,
+    workdir: Path,
+    studies: int,
+    spacing: float,
+    quiet: float,
+    bundle: Path | None = None,
 ) -> dict[str, Any]:
-    """The daemon as its own process with every level sent to ``orthanc``: ``studies`` CR
-    studies written ``spacing`` s apart; the stages of each study's road from its state
-    database once every SR is stored (``lost``: studies without a result or an SR then)."""
+    """The daemon as its own process with every level sent to ``orthanc`` (and ``bundle``,
+    default the demo bundle): ``studies`` CR studies written ``spacing`` s apart; the stages
+    of each study's road from its state database once every SR is stored (``lost``: studies
+    without a result or an SR then)."""
     watch, state = workdir / "e2e-incoming", workdir / "e2e-state"
     watch.mkdir()
     config = workdir / "e2e-agent.toml"
     levels = ", ".join(f'"{level}"' for level in ALL_LEVELS)
     config.write_text(
-        f'watch_dir = "{watch}"\nstate_dir = "{state}"\nprofile = "x86-cpu"\n'
+        ("" if bundle is None else f'bundle = "{bundle.resolve()}"\n')
+        + f'watch_dir = "{watch}"\nstate_dir = "{state}"\nprofile = "x86-cpu"\n'
         f'site = "bench"\ndevice_id = "e2e"\nstudy_quiet_seconds = {quiet}\n'
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
         f'[pacs]\nenabled = true\nhost = "{HOST}"\nport = {orthanc.dicom_port}\n'
@@ -392,6 +403,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pacs_runs(
+    args: argparse.Namespace, results: Results, orthanc: Orthanc, broker: Mosquitto, workdir: Path
+) -> bool:
+    """Sections 2 and 3 (C-STORE and worker throughput, MQTT latency off and on); True when
+    a result or an SR was lost."""
+    lost = False
+    print(f"C-STORE to Orthanc ({args.stores} SRs each)         SR/s   x first")
+    rates = cstore(orthanc, results, args.stores)
+    first = next(iter(rates.values()))
+    for what, rate in rates.items():
+        print(f"  {what:<40}{rate:7.1f}{rate / first:8.2f}")
+    rate, startup = worker_throughput(orthanc, results, workdir, args.stores)
+    print(
+        f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s"
+        f" (its sender process started in {startup:.1f} s)"
+    )
+    print(
+        f"MQTT commit -> PUBACK at {args.rate:g} studies/s for {args.duration:g} s"
+        "      p50     p95     p99     max ms   SRs left  SR drain s  p50 x off"
+        "  p99 x off"
+    )
+    runs: list[tuple[Orthanc | None, bool]] = [(None, True)]
+    if not args.no_nice_run:
+        runs.append((orthanc, False))
+    runs.append((orthanc, True))
+    off: dict[str, Any] = {}
+    for peer, niced in runs:
+        r = mqtt_latency(broker, peer, results, workdir, args.rate, args.duration, args.seed, niced)
+        off = off or r
+        lost |= r["lost"] > 0 or r["sr_left"] > 0
+        print(
+            f"  {r['label']:<18}{'':<34}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
+            f"{r['puback_p99']:8.1f}{r['puback_max']:8.1f}{r['sr_left']:9d}"
+            f"{r['sr_drain']:10.1f}{r['puback_p50'] / off['puback_p50']:11.2f}"
+            f"{r['puback_p99'] / off['puback_p99']:11.2f}"
+        )
+        print(
+            "    CPU seconds during the run: "
+            + ", ".join(f"{what} {sec:.1f}" for what, sec in r["cpu"].items())
+        )
+    return lost
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rate", type=float, default=20.0, help="studies per second (20)")
@@ -413,6 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         default=quiet,
         help=f"the daemon's study_quiet_seconds (its default, {quiet:g})",
     )
+    parser.add_argument(
+        "--e2e-bundle",
+        type=Path,
+        help="the daemon's bundle for the study's road (default: the demo bundle); e.g. a "
+        "full-size one from benchmarks/medsiglip_checkpoint.py and edge-export siglip",
+    )
+    parser.add_argument(
+        "--e2e-only", action="store_true", help="only the study's road through the daemon"
+    )
     parser.add_argument("--quick", action="store_true", help="a few seconds, small counts")
     parser.add_argument(
         "--no-nice-run",
@@ -428,66 +491,41 @@ def main(argv: list[str] | None = None) -> int:
     lost = False
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
         workdir = Path(tmp)
-        print("SR build (build_sr, in memory)          median ms   p95 ms")
-        for what, (p50, p95) in sr_build(results, args.builds).items():
-            print(f"  {what:<38}{p50:9.2f}{p95:9.2f}")
+        if not args.e2e_only:
+            print("SR build (build_sr, in memory)          median ms   p95 ms")
+            for what, (p50, p95) in sr_build(results, args.builds).items():
+                print(f"  {what:<38}{p50:9.2f}{p95:9.2f}")
         orthanc = Orthanc(workdir / "orthanc")
         orthanc.start()
         broker = Mosquitto(workdir / "broker").start()
         try:
-            print(f"C-STORE to Orthanc ({args.stores} SRs each)         SR/s   x first")
-            rates = cstore(orthanc, results, args.stores)
-            first = next(iter(rates.values()))
-            for what, rate in rates.items():
-                print(f"  {what:<40}{rate:7.1f}{rate / first:8.2f}")
-            rate, startup = worker_throughput(orthanc, results, workdir, args.stores)
-            print(
-                f"PacsWorker.step (read, build, C-STORE, commit): {rate:.1f} SR/s"
-                f" (its sender process started in {startup:.1f} s)"
-            )
-            print(
-                f"MQTT commit -> PUBACK at {args.rate:g} studies/s for {args.duration:g} s"
-                "      p50     p95     p99     max ms   SRs left  SR drain s  p50 x off"
-                "  p99 x off"
-            )
-            runs: list[tuple[Orthanc | None, bool]] = [(None, True)]
-            if not args.no_nice_run:
-                runs.append((orthanc, False))
-            runs.append((orthanc, True))
-            off: dict[str, Any] = {}
-            for peer, niced in runs:
-                r = mqtt_latency(
-                    broker, peer, results, workdir, args.rate, args.duration, args.seed, niced
-                )
-                off = off or r
-                lost |= r["lost"] > 0 or r["sr_left"] > 0
-                print(
-                    f"  {r['label']:<18}{'':<34}{r['puback_p50']:8.1f}{r['puback_p95']:8.1f}"
-                    f"{r['puback_p99']:8.1f}{r['puback_max']:8.1f}{r['sr_left']:9d}"
-                    f"{r['sr_drain']:10.1f}{r['puback_p50'] / off['puback_p50']:11.2f}"
-                    f"{r['puback_p99'] / off['puback_p99']:11.2f}"
-                )
-                print(
-                    "    CPU seconds during the run: "
-                    + ", ".join(f"{what} {sec:.1f}" for what, sec in r["cpu"].items())
-                )
+            if not args.e2e_only:
+                lost |= pacs_runs(args, results, orthanc, broker, workdir)
+            bundle = args.e2e_bundle or "the demo bundle"
             print(
                 f"A study's road through the daemon ({args.e2e_studies} CR studies"
                 f" {args.e2e_spacing:g} s apart, study_quiet_seconds {args.e2e_quiet:g},"
-                " every level to the PACS)"
+                f" {bundle}, every level to the PACS)"
             )
             print(f"  {'by the agent clock, seconds':<44}{'n':>5}{'p50':>9}{'p95':>9}{'max':>9}")
             road = end_to_end(
-                broker, orthanc, workdir, args.e2e_studies, args.e2e_spacing, args.e2e_quiet
+                broker,
+                orthanc,
+                workdir,
+                args.e2e_studies,
+                args.e2e_spacing,
+                args.e2e_quiet,
+                args.e2e_bundle,
             )
             print_end_to_end(road, args.e2e_quiet)
             lost |= road["lost"] > 0
         finally:
             broker.stop()
             orthanc.stop()
-        print("A 2 ms sleep in a Python thread wakes late by (ms)     p50     p99     max")
-        for what, (p50, p99, top) in wake_lateness(results, args.lateness).items():
-            print(f"  beside {what:<46}{p50:8.2f}{p99:8.2f}{top:8.1f}")
+        if not args.e2e_only:
+            print("A 2 ms sleep in a Python thread wakes late by (ms)     p50     p99     max")
+            for what, (p50, p99, top) in wake_lateness(results, args.lateness).items():
+                print(f"  beside {what:<46}{p50:8.2f}{p99:8.2f}{top:8.1f}")
     print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     return 1 if lost else 0
 
