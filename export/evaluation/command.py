@@ -744,6 +744,15 @@ def evaluate(
     return report
 
 
+def _timing_line(what: str, t: Timing, note: str, studies: str = "studies") -> str:
+    """``time to WHAT over N STUDIES: p50 … s, p95 … s, max … s`` and `` (NOTE)`` unless
+    ``note`` is empty."""
+    return (
+        f"time to {what} over {t['studies']} {studies}: p50 {t['p50_s']} s, "
+        f"p95 {t['p95_s']} s, max {t['max_s']} s" + (f" ({note})" if note else "")
+    )
+
+
 def format_summary(report: dict[str, Any]) -> str:
     lines = [f"{'finding':<20}{'n+':>5}{'n-':>6}{'AUROC':>8}{'95% CI':>16}{'sens':>7}{'spec':>7}"]
     for code, f in report["findings"].items():
@@ -772,25 +781,17 @@ def format_summary(report: dict[str, Any]) -> str:
         )
     ttn = report.get("time_to_notification")
     if ttn is not None:
-        lines.append(
-            f"time to notification over {ttn['studies']} studies: p50 {ttn['p50_s']} s, "
-            f"p95 {ttn['p95_s']} s, max {ttn['max_s']} s"
-            + (f" ({ttn['not_published']} not published yet)" if ttn["not_published"] else "")
-        )
+        pending = ttn["not_published"]
+        note = f"{pending} not published yet" if pending else ""
+        lines.append(_timing_line("notification", ttn, note))
     ttp = report.get("time_to_pacs")
     if ttp is not None and (ttp["studies"] or ttp["waiting"]):
-        lines.append(
-            f"time to PACS over {ttp['studies']} studies: p50 {ttp['p50_s']} s, "
-            f"p95 {ttp['p95_s']} s, max {ttp['max_s']} s"
-            + (f" ({ttp['waiting']} SRs waiting)" if ttp["waiting"] else "")
-        )
+        note = f"{ttp['waiting']} SRs waiting" if ttp["waiting"] else ""
+        lines.append(_timing_line("PACS", ttp, note))
     tta = report.get("time_to_acknowledgement")
     if tta is not None and (tta["studies"] or tta["unacknowledged"]):
-        lines.append(
-            f"time to acknowledgement over {tta['studies']} urgent studies: p50 "
-            f"{tta['p50_s']} s, p95 {tta['p95_s']} s, max {tta['max_s']} s"
-            f" ({tta['unacknowledged']} not acknowledged)"
-        )
+        note = f"{tta['unacknowledged']} not acknowledged"
+        lines.append(_timing_line("acknowledgement", tta, note, studies="urgent studies"))
     not_scored = report["studies"]["not_scored"]
     if not_scored:
         lines.append(
