@@ -15,7 +15,6 @@ config. ``edge-export siglip --checkpoint`` reads the folder as it reads the rea
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     image_size = shape["image_size"]
 
     import torch
+    from helpers.image_processor import write_image_processor
     from helpers.tiny_siglip import train_tokenizer
     from transformers import SiglipConfig, SiglipModel
 
@@ -53,19 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(args.out))
     train_tokenizer(args.out)
-    (args.out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "SiglipImageProcessor",
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "size": {"height": image_size, "width": image_size},
-                "do_normalize": True,
-                "do_rescale": True,
-                "do_resize": True,
-            }
-        )
-    )
+    write_image_processor(args.out, image_size, "SiglipImageProcessor")
     vision = sum(p.numel() for p in model.vision_model.parameters())
     total = sum(p.numel() for p in model.parameters())
     print(

@@ -17,12 +17,13 @@ export tests import this (it needs the [export] extra).
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
+
+from .image_processor import write_image_processor
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
@@ -174,18 +175,7 @@ def make_checkpoint(folder: Path, *, seed: int = 0, spread: float = 0.05) -> Pat
                 param.normal_(0.0, 0.1)
     model.eval()
     model.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "Gemma3ImageProcessor",
-                "processor_class": "Gemma3Processor",
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                "do_normalize": True,
-                "do_rescale": True,
-                "do_resize": True,
-            }
-        )
+    write_image_processor(
+        folder, IMAGE_SIZE, "Gemma3ImageProcessor", processor_class="Gemma3Processor"
     )
     return folder

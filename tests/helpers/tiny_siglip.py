@@ -9,12 +9,13 @@ export tests import this (it needs the [export] extra).
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+
+from .image_processor import write_image_processor
 
 IMAGE_SIZE = 32
 PROMPTS = [
@@ -89,19 +90,7 @@ def make_checkpoint(folder: Path, *, seed: int = 0, patch_scale: float = 1.0) ->
     model.eval()
     model.save_pretrained(str(folder))
     train_tokenizer(folder)
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "SiglipImageProcessor",
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                "do_normalize": True,
-                "do_rescale": True,
-                "do_resize": True,
-            }
-        )
-    )
+    write_image_processor(folder, IMAGE_SIZE, "SiglipImageProcessor")
     return folder
 
 
