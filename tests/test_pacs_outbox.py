@@ -15,7 +15,7 @@ import pytest
 from helpers.metrics import of_state
 from helpers.old_state import as_schema
 from helpers.orthanc import Orthanc, needs_orthanc
-from helpers.pacs import CONCEPTS, commit_study, worker_for
+from helpers.pacs import CONCEPTS, commit_study, worker_for, worker_running
 from helpers.polling import wait_until
 from pydicom import dcmread
 
@@ -169,12 +169,8 @@ def test_orthanc_down_20_s_mid_burst_every_sr_arrives_once(
     tmp_path: Path, watch: Path, orthanc: Orthanc
 ) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
-    stop = threading.Event()
-    worker = worker_for(st, watch, settings_for(orthanc.dicom_port), stop)
-    thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
-    thread.start()
     results = []
-    try:
+    with worker_running(st, watch, settings_for(orthanc.dicom_port)) as (worker, _, _):
         for i in range(6):
             results.append(commit_study(st, watch, "urgent" if i % 2 else "review", i)[0])
         wait_until(lambda: st.pacs_depth() == 0, 30, "the first burst stored")
@@ -193,9 +189,6 @@ def test_orthanc_down_20_s_mid_burst_every_sr_arrives_once(
         assert any(name == "edge_triage_pacs_last_error_info" for name, _ in metrics)
         orthanc.start()
         wait_until(lambda: st.pacs_depth() == 0, 30, "every SR stored after the outage")
-    finally:
-        stop.set()
-        thread.join(10)
     srs = [i["SOPInstanceUID"] for i in orthanc.instances() if i.get("Modality") == "SR"]
     assert sorted(srs) == sorted(sop_instance_uid(r) for r in results)
     assert len(set(srs)) == len(srs) == 14

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.delivery import make_result
-from helpers.pacs import CONCEPTS, StorageScp, commit_study, worker_for
+from helpers.pacs import CONCEPTS, StorageScp, commit_study, worker_for, worker_running
 from helpers.polling import wait_until
 from pynetdicom.sop_class import EnhancedSRStorage  # type: ignore[attr-defined]
 
@@ -138,11 +138,7 @@ def test_the_worker_releases_the_association_when_idle_and_reopens_it(
     tmp_path: Path, watch: Path, scp: StorageScp
 ) -> None:
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
-    stop = threading.Event()
-    worker = worker_for(st, watch, fussy(scp.port), stop)
-    thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
-    thread.start()
-    try:
+    with worker_running(st, watch, fussy(scp.port)) as (worker, _, thread):
         queue(st, watch, 3)
         worker.wake()
         wait_until(lambda: st.pacs_depth() == 0, 20, "three SRs stored")
@@ -151,9 +147,6 @@ def test_the_worker_releases_the_association_when_idle_and_reopens_it(
         worker.wake()
         wait_until(lambda: st.pacs_depth() == 0, 20, "a fourth SR stored")
         assert scp.associations == 2
-    finally:
-        stop.set()
-        thread.join(10)
     assert not thread.is_alive()
     wait_until(lambda: scp.released == 2, 5, "the association released at stop")
     assert len(scp.stored) == len(set(scp.stored)) == 4
@@ -269,19 +262,12 @@ def test_stop_does_not_wait_for_a_slow_pacs(tmp_path: Path, watch: Path, scp: St
     st = Store(tmp_path / "state.sqlite3", pacs_levels=LEVELS)
     (result,) = queue(st, watch, 1)
     scp.before_answer = lambda number: time.sleep(4)
-    stop = threading.Event()
-    worker = worker_for(st, watch, fussy(scp.port), stop)
-    thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
-    thread.start()
-    try:
+    with worker_running(st, watch, fussy(scp.port)) as (_, stop, thread):
         wait_until(lambda: scp.requests == 1, 20, "the C-STORE under way")
         t = time.monotonic()
         stop.set()
         thread.join(5)
         assert not thread.is_alive() and time.monotonic() - t < 2.0
-    finally:
-        stop.set()
-        thread.join(10)
     (left,) = st.pacs_due(time.time())
     assert left.alert_id == result.alert_id and left.attempts == 0
     st.close()

@@ -5,9 +5,10 @@ mid-C-STORE, and lets a test act at an exact point of a C-STORE."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +38,23 @@ def worker_for(
     return PacsWorker(
         store, settings, concepts=CONCEPTS, agent="site/box", watch_dir=watch, stop=stop
     )
+
+
+@contextlib.contextmanager
+def worker_running(
+    store: Store, watch: Path, settings: PacsSettings
+) -> Iterator[tuple[PacsWorker, threading.Event, threading.Thread]]:
+    """:func:`worker_for` in its own thread ``pacs``, as the daemon runs it: (worker, its stop
+    event, the thread); stopped and joined (10 s) on the way out."""
+    stop = threading.Event()
+    worker = worker_for(store, watch, settings, stop)
+    thread = threading.Thread(target=worker.run, name="pacs", daemon=True)
+    thread.start()
+    try:
+        yield worker, stop, thread
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def commit_study(
