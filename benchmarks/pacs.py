@@ -71,6 +71,7 @@ from edge_agent.pacs.scu import Peer, Session, store  # noqa: E402
 from edge_agent.pacs.sender import NICE  # noqa: E402
 from edge_agent.pacs.sr import build_sr  # noqa: E402
 from edge_agent.priority import lower_thread_priority  # noqa: E402
+from edge_agent.results import TRIAGE_LEVELS  # noqa: E402
 from edge_agent.service import demo_bundle_path  # noqa: E402
 from edge_agent.simulate import simulate  # noqa: E402
 from edge_agent.simulate.dicom_writer import chest_instance, new_study  # noqa: E402
@@ -78,8 +79,6 @@ from edge_agent.status import read_status  # noqa: E402
 from edge_agent.store import Store  # noqa: E402
 from edge_agent.workers.pacs import PacsWorker  # noqa: E402
 from export.evaluation.command import time_to_notification  # noqa: E402
-
-ALL_LEVELS = ("urgent", "review", "routine", "not_scored")
 
 
 def ms(values: list[float]) -> tuple[float, float]:
@@ -230,7 +229,7 @@ def worker_throughput(
 ) -> tuple[float, float]:
     """SRs per second through ``PacsWorker.step``, and the seconds its sender process took
     to start (before the timing)."""
-    st = Store(workdir / "worker.sqlite3", pacs_levels=ALL_LEVELS)
+    st = Store(workdir / "worker.sqlite3", pacs_levels=TRIAGE_LEVELS)
     watch = workdir / "watch-worker"
     try:
         studies = results.prepare(st, n)
@@ -286,7 +285,7 @@ def mqtt_latency(
     label = "pacs-off" if orthanc is None else "pacs-on" if niced else "pacs-on-not-niced"
     rng = np.random.default_rng(seed)
     offsets = arrivals(rate, duration, rng)
-    st = Store(workdir / f"{label}.sqlite3", pacs_levels=ALL_LEVELS if orthanc else ())
+    st = Store(workdir / f"{label}.sqlite3", pacs_levels=TRIAGE_LEVELS if orthanc else ())
     watch = workdir / f"watch-{label}"
     stop = threading.Event()
     thread = None
@@ -345,7 +344,7 @@ def end_to_end(
     watch, state = workdir / "e2e-incoming", workdir / "e2e-state"
     watch.mkdir()
     config = workdir / "e2e-agent.toml"
-    levels = ", ".join(f'"{level}"' for level in ALL_LEVELS)
+    levels = ", ".join(f'"{level}"' for level in TRIAGE_LEVELS)
     config.write_text(
         ("" if bundle is None else f'bundle = "{bundle.resolve()}"\n')
         + f'watch_dir = "{watch}"\nstate_dir = "{state}"\nprofile = "x86-cpu"\n'

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from .errors import ResourceMissing
 from .health import HEALTH_FILE, read_health_file
 from .histogram import REPORT_BINS, coarsen, upper_edges
+from .results import TRIAGE_LEVELS
 from .state import report, tallies
 from .state.report import Figures
 from .state.schema import Layout
@@ -87,7 +88,7 @@ class StateCollector(Collector):
             "Results committed, by triage level (a narrative revision is not counted again)",
             labels=["triage"],
         )
-        for level in report.LEVELS:
+        for level in TRIAGE_LEVELS:
             by_level.add_metric([level], float(figures.results_by_level.get(level, 0)))
         yield by_level
         yield _gauge("outbox_messages", "Messages waiting for the broker's PUBACK", figures.outbox)

@@ -23,6 +23,8 @@ SCHEMA_ID = "edge-triage.study-result.v1"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "study-result.v1.json"
 
 TriageLevel = Literal["urgent", "review", "routine", "not_scored"]
+TRIAGE_LEVELS: tuple[TriageLevel, ...] = typing.get_args(TriageLevel)
+"""The triage levels, most urgent first: the one list of them."""
 
 
 class _Payload(BaseModel):

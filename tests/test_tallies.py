@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.histogram import FINE_BINS, REPORT_BINS, coarsen, fine_bin, quantile
-from edge_agent.results import FindingResult, StudyResult, iso
+from edge_agent.results import TRIAGE_LEVELS, FindingResult, StudyResult, iso
 from edge_agent.state import tallies
 from edge_agent.store import InstanceRecord, Message, NarrativeJob, Store
 
@@ -40,7 +40,7 @@ def day(ts: float) -> str:
 
 
 def levels(**counts: int) -> dict[str, int]:
-    return {level: counts.get(level, 0) for level in tallies.LEVELS}
+    return {level: counts.get(level, 0) for level in TRIAGE_LEVELS}
 
 
 def test_each_study_is_counted_once_on_the_utc_day_of_its_first_result(store: Store) -> None:

@@ -18,8 +18,6 @@ from ..errors import ResourceMissing
 from .alerts import LIVE
 from .schema import Layout
 
-LEVELS = ("urgent", "review", "routine", "not_scored")
-
 
 @dataclass(frozen=True)
 class Figures:

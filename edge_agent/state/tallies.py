@@ -39,7 +39,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from ..histogram import FINE_BINS, fine_bin, quantile
-from ..results import reaches
+from ..results import TRIAGE_LEVELS, reaches
 
 if TYPE_CHECKING:  # schema imports this module (its migration 5 -> 6 is :func:`backfill`)
     from .schema import Layout
@@ -47,8 +47,6 @@ if TYPE_CHECKING:  # schema imports this module (its migration 5 -> 6 is :func:`
 KEEP_DAYS = 400
 """Days of tallies kept, the newest holding a result (over a year: a season can be
 compared with last year's)."""
-
-LEVELS = ("urgent", "review", "routine", "not_scored")
 
 MODEL_KEY = "tally_model"
 """``meta`` key: the model sha256 of the last result counted (the figures of status and
@@ -243,7 +241,7 @@ class Tallies:
 
     def levels_by_day(self) -> dict[str, dict[str, int]]:
         """UTC day -> level -> studies, all models together."""
-        out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(LEVELS, 0))
+        out: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TRIAGE_LEVELS, 0))
         for days in self.levels.values():
             for day, levels in days.items():
                 for level, n in levels.items():
@@ -333,7 +331,7 @@ class Recent:
     first, zeros where none), all models together."""
 
     def level_totals(self, days: Iterable[str]) -> dict[str, int]:
-        return {level: sum(self.levels[d][level] for d in days) for level in LEVELS}
+        return {level: sum(self.levels[d][level] for d in days) for level in TRIAGE_LEVELS}
 
 
 def recent(conn: sqlite3.Connection, now: float, days: int = WINDOW_DAYS) -> Recent:
@@ -349,5 +347,5 @@ def recent(conn: sqlite3.Connection, now: float, days: int = WINDOW_DAYS) -> Rec
         model=model,
         today={c: kept.finding(model, c, [today]) for c in codes if model is not None},
         week={c: kept.finding(model, c, span) for c in codes if model is not None},
-        levels={d: by_day.get(d, dict.fromkeys(LEVELS, 0)) for d in span},
+        levels={d: by_day.get(d, dict.fromkeys(TRIAGE_LEVELS, 0)) for d in span},
     )

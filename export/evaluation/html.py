@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_agent.results import TRIAGE_LEVELS
+
 from . import stats
 
 if TYPE_CHECKING:
@@ -220,7 +222,7 @@ def _reference_html(ref: dict[str, Any] | None) -> str:
         return ""
     e = html.escape
     seen = {y for row in ref["levels"].values() for y in row} | set(ref["levels"])
-    levels = [x for x in ("urgent", "review", "routine", "not_scored") if x in seen]
+    levels = [x for x in TRIAGE_LEVELS if x in seen]
     head = "".join(f"<th>{e(y)}</th>" for y in levels)
     rows = "".join(
         f"<tr><td class=l>{e(x)}</td>"
